@@ -1,0 +1,25 @@
+# The two quickstart commands: `make demo` and `make test` (see README.md).
+# Each creates the virtualenv in .venv from the project's own pinned files.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.hcd-installed
+
+.PHONY: setup demo test clean-demo
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) tools/demo --workspace=demo_workspace
+
+test: $(STAMP)
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q
+
+clean-demo:
+	rm -rf demo_workspace

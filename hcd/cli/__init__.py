@@ -1,0 +1,1 @@
+"""Thin absl binaries; the only place that reads absl FLAGS."""

@@ -1,0 +1,1 @@
+"""Data layer: sources, decoding, the tf.Example schema, shards, quality, pipeline."""

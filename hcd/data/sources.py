@@ -1,0 +1,224 @@
+"""Where images come from: the Kaggle layout and class-folder layouts.
+
+Both produce a list of `Record(id, path, label)`; everything downstream
+(scanner, shard writer, predictor) consumes records and never globs itself.
+
+  Kaggle:   <data_dir>/train/<id>.tif + <data_dir>/train_labels.csv
+            <data_dir>/test/<id>.tif
+  Folders:  <data_dir>/<split>/<label>/*.{tif,png,jpg}   (e.g. PCam exports)
+
+In the folder layout a file name can repeat across splits and classes, so the
+id is "<label>/<stem>", unique within a split.
+
+Labels are joined to files by id, never by row position (the notebook dropped
+the wrong rows that way).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+from typing import Iterable
+
+from hcd.data.decode import IMAGE_EXTS
+from hcd.data.features import UNKNOWN_LABEL
+
+LABELS_CSV = "train_labels.csv"
+LAYOUT_KAGGLE = "kaggle"
+LAYOUT_FOLDERS = "folders"
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+  """One image: its id, its file path and its label (UNKNOWN_LABEL if none)."""
+  id: str
+  path: str
+  label: int = UNKNOWN_LABEL
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """A data problem that was skipped rather than raised."""
+  id: str
+  path: str
+  reason: str
+
+
+class DataError(ValueError):
+  """Bad source data; the message names the file and rows at fault."""
+
+
+def _list_images(directory: str) -> list[str]:
+  with os.scandir(directory) as it:
+    return sorted(e.name for e in it
+                  if e.is_file() and e.name.lower().endswith(IMAGE_EXTS))
+
+
+def _stem(name: str) -> str:
+  return os.path.splitext(name)[0]
+
+
+def _fmt_rows(items: Iterable[str], limit: int = 10) -> str:
+  items = list(items)
+  head = ", ".join(items[:limit])
+  more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+  return head + more
+
+
+def read_labels_csv(path: str) -> tuple[dict[str, int], list[Problem]]:
+  """Reads and validates a Kaggle labels CSV (`id,label`).
+
+  Args:
+    path: the CSV file.
+
+  Returns:
+    (labels by id, problems) where problems lists rows that are invalid
+    (duplicate ids, labels outside {0,1}). Raising on them is the caller's
+    choice (see `kaggle_records`).
+
+  Raises:
+    DataError: unreadable file or missing `id`/`label` columns.
+  """
+  try:
+    f = open(path, newline="", encoding="utf-8")
+  except OSError as e:
+    raise DataError(f"{path}: cannot read labels CSV: {e.strerror}") from None
+  labels: dict[str, int] = {}
+  problems: list[Problem] = []
+  first_row: dict[str, int] = {}
+  with f:
+    reader = csv.DictReader(f)
+    cols = [c.strip() for c in (reader.fieldnames or [])]
+    missing = [c for c in ("id", "label") if c not in cols]
+    if missing:
+      raise DataError(f"{path}: missing column(s) {missing}; found {cols}; "
+                      f"expected a header 'id,label'")
+    reader.fieldnames = cols
+    for rowno, row in enumerate(reader, start=2):  # Row 1 is the header.
+      rid = (row.get("id") or "").strip()
+      raw = (row.get("label") or "").strip()
+      where = f"{path}:{rowno}"
+      if not rid:
+        problems.append(Problem("", where, "row has an empty id"))
+        continue
+      if raw not in ("0", "1"):
+        problems.append(Problem(rid, where,
+                                f"label {raw!r} is not 0 or 1"))
+        continue
+      if rid in labels or rid in first_row:
+        problems.append(Problem(
+            rid, where, f"duplicate id (first seen on row {first_row[rid]})"))
+        labels.pop(rid, None)  # Conflicting duplicates are not trusted.
+        continue
+      first_row[rid] = rowno
+      labels[rid] = int(raw)
+  return labels, problems
+
+
+def kaggle_records(data_dir: str, split: str, labels_csv: str | None = None,
+                   skip_invalid: bool = False
+                   ) -> tuple[list[Record], list[Problem]]:
+  """Lists a split of the Kaggle layout, joining labels by id.
+
+  Args:
+    data_dir: directory holding `train/`, `test/` and `train_labels.csv`.
+    split: "train" or "test" (any sub-directory name works).
+    labels_csv: labels file; defaults to `<data_dir>/train_labels.csv` for
+      the train split and none for other splits.
+    skip_invalid: report invalid rows, ids without files and files without
+      labels as problems instead of raising.
+
+  Returns:
+    (records sorted by id, problems).
+
+  Raises:
+    DataError: missing directory, or (unless skip_invalid) any label problem,
+      naming the rows and files.
+  """
+  image_dir = os.path.join(data_dir, split)
+  if not os.path.isdir(image_dir):
+    raise DataError(f"{image_dir}: no such directory (expected the Kaggle "
+                    f"layout <data_dir>/{split}/<id>.tif)")
+  files = _list_images(image_dir)
+  if labels_csv is None and split == "train":
+    labels_csv = os.path.join(data_dir, LABELS_CSV)
+  if labels_csv is None:
+    return [Record(_stem(n), os.path.join(image_dir, n)) for n in files], []
+
+  labels, problems = read_labels_csv(labels_csv)
+  by_id = {_stem(n): n for n in files}
+  no_file = sorted(i for i in labels if i not in by_id)
+  no_label = sorted(i for i in by_id if i not in labels and
+                    not any(p.id == i for p in problems))
+  problems += [Problem(i, labels_csv, "id has no image file") for i in no_file]
+  problems += [Problem(i, os.path.join(image_dir, by_id[i]),
+                       f"file has no label in {labels_csv}")
+               for i in no_label]
+  if problems and not skip_invalid:
+    lines = [f"  {p.path}: {p.id}: {p.reason}" for p in problems[:20]]
+    more = len(problems) - len(lines)
+    raise DataError(
+        f"{labels_csv}: {len(problems)} label problem(s) for {image_dir}:\n" +
+        "\n".join(lines) + (f"\n  ... and {more} more" if more > 0 else "") +
+        "\n(pass --skip_invalid to exclude them and list them in the report)")
+  bad = {p.id for p in problems}
+  records = [Record(i, os.path.join(image_dir, by_id[i]), labels[i])
+             for i in sorted(by_id) if i in labels and i not in bad]
+  return records, problems
+
+
+def folder_records(data_dir: str, split: str) -> list[Record]:
+  """Lists a class-folder split `<data_dir>/<split>/<label>/*`.
+
+  Returns:
+    records sorted by id, with ids "<label>/<stem>".
+
+  Raises:
+    DataError: missing split directory, a class folder that is not 0 or 1,
+      or no images at all.
+  """
+  split_dir = os.path.join(data_dir, split)
+  if not os.path.isdir(split_dir):
+    raise DataError(f"{split_dir}: no such directory (expected "
+                    f"<data_dir>/{split}/<label>/*.jpg|png|tif)")
+  records = []
+  with os.scandir(split_dir) as it:
+    class_dirs = sorted(e.name for e in it if e.is_dir())
+  for name in class_dirs:
+    if name not in ("0", "1"):
+      raise DataError(f"{os.path.join(split_dir, name)}: class folder must be "
+                      f"named 0 or 1")
+    d = os.path.join(split_dir, name)
+    records += [Record(f"{name}/{_stem(n)}", os.path.join(d, n), int(name))
+                for n in _list_images(d)]
+  if not records:
+    raise DataError(f"{split_dir}: no images found under 0/ or 1/")
+  return sorted(records, key=lambda r: r.id)
+
+
+def detect_layout(data_dir: str, split: str) -> str:
+  """Returns LAYOUT_FOLDERS if `<data_dir>/<split>` has class folders."""
+  split_dir = os.path.join(data_dir, split)
+  if os.path.isdir(os.path.join(split_dir, "0")) or os.path.isdir(
+      os.path.join(split_dir, "1")):
+    return LAYOUT_FOLDERS
+  return LAYOUT_KAGGLE
+
+
+def list_records(data_dir: str, split: str, labels_csv: str | None = None,
+                 skip_invalid: bool = False
+                 ) -> tuple[list[Record], list[Problem], str]:
+  """Lists a split in whichever layout `data_dir` uses.
+
+  Returns:
+    (records, problems, layout).
+
+  Raises:
+    DataError: see `kaggle_records` and `folder_records`.
+  """
+  layout = detect_layout(data_dir, split)
+  if layout == LAYOUT_FOLDERS:
+    return folder_records(data_dir, split), [], layout
+  records, problems = kaggle_records(data_dir, split, labels_csv, skip_invalid)
+  return records, problems, layout

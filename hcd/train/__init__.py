@@ -1,0 +1,1 @@
+"""Training: runtime (strategy/XLA/precision), the custom loop, run artifacts."""
