@@ -1,0 +1,128 @@
+"""Flags of hcd_evaluate, hcd_predict, hcd_report and tools/eda, defined once.
+
+Each binary calls the `define_*` function it needs at import time; the
+definitions live only here so names, defaults and help texts cannot drift
+between binaries. Library code never sees FLAGS: the binaries turn the
+values into explicit arguments.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+FLAGS = flags.FLAGS
+
+
+def _define_model_flags() -> None:
+  flags.DEFINE_string(
+      "workdir", None, "Run directory written by hcd_train (its best.keras or "
+      "model.keras is used; see --model).")
+  flags.DEFINE_string(
+      "model_path", None, "A .keras model file to use instead of (or besides) "
+      "a run directory.")
+  flags.DEFINE_enum("model", "best", ["best", "final"],
+                    "Which model of a run: best (best.keras, best validation "
+                    "AUC) or final (model.keras, last epoch).")
+  flags.DEFINE_list(
+      "ensemble", [], "More runs (directories) or .keras files whose "
+      "probabilities are averaged with --workdir's.")
+
+
+def _define_input_flags(split_default: str | None,
+                        split_help: str = "Split to read.") -> None:
+  flags.DEFINE_string(
+      "shards_dir", None, "TFRecord shards directory (tools/make_shards); "
+      "default: the run's own (config.json shards_dir) when no --data_dir.")
+  flags.DEFINE_string(
+      "data_dir", None, "Image folder instead of shards: the Kaggle layout "
+      "(<data_dir>/<split>/<id>.tif), a class-folder layout "
+      "(<data_dir>/<split>/<0|1>/*) or a plain folder of TIFFs. TIFFs are "
+      "decoded in tf.data by tensorflow-io.")
+  flags.DEFINE_string("split", split_default, split_help)
+  flags.DEFINE_string(
+      "labels_csv", None, "Labels for a Kaggle-layout --data_dir (default: "
+      "<data_dir>/train_labels.csv for the train split).")
+  flags.DEFINE_integer("batch_size", 256, "Images per prediction batch.")
+  flags.DEFINE_integer(
+      "tta", 1, "Dihedral test-time augmentation: 1, 2, 4 or 8 transforms, "
+      "probabilities averaged.")
+  flags.DEFINE_boolean(
+      "skip_unreadable", False, "Leave out images that cannot be decoded "
+      "(listed in the log and a side file) instead of refusing.")
+  flags.DEFINE_boolean("jit_compile", False,
+                       "XLA-compile the prediction step.")
+  flags.DEFINE_boolean("progress", True, "Show progress bars.")
+
+
+def define_evaluate_flags() -> None:
+  """Flags of hcd_evaluate."""
+  _define_model_flags()
+  _define_input_flags(
+      None, "Split to evaluate. Default: with shards and --workdir, the "
+      "run's own validation images (its val_split, or the val_fraction part "
+      "of its training split, from config.json); otherwise 'valid'.")
+  flags.DEFINE_string(
+      "threshold", "0.5", "Decision threshold for accuracy_at_threshold and "
+      "the confusion matrix: a probability, or 'youden' / 'accuracy' to "
+      "choose it on the evaluated data (optimistic).")
+  flags.DEFINE_string(
+      "out_dir", None, "Where metrics.json, roc.png, confusion_matrix.png and "
+      "predictions.csv go (default: <workdir>/eval, or eval/ beside "
+      "--model_path).")
+
+
+def define_predict_flags() -> None:
+  """Flags of hcd_predict."""
+  _define_model_flags()
+  _define_input_flags("test")
+  flags.DEFINE_string("out", None, "The submission CSV to write (id,label "
+                      "with label the probability of tumour).")
+  flags.DEFINE_string(
+      "sample_submission", None, "Kaggle's sample_submission.csv: the output "
+      "has exactly its ids, in its order; missing, extra or duplicate ids "
+      "are refused.")
+  flags.DEFINE_float(
+      "skipped_prob", 0.5, "With --skip_unreadable and --sample_submission: "
+      "the probability written for skipped images (Kaggle needs every row).")
+  flags.DEFINE_string(
+      "export_dir", None, "Instead of predicting, export the model as a "
+      "safe-mode .keras and a SavedModel (uint8 in, probability out) here.")
+
+
+def define_eda_flags(split_default: str = "train") -> None:
+  """Flags of the EDA figures (tools/eda, and hcd_report's EDA part)."""
+  flags.DEFINE_string("shards_dir", None, "EDA from this shards directory.")
+  flags.DEFINE_string("data_dir", None, "EDA from this image folder.")
+  flags.DEFINE_string("split", split_default, "Split to describe.")
+  flags.DEFINE_string("labels_csv", None,
+                      "Labels for a Kaggle-layout --data_dir.")
+  flags.DEFINE_string("scan_dir", None, "Scan directory of "
+                      "tools/scan_quality: its scan.csv's flagged images are "
+                      "drawn.")
+  flags.DEFINE_string("scan_csv", None, "A scan.csv (instead of --scan_dir).")
+  flags.DEFINE_integer("num_samples", 16, "Patches in the sample grid.")
+  flags.DEFINE_integer("seed", 0, "Sample selection seed.")
+
+
+def define_report_flags() -> None:
+  """Flags of hcd_report (run comparison + optional EDA figures)."""
+  flags.DEFINE_list("workdirs", [], "Run directories to compare.")
+  flags.DEFINE_list("names", [], "Row names for the runs (default: the "
+                    "directory names).")
+  flags.DEFINE_string("out_dir", None, "Where the report goes.")
+  define_eda_flags()
+
+
+def show_in_help(doc: str | None) -> None:
+  """Makes --help of a console script list these flags and its docstring.
+
+  absl's --help shows the key flags and docstring of the `__main__` module,
+  which for a console script is pip's generated wrapper; registering the
+  flags for sys.argv[0] and copying the docstring fixes that.
+  """
+  import sys  # pylint: disable=g-import-not-at-top
+  for flag in FLAGS.get_flags_for_module(__name__):
+    FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+  main = sys.modules.get("__main__")
+  if main is not None and doc and not getattr(main, "__doc__", None):
+    main.__doc__ = doc

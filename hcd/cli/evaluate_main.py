@@ -1,0 +1,84 @@
+"""hcd_evaluate: metrics.json and ROC / confusion-matrix PNGs for a model.
+
+  hcd_evaluate --workdir=runs/model1 --shards_dir=shards --split=valid --tta=8
+  hcd_evaluate --model_path=export/model.keras --data_dir=pcam --split=valid
+"""
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from hcd.cli import eval_flags
+
+eval_flags.define_evaluate_flags()
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # Imported after flag parsing so --help stays fast.
+  from hcd.data import shards  # pylint: disable=g-import-not-at-top
+  from hcd.data import sources  # pylint: disable=g-import-not-at-top
+  from hcd.eval import evaluate  # pylint: disable=g-import-not-at-top
+  from hcd.eval import inputs  # pylint: disable=g-import-not-at-top
+  from hcd.eval import runs  # pylint: disable=g-import-not-at-top
+  try:
+    threshold = evaluate.parse_threshold(FLAGS.threshold)
+    runs_ = [FLAGS.workdir] if FLAGS.workdir else []
+    files = [FLAGS.model_path] if FLAGS.model_path else []
+    for e in FLAGS.ensemble:
+      (files if e.endswith(".keras") else runs_).append(e)
+    model_paths = runs.resolve_model_paths(runs_, files, FLAGS.model)
+    out_dir = FLAGS.out_dir or (
+        os.path.join(FLAGS.workdir, "eval") if FLAGS.workdir else
+        os.path.join(os.path.dirname(os.path.abspath(FLAGS.model_path)),
+                     "eval"))
+    config = runs.read_config(FLAGS.workdir) if FLAGS.workdir else {}
+    shards_dir = FLAGS.shards_dir
+    if not shards_dir and not FLAGS.data_dir and config.get("shards_dir"):
+      shards_dir = config["shards_dir"]
+      logging.info("reading the run's shards %s", shards_dir)
+    source = None
+    if shards_dir and FLAGS.split is None and config:
+      source = inputs.run_validation_source(config, shards_dir,
+                                            FLAGS.batch_size)
+    if source is None:
+      source = inputs.open_source(shards_dir, FLAGS.data_dir,
+                                  FLAGS.split or "valid", FLAGS.batch_size,
+                                  FLAGS.labels_csv, FLAGS.skip_unreadable,
+                                  FLAGS.progress)
+    for p in source.skipped:
+      logging.warning("skipped unreadable image %s: %s", p.path, p.reason)
+    logging.info("evaluating %s on %s (TTA %d)", model_paths,
+                 source.description, FLAGS.tta)
+    result = evaluate.evaluate(model_paths, source, out_dir, FLAGS.tta,
+                               threshold, FLAGS.progress, FLAGS.jit_compile)
+  except (runs.RunError, inputs.InputError, shards.ManifestError,
+          sources.DataError, ValueError, RuntimeError) as e:
+    # (hcd.data.pipeline.PipelineError is a ValueError.)
+    print(f"hcd_evaluate: error: {e}", file=sys.stderr)
+    return 1
+  auc = result["roc_auc"]
+  print(json.dumps({k: result[k] for k in (
+      "roc_auc", "pr_auc", "accuracy", "accuracy_at_threshold", "threshold",
+      "log_loss", "confusion_matrix", "num_examples")}))
+  print(f"hcd_evaluate: {result['num_examples']} images, ROC AUC "
+        f"{'n/a' if auc is None else f'{auc:.4f}'}, accuracy "
+        f"{result['accuracy']:.4f}; wrote {out_dir}/metrics.json, roc.png, "
+        f"confusion_matrix.png")
+  return 0
+
+
+def run():
+  """Console-script entry point."""
+  eval_flags.show_in_help(__doc__)
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

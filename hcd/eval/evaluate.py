@@ -1,0 +1,128 @@
+"""Evaluating models on labelled data: metrics.json, ROC and confusion PNGs.
+
+  evaluate(["runs/a/best.keras"], source, "runs/a/eval/valid", tta=8)
+
+writes into `out_dir`:
+  metrics.json          hcd.metrics.binary_metrics (accuracy at 0.5 and at
+                        the chosen threshold, ROC-AUC, PR-AUC, log-loss,
+                        confusion matrix counts and normalised) + what was
+                        evaluated (models, data, TTA, threshold method)
+  roc.png               ROC curve with its AUC
+  confusion_matrix.png  normalised confusion matrix (counts in brackets)
+  predictions.csv       id,label,prob
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Sequence
+
+import numpy as np
+
+from hcd import metrics as metrics_lib
+from hcd import plots
+from hcd.data import shards
+from hcd.eval import inputs
+from hcd.eval import predict as predict_lib
+from hcd.eval import runs
+
+log = logging.getLogger(__name__)
+
+
+def parse_threshold(value) -> float | str:
+  """Parses --threshold: a number in [0, 1] or a method name.
+
+  Raises:
+    ValueError: neither a probability nor one of metrics.THRESHOLD_METHODS.
+  """
+  if isinstance(value, str) and value in metrics_lib.THRESHOLD_METHODS:
+    return value
+  try:
+    t = float(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"--threshold must be a number in [0, 1] or one of "
+                     f"{list(metrics_lib.THRESHOLD_METHODS)}; got "
+                     f"{value!r}") from None
+  if not 0.0 <= t <= 1.0:
+    raise ValueError(f"--threshold must be in [0, 1], got {t}")
+  return t
+
+
+def write_predictions_csv(path: str, preds: predict_lib.Predictions) -> str:
+  """Writes id,label,prob atomically."""
+  lines = ["id,label,prob\n"] + [
+      f"{i},{int(l)},{float(p)!r}\n"
+      for i, l, p in zip(preds.ids, preds.labels, preds.probs)]
+  shards.atomic_write_text(path, "".join(lines))
+  return path
+
+
+def evaluate(model_paths: Sequence[str], source: inputs.Source, out_dir: str,
+             tta: int = 1, threshold: float | str = 0.5,
+             progress: bool = True, jit_compile: bool = False) -> dict:
+  """Evaluates one model (or the average of several) on labelled data.
+
+  Args:
+    model_paths: .keras files (see runs.resolve_model_paths); several are
+      ensembled by averaging.
+    source: labelled input (hcd.eval.inputs.open_source).
+    out_dir: where metrics.json and the plots go (created).
+    tta: dihedral test-time views (1, 2, 4, 8).
+    threshold: decision threshold in [0, 1], or "youden"/"accuracy" to
+      choose it on this data (optimistic: it is tuned on what it scores).
+    progress: show progress bars.
+    jit_compile: XLA-compile the prediction step.
+
+  Returns:
+    The metrics dict that was written to metrics.json.
+
+  Raises:
+    runs.RunError: a model that does not load.
+    ValueError: unlabelled examples, bad tta or threshold.
+  """
+  threshold = parse_threshold(threshold)
+  predict_lib.tta_transforms(tta)  # Fail before loading anything.
+  models = [runs.load_model(p) for p in model_paths]
+  t0 = time.perf_counter()
+  preds = predict_lib.predict(models, source.dataset, tta, source.num_examples,
+                              progress, jit_compile, desc="evaluate")
+  seconds = time.perf_counter() - t0
+  unlabelled = [i for i, l in zip(preds.ids, preds.labels) if l not in (0, 1)]
+  if unlabelled:
+    raise ValueError(f"{source.description}: {len(unlabelled)} image(s) "
+                     f"have no label (e.g. {unlabelled[:3]}); evaluation "
+                     f"needs a labelled split (hcd_predict scores unlabelled "
+                     f"data)")
+  if isinstance(threshold, str):
+    method = threshold
+    threshold = metrics_lib.choose_threshold(preds.labels, preds.probs,
+                                             method)
+  else:
+    method = "fixed"
+  result = metrics_lib.binary_metrics(preds.labels, preds.probs, threshold)
+  result.update({
+      "threshold_method": method,
+      "models": [os.path.abspath(p) for p in model_paths],
+      "data": source.description,
+      "tta": tta,
+      "predict_seconds": seconds,
+      "images_per_s": len(preds.ids) / seconds if seconds > 0 else None,
+  })
+  os.makedirs(out_dir, exist_ok=True)
+  title = os.path.basename(os.path.dirname(os.path.abspath(model_paths[0])))
+  if result["roc_auc"] is not None:
+    plots.plot_roc(preds.labels, preds.probs, os.path.join(out_dir, "roc.png"),
+                   title=f"ROC {title} (TTA {tta})")
+  else:
+    log.warning("only one class in %s: no ROC curve", source.description)
+  plots.plot_confusion(result["confusion_matrix_normalized"],
+                       os.path.join(out_dir, "confusion_matrix.png"),
+                       title=f"{title}, threshold {threshold:.3f}",
+                       counts=result["confusion_matrix"])
+  write_predictions_csv(os.path.join(out_dir, "predictions.csv"), preds)
+  shards.atomic_write_text(os.path.join(out_dir, "metrics.json"),
+                           json.dumps(result, indent=1) + "\n")
+  return result

@@ -1,0 +1,369 @@
+"""tf.data input for evaluation and prediction: shards or image folders.
+
+Both sources yield the same batches, dicts of
+  image  uint8 [B, 96, 96, 3]
+  id     string [B]
+  label  int64 [B]   (-1 where unknown, e.g. Kaggle test)
+
+Shards are read as blocks of up to 256 raw images (no decode). An image
+folder (Kaggle `test/`, a class-folder split, or a plain folder of TIFFs) is
+read file by file inside tf.data and decoded in the graph by
+`hcd.data.decode.tf_decode_image` (tensorflow-io `decode_tiff`, alpha
+dropped; imagecodecs fallback), so no sharding step is needed to predict.
+
+A decode error inside tf.data would stop prediction without naming the file,
+so folder images are checked first with imagecodecs in a thread pool
+(`check_images`, ~30k images/s per core on Kaggle TIFFs, well above model
+speed). Unreadable files are then refused with their names, or skipped and
+listed when the caller allows it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+from typing import Sequence
+
+import numpy as np
+
+from hcd.data import decode
+from hcd.data import features
+from hcd.data import shards
+from hcd.data import sources
+
+CHECK_CHUNK = 256
+# Batches buffered ahead of the model.
+PREFETCH = 2
+
+
+def _parallelism() -> int:
+  return max(2, os.cpu_count() or 2)
+
+
+def _fixed_options():
+  """tf.data options with autotuning off (fixed parallelism instead).
+
+  With AUTOTUNE, deleting a finished iterator sometimes blocked for 10-30 s
+  (TF 2.17, measured on 57k TIFFs: the autotuner thread is slow to stop);
+  decoding or parsing on every core with a 2-batch prefetch is as fast
+  here, since the model, not the input, is the bottleneck.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  options = tf.data.Options()
+  options.autotune.enabled = False
+  return options
+
+
+class InputError(ValueError):
+  """Unusable input data; the message names the files and what is wrong."""
+
+
+@dataclasses.dataclass
+class Source:
+  """A batched dataset and what it holds.
+
+  Attributes:
+    dataset: tf.data.Dataset of {"image", "id", "label"} batches.
+    num_examples: images the dataset yields.
+    description: one line for logs and metrics.json.
+    skipped: images left out as unreadable (sources.Problem), when allowed.
+  """
+  dataset: object
+  num_examples: int
+  description: str
+  skipped: list = dataclasses.field(default_factory=list)
+
+
+def _fmt_problems(problems: Sequence[sources.Problem], limit: int = 20) -> str:
+  lines = [f"  {p.path}: {p.reason}" for p in problems[:limit]]
+  if len(problems) > limit:
+    lines.append(f"  ... and {len(problems) - limit} more")
+  return "\n".join(lines)
+
+
+def shards_source(shards_dir: str, split: str, batch_size: int) -> Source:
+  """Batches of a sharded split, in manifest order.
+
+  Args:
+    shards_dir: directory with hcd-<split>.manifest.json and its shards.
+    split: split name.
+    batch_size: images per batch (the last batch may be smaller).
+
+  Returns:
+    A Source.
+
+  Raises:
+    shards.ManifestError: no or invalid manifest.
+    InputError: a shard listed in the manifest is missing.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  manifest = shards.load_manifest(shards_dir, split)
+  paths = shards.shard_paths(shards_dir, manifest)
+  missing = [p for p in paths if not os.path.isfile(p)]
+  if missing:
+    raise InputError(f"{shards.manifest_path(shards_dir, split)}: "
+                     f"{len(missing)} shard(s) missing: {missing[:5]}")
+  # Blocks are big (256 images), so two readers keep up with any model; a
+  # deterministic interleave keeps the output order reproducible.
+  ds = tf.data.TFRecordDataset(paths, buffer_size=8 << 20,
+                               num_parallel_reads=min(len(paths), 2) or None)
+  ds = ds.map(features.parse_block, num_parallel_calls=_parallelism())
+  ds = ds.unbatch().batch(batch_size).prefetch(PREFETCH)
+  ds = ds.with_options(_fixed_options())
+  return Source(ds, int(manifest["num_examples"]),
+                f"shards {shards_dir} split {split} "
+                f"({manifest['num_examples']} images)")
+
+
+def folder_records(data_dir: str, split: str,
+                   labels_csv: str | None = None) -> list[sources.Record]:
+  """Lists the images of a folder source.
+
+  `<data_dir>/<split>` in the Kaggle or class-folder layout (see
+  hcd.data.sources); or, when that does not exist, `data_dir` itself as a
+  plain folder of images (ids = file stems, labels unknown).
+
+  Raises:
+    sources.DataError: no such folder, no images, or label problems.
+  """
+  if not os.path.isdir(os.path.join(data_dir, split)) and os.path.isdir(
+      data_dir):
+    names = sorted(n for n in os.listdir(data_dir)
+                   if n.lower().endswith(decode.IMAGE_EXTS))
+    if names:
+      return [sources.Record(os.path.splitext(n)[0],
+                             os.path.join(data_dir, n)) for n in names]
+  records, _, _ = sources.list_records(data_dir, split, labels_csv)
+  if not records:
+    raise sources.DataError(f"{os.path.join(data_dir, split)}: no images")
+  return records
+
+
+def _check_chunk(records) -> list[sources.Problem]:
+  problems = []
+  for r in records:
+    try:
+      decode.read_image(r.path)
+    except decode.ImageError as e:
+      problems.append(sources.Problem(r.id, r.path, str(e)))
+  return problems
+
+
+def check_images(records: Sequence[sources.Record], workers: int | None = None,
+                 progress: bool = True) -> list[sources.Problem]:
+  """Decodes every image once with imagecodecs and returns the failures.
+
+  imagecodecs and file reads release the GIL, so threads scale with cores.
+
+  Args:
+    records: the images.
+    workers: threads (default: the CPU count).
+    progress: show a tqdm bar.
+
+  Returns:
+    One Problem per unreadable or invalid image, in record order.
+  """
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  chunks = [records[i:i + CHECK_CHUNK]
+            for i in range(0, len(records), CHECK_CHUNK)]
+  problems: list[sources.Problem] = []
+  with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count()) as ex, \
+      tqdm(total=len(records), unit="img", desc="check images",
+           disable=not progress, leave=False) as bar:
+    for chunk, found in zip(chunks, ex.map(_check_chunk, chunks)):
+      problems += found
+      bar.update(len(chunk))
+  return problems
+
+
+def records_dataset(records: Sequence[sources.Record], batch_size: int,
+                    use_tfio: bool | None = None):
+  """Batches of images read and decoded inside tf.data.
+
+  Args:
+    records: the images (paths, ids, labels).
+    batch_size: images per batch.
+    use_tfio: force tensorflow-io on/off (None: use it when it loads).
+
+  Returns:
+    tf.data.Dataset of {"image", "id", "label"} batches, in record order.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  table = {
+      "path": np.array([r.path for r in records], dtype=object),
+      "id": np.array([r.id for r in records], dtype=object),
+      "label": np.array([r.label for r in records], dtype=np.int64),
+  }
+  if use_tfio is None:
+    use_tfio = decode.tensorflow_io_available()
+
+  def load(row):
+    image = decode.tf_decode_image(tf.io.read_file(row["path"]),
+                                   use_tfio=use_tfio)
+    return {"image": image, "id": row["id"], "label": row["label"]}
+
+  ds = tf.data.Dataset.from_tensor_slices(table)
+  ds = ds.map(load, num_parallel_calls=_parallelism())
+  ds = ds.batch(batch_size).prefetch(PREFETCH)
+  return ds.with_options(_fixed_options())
+
+
+def folder_source(data_dir: str, split: str, batch_size: int,
+                  labels_csv: str | None = None,
+                  skip_unreadable: bool = False, check: bool = True,
+                  progress: bool = True,
+                  use_tfio: bool | None = None) -> Source:
+  """Batches of an image folder decoded in the graph, unreadables handled.
+
+  Args:
+    data_dir: data directory (see `folder_records`).
+    split: sub-folder (e.g. "test", "train", "valid").
+    batch_size: images per batch.
+    labels_csv: labels for the Kaggle layout (default: train_labels.csv for
+      the train split).
+    skip_unreadable: leave unreadable images out (listed in
+      `Source.skipped`) instead of refusing.
+    check: decode every file once up front (see `check_images`); without it
+      a bad file fails inside tf.data.
+    progress: show progress bars.
+    use_tfio: force tensorflow-io on/off.
+
+  Returns:
+    A Source.
+
+  Raises:
+    sources.DataError: no folder or images, or label problems.
+    InputError: unreadable images and not `skip_unreadable`; the message
+      lists them.
+  """
+  records = folder_records(data_dir, split, labels_csv)
+  problems = check_images(records, progress=progress) if check else []
+  if problems and not skip_unreadable:
+    raise InputError(
+        f"{len(problems)} of {len(records)} images under {data_dir} cannot "
+        f"be read:\n{_fmt_problems(problems)}\n(pass --skip_unreadable to "
+        f"leave them out; they are then listed in a side file)")
+  bad = {p.path for p in problems}
+  records = [r for r in records if r.path not in bad]
+  if not records:
+    raise InputError(f"{data_dir}: no readable images left")
+  where = os.path.join(data_dir, split) if os.path.isdir(
+      os.path.join(data_dir, split)) else data_dir
+  tfio_on = use_tfio if use_tfio is not None else (
+      decode.tensorflow_io_available())
+  tiffs = sum(r.path.lower().endswith(decode.TIFF_EXTS) for r in records)
+  if not tiffs or not tfio_on:
+    decoder = "imagecodecs"
+  elif tiffs == len(records):
+    decoder = "tensorflow-io decode_tiff"
+  else:
+    decoder = "tensorflow-io decode_tiff for TIFFs, imagecodecs for others"
+  return Source(records_dataset(records, batch_size, use_tfio), len(records),
+                f"folder {where} ({len(records)} images, {decoder})",
+                problems)
+
+
+def open_source(shards_dir: str | None = None, data_dir: str | None = None,
+                split: str = "test", batch_size: int = 256,
+                labels_csv: str | None = None, skip_unreadable: bool = False,
+                progress: bool = True) -> Source:
+  """Opens exactly one of a shards directory or a data directory.
+
+  Raises:
+    InputError: neither or both given; see shards_source / folder_source.
+  """
+  if bool(shards_dir) == bool(data_dir):
+    raise InputError("give exactly one input: --shards_dir (TFRecord shards) "
+                     "or --data_dir (a folder of images)")
+  if batch_size < 1:
+    raise InputError(f"batch size must be >= 1, got {batch_size}")
+  if shards_dir:
+    return shards_source(shards_dir, split, batch_size)
+  return folder_source(data_dir, split, batch_size, labels_csv,
+                       skip_unreadable, progress=progress)
+
+
+def take_arrays(source: Source) -> tuple[np.ndarray, list[str], np.ndarray]:
+  """Materialises a (small) source: (images, ids, labels). For tests/EDA."""
+  images, ids, labels = [], [], []
+  for b in source.dataset:
+    images.append(b["image"].numpy())
+    ids += [i.decode("utf-8") for i in b["id"].numpy()]
+    labels.append(b["label"].numpy())
+  if not images:
+    return (np.zeros((0,) + features.IMAGE_SHAPE, np.uint8), [],
+            np.zeros((0,), np.int64))
+  return np.concatenate(images), ids, np.concatenate(labels)
+
+
+def plan_source(plan, batch_size: int) -> Source:
+  """Batches of a training-pipeline subset (e.g. a run's validation part).
+
+  Args:
+    plan: hcd.data.pipeline.SubsetPlan (selection by id hash, never
+      rebalanced for validation).
+    batch_size: images per batch.
+
+  Returns:
+    A Source with ids and int64 labels, in shard order.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from hcd.data import pipeline  # pylint: disable=g-import-not-at-top
+  records = pipeline.read_blocks(plan.files, shuffle=False, seed=0,
+                                 repeat=False)
+  blocks = pipeline.select_blocks(records, plan, with_ids=True)
+  blocks = blocks.map(lambda b: {"image": b["image"], "id": b["id"],
+                                 "label": tf.cast(b["label"], tf.int64)})
+  ds = blocks.rebatch(batch_size).prefetch(PREFETCH).with_options(
+      _fixed_options())
+  return Source(ds, plan.num_examples,
+                f"shards {plan.shards_dir} split {plan.split} ({plan.role} "
+                f"subset, {plan.num_examples} images)")
+
+
+def _cfg(config: dict, *keys, default=None):
+  """First of `keys` found in config or its "data" section."""
+  for section in (config, config.get("data") or {}):
+    for k in keys:
+      if isinstance(section, dict) and section.get(k) is not None:
+        return section[k]
+  return default
+
+
+def run_validation_source(config: dict, shards_dir: str,
+                          batch_size: int) -> Source | None:
+  """The validation data a run was scored on, rebuilt from its config.json.
+
+  A run validates either on a separate shard split (`val_split`) or on the
+  part of its training split whose id hash falls under `val_fraction`
+  (salted with `split_seed`; grouped by `group_csv` when set), as
+  hcd.data.pipeline.make_plan does.
+
+  Args:
+    config: the run's config.json.
+    shards_dir: the shards directory (usually the run's own).
+    batch_size: images per batch.
+
+  Returns:
+    A Source, or None when the config describes no validation subset.
+
+  Raises:
+    shards.ManifestError, pipeline.PipelineError: missing or bad shards.
+  """
+  from hcd.data import pipeline  # pylint: disable=g-import-not-at-top
+  val_split = _cfg(config, "val_split")
+  frac = float(_cfg(config, "val_fraction", default=0.0) or 0.0)
+  if val_split:
+    return shards_source(shards_dir, val_split, batch_size)
+  if frac <= 0:
+    return None
+  group_csv = _cfg(config, "group_csv", "groups_csv")
+  spec = pipeline.SplitSpec(
+      val_fraction=frac,
+      seed=int(_cfg(config, "split_seed", "val_seed",
+                    default=pipeline.SplitSpec.seed)),
+      groups=pipeline.read_groups_csv(group_csv) if group_csv else None)
+  plan = pipeline.plan_subset(shards_dir, _cfg(config, "train_split",
+                                               default="train"), "val", spec)
+  return plan_source(plan, batch_size)

@@ -1,0 +1,257 @@
+"""The Kaggle submission: `id,label` with label the probability of tumour.
+
+The notebook's two mistakes are made impossible here: labels are written as
+probabilities at full precision (AUC needs the ranking; rounding to 0/1
+throws it away), and rows are matched to ids by id, in the order of
+`sample_submission.csv`, never by file-listing position. Any missing, extra
+or duplicate id refuses the write with the ids listed.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from typing import Sequence
+
+import numpy as np
+
+HEADER = ("id", "label")
+
+
+class SubmissionError(ValueError):
+  """An invalid submission; the message lists the offending ids or rows."""
+
+
+def _listing(items: Sequence[str], limit: int = 10) -> str:
+  items = list(items)
+  head = ", ".join(items[:limit])
+  return head + (f" (+{len(items) - limit} more)" if len(items) > limit
+                 else "")
+
+
+def duplicates(ids: Sequence[str]) -> list[str]:
+  """Returns the ids that occur more than once, in first-occurrence order."""
+  seen, dup = set(), {}
+  for i in ids:
+    if i in seen:
+      dup[i] = None
+    seen.add(i)
+  return list(dup)
+
+
+def read_sample_ids(path: str) -> list[str]:
+  """Reads the ids of a sample submission, in its order.
+
+  Args:
+    path: a CSV with an `id` column (Kaggle's sample_submission.csv).
+
+  Returns:
+    The ids.
+
+  Raises:
+    SubmissionError: unreadable file, no `id` column, empty ids (row
+      numbers), duplicates or no rows.
+  """
+  try:
+    f = open(path, newline="", encoding="utf-8")
+  except OSError as e:
+    raise SubmissionError(f"{path}: cannot read sample submission: "
+                          f"{e.strerror}") from None
+  with f:
+    reader = csv.reader(f)
+    header = [c.strip() for c in next(reader, [])]
+    if "id" not in header:
+      raise SubmissionError(f"{path}: no 'id' column in header {header}")
+    col = header.index("id")
+    ids, empty = [], []
+    for rowno, row in enumerate(reader, start=2):
+      rid = row[col].strip() if len(row) > col else ""
+      if not rid:
+        empty.append(str(rowno))
+      ids.append(rid)
+  if empty:
+    raise SubmissionError(f"{path}: empty id on row(s) {_listing(empty)}")
+  if not ids:
+    raise SubmissionError(f"{path}: no rows")
+  dup = duplicates(ids)
+  if dup:
+    raise SubmissionError(f"{path}: {len(dup)} duplicate id(s): "
+                          f"{_listing(dup)}")
+  return ids
+
+
+def check_ids(ids: Sequence[str], expected: Sequence[str] | None) -> None:
+  """Checks predicted ids are exactly the expected ones, each once.
+
+  Args:
+    ids: ids that have predictions.
+    expected: the sample submission's ids (None: only duplicates checked).
+
+  Raises:
+    SubmissionError: listing duplicate, missing and extra ids.
+  """
+  errors = []
+  dup = duplicates(ids)
+  if dup:
+    errors.append(f"{len(dup)} duplicate id(s): {_listing(dup)}")
+  if expected is not None:
+    have, want = set(ids), set(expected)
+    missing = [i for i in expected if i not in have]
+    extra = [i for i in ids if i not in want]
+    if missing:
+      errors.append(f"{len(missing)} missing id(s) (in the sample submission, "
+                    f"not predicted): {_listing(missing)}")
+    if extra:
+      errors.append(f"{len(extra)} extra id(s) (predicted, not in the sample "
+                    f"submission): {_listing(extra)}")
+  if errors:
+    counts = f"{len(ids)} ids predicted" + (
+        f", {len(expected)} expected" if expected is not None else "")
+    raise SubmissionError(f"submission refused ({counts}):\n  " +
+                          "\n  ".join(errors))
+
+
+def check_probs(ids: Sequence[str], probs) -> np.ndarray:
+  """Checks there is one finite probability in [0, 1] per id.
+
+  Returns:
+    probs as float64 [n].
+
+  Raises:
+    SubmissionError: length mismatch, or NaN/out-of-range values (ids
+      listed).
+  """
+  probs = np.asarray(probs, dtype=np.float64).reshape(-1)
+  if len(probs) != len(ids):
+    raise SubmissionError(f"{len(ids)} ids but {len(probs)} probabilities")
+  bad = ~np.isfinite(probs) | (probs < 0) | (probs > 1)
+  if bad.any():
+    idx = np.nonzero(bad)[0]
+    raise SubmissionError(
+        f"{len(idx)} probabilit(y/ies) not a number in [0, 1]: " +
+        _listing([f"{ids[i]}={probs[i]!r}" for i in idx]))
+  return probs
+
+
+def order_like(ids: Sequence[str], probs, expected: Sequence[str] | None
+               ) -> tuple[list[str], np.ndarray]:
+  """Validates and reorders predictions to the expected id order.
+
+  Args:
+    ids: predicted ids (any order).
+    probs: their probabilities.
+    expected: sample submission ids, or None to keep the given order.
+
+  Returns:
+    (ids, probs) in the expected order.
+
+  Raises:
+    SubmissionError: see check_ids and check_probs.
+  """
+  probs = check_probs(ids, probs)
+  check_ids(ids, expected)
+  if expected is None:
+    return list(ids), probs
+  pos = {i: k for k, i in enumerate(ids)}
+  order = np.fromiter((pos[i] for i in expected), np.int64, len(expected))
+  return list(expected), probs[order]
+
+
+def write_submission(path: str, ids: Sequence[str], probs,
+                     expected: Sequence[str] | None = None) -> str:
+  """Validates, orders and atomically writes a submission CSV.
+
+  Probabilities are written with `repr` (shortest exact float64 text), so
+  nothing is rounded.
+
+  Args:
+    path: the CSV to write (its directory is created).
+    ids: predicted ids.
+    probs: their probabilities.
+    expected: the sample submission's ids and order (None: keep order).
+
+  Returns:
+    path.
+
+  Raises:
+    SubmissionError: invalid ids or probabilities; nothing is written.
+  """
+  ids, probs = order_like(ids, probs, expected)
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+      f.write("id,label\n")
+      f.writelines(f"{i},{float(p)!r}\n" for i, p in zip(ids, probs))
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return path
+
+
+def read_submission(path: str) -> tuple[list[str], np.ndarray]:
+  """Reads a submission CSV back: (ids, probabilities).
+
+  Raises:
+    SubmissionError: missing file, wrong header, or a label that is not a
+      number (row named).
+  """
+  try:
+    f = open(path, newline="", encoding="utf-8")
+  except OSError as e:
+    raise SubmissionError(f"{path}: cannot read: {e.strerror}") from None
+  ids, probs = [], []
+  with f:
+    reader = csv.reader(f)
+    header = tuple(c.strip() for c in next(reader, []))
+    if header != HEADER:
+      raise SubmissionError(f"{path}: header {list(header)}, expected "
+                            f"{list(HEADER)}")
+    for rowno, row in enumerate(reader, start=2):
+      if len(row) != 2:
+        raise SubmissionError(f"{path}:{rowno}: expected 2 columns, got "
+                              f"{len(row)}")
+      try:
+        probs.append(float(row[1]))
+      except ValueError:
+        raise SubmissionError(f"{path}:{rowno}: label {row[1]!r} is not a "
+                              f"number") from None
+      ids.append(row[0])
+  return ids, np.asarray(probs, np.float64)
+
+
+def validate_submission(path: str, expected: Sequence[str] | None = None
+                        ) -> dict:
+  """Validates a written submission file against the sample's ids/order.
+
+  Args:
+    path: the submission CSV.
+    expected: the sample submission's ids (None: ids only checked unique).
+
+  Returns:
+    A summary: num_rows, min, max, mean, num_distinct, rounded (True when
+    every label is exactly 0 or 1, which wastes the AUC metric).
+
+  Raises:
+    SubmissionError: header, id set, id order or probability problems.
+  """
+  ids, probs = read_submission(path)
+  check_probs(ids, probs)
+  check_ids(ids, expected)
+  if expected is not None and list(ids) != list(expected):
+    first = next(k for k, (a, b) in enumerate(zip(ids, expected)) if a != b)
+    raise SubmissionError(f"{path}: ids are not in the sample submission's "
+                          f"order (first difference at row {first + 2}: "
+                          f"{ids[first]} vs {expected[first]})")
+  return {
+      "num_rows": len(ids),
+      "min": float(probs.min()) if len(probs) else None,
+      "max": float(probs.max()) if len(probs) else None,
+      "mean": float(probs.mean()) if len(probs) else None,
+      "num_distinct": int(len(np.unique(probs))),
+      "rounded": bool(len(probs) and np.isin(probs, (0.0, 1.0)).all()),
+  }

@@ -1,0 +1,129 @@
+"""Tests for hcd.eval.submission: ids, order, values, refusals, real ids."""
+
+import os
+import random
+
+import numpy as np
+import pytest
+
+from hcd.eval import submission
+import evalutil
+
+SAMPLE = evalutil.KAGGLE_TIF / "sample_submission.csv"
+
+
+def _ids(n):
+  return [f"{k:040x}" for k in range(n)]
+
+
+def test_write_orders_like_sample_and_keeps_full_precision(tmp_path):
+  expected = _ids(50)
+  rng = np.random.default_rng(0)
+  probs = rng.random(50)
+  perm = rng.permutation(50)
+  got_ids = [expected[k] for k in perm]
+  path = submission.write_submission(str(tmp_path / "s.csv"), got_ids,
+                                     probs[perm], expected)
+  ids, back = submission.read_submission(path)
+  assert ids == expected
+  np.testing.assert_array_equal(back, probs)  # Bit-exact: never rounded.
+  summary = submission.validate_submission(path, expected)
+  assert summary["num_rows"] == 50 and not summary["rounded"]
+  with open(path) as f:
+    assert f.readline() == "id,label\n"
+
+
+@pytest.mark.parametrize("mutate,words", [
+    (lambda ids: ids[:-2], ["2 missing", "missing id"]),
+    (lambda ids: ids + ["cafe", "f00d"], ["2 extra", "cafe", "f00d"]),
+    (lambda ids: ids + ids[3:4], ["1 duplicate"]),
+])
+def test_wrong_ids_refused_with_list_and_nothing_written(tmp_path, mutate,
+                                                         words):
+  expected = _ids(20)
+  ids = mutate(list(expected))
+  out = tmp_path / "s.csv"
+  with pytest.raises(submission.SubmissionError) as e:
+    submission.write_submission(str(out), ids, np.full(len(ids), 0.3),
+                                expected)
+  for w in words:
+    assert w in str(e.value)
+  if "missing" in words[0]:
+    assert expected[-1] in str(e.value) and expected[-2] in str(e.value)
+  if "duplicate" in words[0]:
+    assert expected[3] in str(e.value)
+  assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -0.1, 1.5, float("inf")])
+def test_bad_probabilities_refused_naming_the_id(tmp_path, bad):
+  ids = _ids(5)
+  probs = [0.1, 0.2, bad, 0.4, 0.5]
+  with pytest.raises(submission.SubmissionError, match=ids[2]):
+    submission.write_submission(str(tmp_path / "s.csv"), ids, probs, ids)
+  assert not os.listdir(tmp_path)
+
+
+def test_length_mismatch_refused(tmp_path):
+  with pytest.raises(submission.SubmissionError, match="3 ids but 2"):
+    submission.write_submission(str(tmp_path / "s.csv"), _ids(3), [0.1, 0.2])
+
+
+def test_sample_file_problems(tmp_path):
+  p = tmp_path / "sample.csv"
+  p.write_text("id,label\na,0\nb,0\na,0\n")
+  with pytest.raises(submission.SubmissionError, match="duplicate.*a"):
+    submission.read_sample_ids(str(p))
+  p.write_text("name,label\na,0\n")
+  with pytest.raises(submission.SubmissionError, match="no 'id' column"):
+    submission.read_sample_ids(str(p))
+  p.write_text("id,label\na,0\n,0\n")
+  with pytest.raises(submission.SubmissionError, match="row\\(s\\) 3"):
+    submission.read_sample_ids(str(p))
+  with pytest.raises(submission.SubmissionError, match="cannot read"):
+    submission.read_sample_ids(str(tmp_path / "nope.csv"))
+
+
+def test_validate_detects_order_header_and_rounding(tmp_path):
+  p = tmp_path / "s.csv"
+  p.write_text("id,label\nb,0.2\na,0.7\n")
+  with pytest.raises(submission.SubmissionError, match="order.*row 2"):
+    submission.validate_submission(str(p), ["a", "b"])
+  p.write_text("id,prob\na,0.2\n")
+  with pytest.raises(submission.SubmissionError, match="header"):
+    submission.validate_submission(str(p))
+  p.write_text("id,label\na,0\nb,1\n")
+  assert submission.validate_submission(str(p), ["a", "b"])["rounded"]
+  p.write_text("id,label\na,x\n")
+  with pytest.raises(submission.SubmissionError, match=":2: label 'x'"):
+    submission.validate_submission(str(p))
+
+
+@pytest.mark.skipif(not SAMPLE.is_file(), reason=evalutil.NO_SHARED)
+def test_real_sample_submission_57458_ids(tmp_path):
+  expected = submission.read_sample_ids(str(SAMPLE))
+  assert len(expected) == 57458 and len(set(expected)) == 57458
+  rng = random.Random(0)
+  ids = list(expected)
+  rng.shuffle(ids)  # Predictions come in shard order, not sample order.
+  probs = np.random.default_rng(0).random(len(ids))
+  truth = dict(zip(ids, probs))
+  out = submission.write_submission(str(tmp_path / "sub.csv"), ids, probs,
+                                    expected)
+  summary = submission.validate_submission(out, expected)
+  assert summary["num_rows"] == 57458
+  got_ids, got = submission.read_submission(out)
+  assert got_ids == expected
+  np.testing.assert_array_equal(got, [truth[i] for i in expected])
+  # One id short, one foreign id, one repeated: each refused and listed.
+  with pytest.raises(submission.SubmissionError, match=ids[-1]):
+    submission.write_submission(str(tmp_path / "x.csv"), ids[:-1],
+                                probs[:-1], expected)
+  with pytest.raises(submission.SubmissionError, match="1 extra.*deadbeef"):
+    submission.write_submission(str(tmp_path / "x.csv"), ids + ["deadbeef"],
+                                np.append(probs, 0.5), expected)
+  with pytest.raises(submission.SubmissionError,
+                     match=f"1 duplicate.*{ids[7]}"):
+    submission.write_submission(str(tmp_path / "x.csv"), ids + [ids[7]],
+                                np.append(probs, 0.5), expected)
+  assert not (tmp_path / "x.csv").exists()
