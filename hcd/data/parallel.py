@@ -1,0 +1,42 @@
+"""Ordered process-pool map for the data tools (TensorFlow-free).
+
+Workers are forked, so they start in milliseconds and inherit the parent's
+imports; forking a process that has loaded TensorFlow (pytest, a notebook)
+risks deadlocking on the locks of TF's threads, so there `forkserver` is
+used instead and the workers start clean.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+from typing import Callable, Iterable, Iterator, Sequence
+
+
+def pool_context():
+  """The multiprocessing context for data workers (see module docstring)."""
+  return multiprocessing.get_context(
+      "forkserver" if "tensorflow" in sys.modules else "fork")
+
+
+def imap(fn: Callable, tasks: Sequence, workers: int) -> Iterator:
+  """Yields fn(task) for each task, in order, over `workers` processes.
+
+  Args:
+    fn: a module-level (picklable) function.
+    tasks: picklable arguments, one per call.
+    workers: number of processes; 1 (or a single task) runs in-process.
+
+  Returns:
+    An iterator over the results, in task order.
+  """
+  if workers <= 1 or len(tasks) <= 1:
+    yield from map(fn, tasks)
+    return
+  with pool_context().Pool(min(workers, len(tasks))) as pool:
+    yield from pool.imap(fn, tasks)
+
+
+def chunks(items: Sequence, size: int) -> Iterable[Sequence]:
+  """Splits a sequence into consecutive slices of at most `size` items."""
+  return [items[s:s + size] for s in range(0, len(items), size)]

@@ -1,0 +1,137 @@
+"""tools/make_shards as a user runs it: exit codes, messages, kill -9, resume.
+
+These run the real command-line tools in subprocesses on small synthetic
+workspaces (tools/make_synthetic, tools/scan_quality).
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TOOLS = ROOT / "tools"
+KILL_ENV = "HCD_MAKE_SHARDS_KILL_AFTER_BLOCKS"
+
+
+def run(tool, *args, env=None, check=None):
+  e = dict(os.environ)
+  for k in (KILL_ENV, "TF_CPP_MIN_LOG_LEVEL"):  # The tool's own default.
+    e.pop(k, None)
+  e.update(env or {})
+  p = subprocess.run([sys.executable, str(TOOLS / tool), *args, "--noprogress"],
+                     capture_output=True, text=True, cwd=ROOT, env=e,
+                     timeout=120, check=False)
+  if check is not None:
+    assert p.returncode == check, (p.returncode, p.stdout, p.stderr)
+  return p
+
+
+@pytest.fixture(name="workspace", scope="module")
+def _workspace(tmp_path_factory):
+  data = tmp_path_factory.mktemp("ws") / "data"
+  run("make_synthetic", f"--out_dir={data}", "--num_train=240",
+      "--num_test=40", "--seed=3", "--workers=1", check=0)
+  return data
+
+
+def _error_line(p):
+  lines = p.stderr.strip().splitlines()
+  assert len(lines) == 1, p.stderr
+  assert lines[0].startswith("make_shards: error: "), lines[0]
+  return lines[0]
+
+
+def test_missing_data_dir_is_a_one_line_refusal(tmp_path):
+  p = run("make_shards", f"--data_dir={tmp_path / 'nope'}", "--split=train",
+          f"--out_dir={tmp_path / 'out'}", check=1)
+  assert str(tmp_path / "nope") in _error_line(p)
+  p = run("make_shards", f"--out_dir={tmp_path}", check=1)
+  assert "--data_dir" in _error_line(p)
+  p = run("make_shards", "--verify", f"--out_dir={tmp_path}", check=1)
+  assert "no hcd-<split>.manifest.json" in _error_line(p)
+  bad = tmp_path / "bad"
+  (bad / "train").mkdir(parents=True)
+  (bad / "train_labels.csv").write_text("name,class\nabc,1\n")
+  p = run("make_shards", f"--data_dir={bad}", "--split=train",
+          f"--out_dir={tmp_path / 'out'}", check=1)
+  line = _error_line(p)
+  assert str(bad / "train_labels.csv") in line and "missing column" in line
+
+
+def test_scan_shard_rerun_verify(workspace, tmp_path):
+  scans, out = tmp_path / "scan", tmp_path / "shards"
+  run("scan_quality", f"--data_dir={workspace}", "--split=train",
+      f"--out_dir={scans}", "--workers=2", check=0)
+  args = [f"--data_dir={workspace}", "--split=train", f"--out_dir={out}",
+          "--workers=2", f"--scan_dir={scans}", "--num_shards=2"]
+  p = run("make_shards", *args, check=0)
+  assert "wrote 2 of 2 shards" in p.stdout
+  manifest = json.loads((out / "hcd-train.manifest.json").read_text())
+  # The synthetic workspace plants one dark and one bright patch.
+  reasons = sorted(x["reason"].split(":")[1].strip()
+                   for x in manifest["excluded"])
+  assert reasons == ["bright", "dark"], manifest["excluded"]
+  assert manifest["num_examples"] == 238
+  p = run("make_shards", *args, check=0)
+  assert "is up to date" in p.stdout
+  run("make_shards", f"--data_dir={workspace}", "--split=test",
+      f"--out_dir={out}", "--workers=1", check=0)
+  p = run("make_shards", "--verify", f"--out_dir={out}", check=0)
+  assert p.stdout.count("verified") == 2
+
+  shard = out / "hcd-test.tfrecord-00000-of-00001"
+  raw = bytearray(shard.read_bytes())
+  raw[100] ^= 0xFF
+  shard.write_bytes(bytes(raw))
+  p = run("make_shards", "--verify", f"--out_dir={out}", "--split=test",
+          check=1)
+  assert str(shard) in _error_line(p) and "sha256" in p.stderr
+
+
+def test_kill_9_then_resume(workspace, tmp_path):
+  out = tmp_path / "shards"
+  args = [f"--data_dir={workspace}", "--split=train", f"--out_dir={out}",
+          "--workers=2", "--num_shards=3", "--block_size=32"]
+  # 80 images a shard = 3 blocks: a worker SIGKILLs the main process and
+  # itself inside its second shard; the other worker dies with the parent.
+  p = run("make_shards", *args, env={KILL_ENV: "4"})
+  assert p.returncode == -9, (p.returncode, p.stderr)
+  assert not (out / "hcd-train.manifest.json").exists()
+  state = out / ".hcd-train.state"
+  done = {}
+  for name in os.listdir(out):
+    if ".tmp-" in name or name.startswith("."):
+      continue
+    # Anything under a final name is complete: it has its sidecar.
+    side = json.loads((state / f"{name}.json").read_text())
+    assert side["entry"]["bytes"] == (out / name).stat().st_size
+    done[name] = (out / name).stat()
+  assert 1 <= len(done) <= 2, os.listdir(out)
+  assert [n for n in os.listdir(out) if ".tmp-" in n]
+
+  p = run("make_shards", *args, check=0)
+  assert (f"wrote {3 - len(done)} of 3 shards, {len(done)} already done"
+          in p.stdout), p.stdout
+  for name, st in done.items():
+    now = (out / name).stat()
+    assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
+  assert not [n for n in os.listdir(out) if ".tmp-" in n]
+  p = run("make_shards", "--verify", f"--out_dir={out}", check=0)
+  assert "238 images" in p.stdout
+
+
+def test_writer_never_imports_tensorflow(workspace, tmp_path):
+  code = (
+      "import sys\n"
+      "from hcd.data import shards\n"
+      f"r = shards.make_split({str(workspace)!r}, 'train', "
+      f"{str(tmp_path)!r}, workers=2, num_shards=2, progress=False)\n"
+      "assert r['written'] == 2, r\n"
+      "assert 'tensorflow' not in sys.modules\n")
+  p = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
+                     capture_output=True, text=True, timeout=120, check=False)
+  assert p.returncode == 0, p.stderr
