@@ -51,12 +51,16 @@ class DataError(ValueError):
 
 def _list_images(directory: str) -> list[str]:
   with os.scandir(directory) as it:
-    return sorted(e.name for e in it
-                  if e.is_file() and e.name.lower().endswith(IMAGE_EXTS))
+    names = [e.name for e in it
+             if e.name.lower().endswith(IMAGE_EXTS) and e.is_file()]
+  names.sort()
+  return names
 
 
 def _stem(name: str) -> str:
-  return os.path.splitext(name)[0]
+  # Listed names always end in an image extension; rpartition is ~3x faster
+  # than os.path.splitext, which matters for 220k files.
+  return name.rpartition(".")[0] or name
 
 
 def _fmt_rows(items: Iterable[str], limit: int = 10) -> str:
@@ -81,38 +85,51 @@ def read_labels_csv(path: str) -> tuple[dict[str, int], list[Problem]]:
     DataError: unreadable file or missing `id`/`label` columns.
   """
   try:
-    f = open(path, newline="", encoding="utf-8")
+    # utf-8-sig: spreadsheet programs often save a byte-order mark.
+    f = open(path, newline="", encoding="utf-8-sig")
   except OSError as e:
     raise DataError(f"{path}: cannot read labels CSV: {e.strerror}") from None
+  with f:
+    reader = csv.reader(f)
+    try:
+      return _parse_labels(path, reader)
+    except (csv.Error, UnicodeDecodeError) as e:
+      raise DataError(f"{path}:{reader.line_num}: malformed labels CSV: "
+                      f"{e}") from None
+
+
+def _parse_labels(path: str, reader
+                  ) -> tuple[dict[str, int], list[Problem]]:
   labels: dict[str, int] = {}
   problems: list[Problem] = []
   first_row: dict[str, int] = {}
-  with f:
-    reader = csv.DictReader(f)
-    cols = [c.strip() for c in (reader.fieldnames or [])]
-    missing = [c for c in ("id", "label") if c not in cols]
-    if missing:
-      raise DataError(f"{path}: missing column(s) {missing}; found {cols}; "
-                      f"expected a header 'id,label'")
-    reader.fieldnames = cols
-    for rowno, row in enumerate(reader, start=2):  # Row 1 is the header.
-      rid = (row.get("id") or "").strip()
-      raw = (row.get("label") or "").strip()
-      where = f"{path}:{rowno}"
-      if not rid:
-        problems.append(Problem("", where, "row has an empty id"))
-        continue
-      if raw not in ("0", "1"):
-        problems.append(Problem(rid, where,
-                                f"label {raw!r} is not 0 or 1"))
-        continue
-      if rid in labels or rid in first_row:
-        problems.append(Problem(
-            rid, where, f"duplicate id (first seen on row {first_row[rid]})"))
-        labels.pop(rid, None)  # Conflicting duplicates are not trusted.
-        continue
-      first_row[rid] = rowno
-      labels[rid] = int(raw)
+  cols = [c.strip() for c in next(reader, [])]
+  missing = [c for c in ("id", "label") if c not in cols]
+  if missing:
+    raise DataError(f"{path}: missing column(s) {missing}; found {cols}; "
+                    f"expected a header 'id,label'")
+  i_id, i_label = cols.index("id"), cols.index("label")
+  for row in reader:
+    if not row:  # A blank line.
+      continue
+    rowno = reader.line_num  # The physical line, as an editor numbers it.
+    rid = row[i_id].strip() if len(row) > i_id else ""
+    raw = row[i_label].strip() if len(row) > i_label else ""
+    if not rid:
+      problems.append(Problem("", f"{path}:{rowno}", "row has an empty id"))
+      continue
+    if raw not in ("0", "1"):
+      problems.append(Problem(rid, f"{path}:{rowno}",
+                              f"label {raw!r} is not 0 or 1"))
+      continue
+    if rid in first_row:
+      problems.append(Problem(
+          rid, f"{path}:{rowno}",
+          f"duplicate id (first seen on row {first_row[rid]})"))
+      labels.pop(rid, None)  # Conflicting duplicates are not trusted.
+      continue
+    first_row[rid] = rowno
+    labels[rid] = int(raw)
   return labels, problems
 
 
@@ -143,14 +160,16 @@ def kaggle_records(data_dir: str, split: str, labels_csv: str | None = None,
   files = _list_images(image_dir)
   if labels_csv is None and split == "train":
     labels_csv = os.path.join(data_dir, LABELS_CSV)
+  prefix = os.path.join(image_dir, "")
   if labels_csv is None:
-    return [Record(_stem(n), os.path.join(image_dir, n)) for n in files], []
+    return [Record(_stem(n), prefix + n) for n in files], []
 
   labels, problems = read_labels_csv(labels_csv)
   by_id = {_stem(n): n for n in files}
   no_file = sorted(i for i in labels if i not in by_id)
-  no_label = sorted(i for i in by_id if i not in labels and
-                    not any(p.id == i for p in problems))
+  problem_ids = {p.id for p in problems}
+  no_label = sorted(i for i in by_id
+                    if i not in labels and i not in problem_ids)
   problems += [Problem(i, labels_csv, "id has no image file") for i in no_file]
   problems += [Problem(i, os.path.join(image_dir, by_id[i]),
                        f"file has no label in {labels_csv}")
@@ -163,7 +182,7 @@ def kaggle_records(data_dir: str, split: str, labels_csv: str | None = None,
         "\n".join(lines) + (f"\n  ... and {more} more" if more > 0 else "") +
         "\n(pass --skip_invalid to exclude them and list them in the report)")
   bad = {p.id for p in problems}
-  records = [Record(i, os.path.join(image_dir, by_id[i]), labels[i])
+  records = [Record(i, prefix + by_id[i], labels[i])
              for i in sorted(by_id) if i in labels and i not in bad]
   return records, problems
 

@@ -1,0 +1,636 @@
+"""Image quality scan: one parallel pass over a split, one report row per image.
+
+Per image: readable; 96x96x3 uint8; min and max with the near-black
+(`max < dark_max`) and near-white (`min > bright_min`) flags; per-channel
+mean and std; the near-white background fraction; the SHA-1 of the pixel
+bytes against a Kaggle id; exact duplicates. One bad file never stops the
+scan: its row says what is wrong. The report format is in WORKSPACE.md
+("Scan report"); `load_exclusions` is how tools/make_shards consumes it.
+
+Speed (220k images in seconds on 2 cores) comes from keeping the per-file
+Python work to read + SHA-1 (+ decode, skipped for files laid out like one
+already decoded, see `decode.TiffLayoutCache`), computing the statistics
+vectorised over batches of images, and formatting the CSV rows in the
+workers. A worker gets a chunk of records and returns numpy columns and CSV
+lines; the parent only joins them and settles duplicates, which need the
+whole split. This module and its workers never import TensorFlow.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import hashlib
+import json
+import os
+import re
+import time
+from typing import Sequence
+
+import numpy as np
+
+import hcd
+from hcd.data import decode
+from hcd.data import parallel
+from hcd.data.features import IMAGE_SHAPE
+
+SCHEMA_VERSION = 1
+SCAN_CSV = "scan.csv"
+SUMMARY_JSON = "scan_summary.json"
+FLAGS = ("unreadable", "bad_shape", "dark", "bright", "sha1_mismatch",
+         "duplicate")
+COLUMNS = ("id", "path", "label", "ok", "error", "height", "width", "channels",
+           "dtype", "min", "max", "mean_r", "mean_g", "mean_b", "std_r",
+           "std_g", "std_b", "background_frac", "sha1", "sha1_match",
+           "duplicate_of", "dark", "bright", "flags", "reasons")
+DARK_MAX = 10
+BRIGHT_MIN = 245
+BACKGROUND_MIN = 220
+CHUNK_SIZE = 2000
+
+_SHA1_ID = re.compile(r"[0-9a-f]{40}")
+_PIXELS = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
+_IMAGE_BYTES = _PIXELS * IMAGE_SHAPE[2]
+_BATCH = 64  # Images per vectorised statistics step.
+_READ_LIMIT = 1 << 16  # The reused read buffer; larger files are read whole.
+_OK, _UNREADABLE, _BAD_SHAPE = 0, 1, 2
+# Sums over 36 rows of 256 RGB pixels: 36 * 255**2 < 2**24, so float32
+# partial sums of squares are exact integers; the rest is summed in float64.
+_ROWS = 36
+_ROW_VALUES = _IMAGE_BYTES // _ROWS
+# Text columns (object arrays of str, missing is ""; sha1 is bytes "S40").
+_TEXT = ("id", "path", "error", "dtype", "sha1", "duplicate_of", "flags",
+         "reasons")
+# Integer columns stored with -1 for missing.
+_INTS = {"height": "Int32", "width": "Int32", "channels": "Int32",
+         "min": "Int16", "max": "Int16"}
+_FLOATS = ("mean_r", "mean_g", "mean_b", "std_r", "std_g", "std_b",
+           "background_frac")
+
+
+class ScanError(ValueError):
+  """A missing or malformed scan report; the message names the path."""
+
+
+def _per_channel(row_sums: np.ndarray) -> np.ndarray:
+  """[m, 768] interleaved RGB partial sums -> exact [m, 3] float64 sums."""
+  # A transposed copy makes the last reduction contiguous (a strided one is
+  # ~8x slower); a BLAS matmul would start threads in every worker.
+  planes = row_sums.reshape(len(row_sums), -1, 3).transpose(0, 2, 1)
+  return np.ascontiguousarray(planes).sum(axis=2, dtype=np.float64)
+
+
+def _error_text(e: Exception, path: str) -> str:
+  """The message without the leading "<path>: " (the row names the path)."""
+  msg = str(e)
+  return msg[len(path) + 2:] if msg.startswith(path + ": ") else msg
+
+
+class _ChunkScanner:
+  """Scans one chunk of images into numpy arrays."""
+
+  def __init__(self, n: int, background_min: int):
+    self.background_min = background_min
+    self.status = np.zeros(n, np.int8)
+    self.errors: dict[int, str] = {}
+    # Most files are 96x96x3; the slow paths overwrite this.
+    self.shape = np.tile(np.asarray(IMAGE_SHAPE, np.int32), (n, 1))
+    self.dtypes: dict[int, str] = {}  # Only where not uint8.
+    self.min = np.full(n, -1, np.int16)
+    self.max = np.full(n, -1, np.int16)
+    self.sum = np.zeros((n, 3))
+    self.sumsq = np.zeros((n, 3))
+    self.background = np.zeros(n, np.int32)
+    self.sha1 = [""] * n
+    self._tiff = decode.TiffLayoutCache()
+    # Reading into one reused buffer costs ~8 us a file; a fresh bytes
+    # object per file costs ~20 us (allocation and page faults).
+    self._rbuf = bytearray(_READ_LIMIT)
+    self._rview = memoryview(self._rbuf)
+    self._buf = np.empty((_BATCH,) + IMAGE_SHAPE, np.uint8)
+    self._flat = memoryview(self._buf.reshape(-1))
+    self._fbuf = np.empty((_BATCH, _ROWS, _ROW_VALUES), np.float32)
+    self._pix = np.empty((_BATCH, _PIXELS), np.uint8)
+    self._slots: list[int] = []
+
+  def _read(self, path: str):
+    """The file's bytes: a view of the reused buffer, valid until the next."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+      n = os.readv(fd, [self._rbuf])
+      if n == _READ_LIMIT:  # Larger than any 96x96 image file: read it all.
+        parts = [bytes(self._rbuf)]
+        while part := os.read(fd, 1 << 20):
+          parts.append(part)
+        return b"".join(parts)
+    finally:
+      os.close(fd)
+    return self._rview[:n]
+
+  def add(self, k: int, path: str) -> None:
+    """Reads, decodes, validates and hashes image k of the chunk."""
+    try:
+      data = self._read(path)
+    except OSError as e:
+      self.status[k] = _UNREADABLE
+      self.shape[k] = -1
+      self.errors[k] = f"cannot read: {e.strerror or e}"
+      return
+    slot = len(self._slots)
+    off = self._tiff.pixel_offset(data)
+    if off is not None:
+      # Known layout: hash and copy the pixel bytes straight from the file.
+      pixels = data[off:off + _IMAGE_BYTES]
+      self._flat[slot * _IMAGE_BYTES:(slot + 1) * _IMAGE_BYTES] = pixels
+    else:
+      img = self._decode(k, bytes(data), path)
+      if img is None:
+        return
+      self._buf[slot] = img
+      pixels = img
+    self.sha1[k] = hashlib.sha1(pixels).hexdigest()
+    self._slots.append(k)
+    if len(self._slots) == _BATCH:
+      self.flush()
+
+  def _decode(self, k: int, data: bytes, path: str) -> np.ndarray | None:
+    try:
+      img = decode.decode_raw(data, path)
+    except decode.ImageError as e:
+      self.status[k] = _UNREADABLE
+      self.shape[k] = -1
+      self.errors[k] = _error_text(e, path)
+      return None
+    s = img.shape  # A 2-D image has one channel.
+    self.shape[k] = (s[0] if s else 0, s[1] if len(s) > 1 else 1,
+                     s[2] if len(s) > 2 else 1)
+    if img.dtype != np.uint8:
+      self.dtypes[k] = str(img.dtype)
+    try:
+      valid = decode.validate(img, path)
+    except decode.ImageError as e:
+      self.status[k] = _BAD_SHAPE
+      self.errors[k] = _error_text(e, path)
+      return None
+    self._tiff.learn(data, valid)
+    return valid
+
+  def flush(self) -> None:
+    """Computes the statistics of the buffered images in one vector pass."""
+    m = len(self._slots)
+    if not m:
+      return
+    idx = np.asarray(self._slots)
+    buf = self._buf[:m]
+    flat = buf.reshape(m, -1)
+    self.min[idx] = flat.min(axis=1)
+    self.max[idx] = flat.max(axis=1)
+    f = self._fbuf[:m]
+    np.copyto(f, buf.reshape(m, _ROWS, _ROW_VALUES), casting="unsafe")
+    self.sum[idx] = _per_channel(f.sum(axis=1))
+    # einsum squares and sums in one pass, without writing the squares.
+    self.sumsq[idx] = _per_channel(np.einsum("mrk,mrk->mk", f, f))
+    px = buf.reshape(m, _PIXELS, 3)
+    lo = self._pix[:m]
+    np.minimum(px[..., 0], px[..., 1], out=lo)
+    np.minimum(lo, px[..., 2], out=lo)
+    self.background[idx] = np.count_nonzero(lo >= self.background_min, axis=1)
+    self._slots.clear()
+
+
+def _chunk_columns(ids, paths, labels, s: _ChunkScanner, dark_max: int,
+                   bright_min: int) -> dict[str, np.ndarray]:
+  """The report columns of one chunk, duplicates not yet known."""
+  n = len(ids)
+  ok = s.status == _OK
+  decoded = s.shape[:, 0] >= 0
+  ids = np.asarray(ids, dtype=object)
+  error = np.full(n, "", dtype=object)
+  for k, v in s.errors.items():
+    error[k] = v
+  dtype = np.where(decoded, "uint8", "").astype(object)
+  for k, v in s.dtypes.items():
+    dtype[k] = v
+  mean = s.sum / _PIXELS
+  # Exact integers until the final division and root.
+  std = np.sqrt(np.maximum(_PIXELS * s.sumsq - s.sum**2, 0.0)) / _PIXELS
+  mean[~ok] = np.nan
+  std[~ok] = np.nan
+  checkable = ok & np.array([_SHA1_ID.fullmatch(i) is not None for i in ids],
+                            dtype=bool)
+  match = np.array([h == i for h, i in zip(s.sha1, ids)], dtype=bool)
+  cols = {
+      "id": ids,
+      "path": np.asarray(paths, dtype=object),
+      "label": np.asarray(labels, dtype=np.int64),
+      "ok": ok,
+      "error": error,
+      "height": s.shape[:, 0], "width": s.shape[:, 1],
+      "channels": s.shape[:, 2],
+      "dtype": dtype,
+      "min": s.min, "max": s.max,
+      "mean_r": mean[:, 0], "mean_g": mean[:, 1], "mean_b": mean[:, 2],
+      "std_r": std[:, 0], "std_g": std[:, 1], "std_b": std[:, 2],
+      "background_frac": np.where(ok, s.background / _PIXELS, np.nan),
+      "sha1": np.array(s.sha1, dtype="S40"),
+      "sha1_match": np.where(checkable, match.astype(np.int8), -1).astype(
+          np.int8),
+      "duplicate_of": np.full(n, "", dtype=object),
+      "dark": ok & (s.max < dark_max),
+      "bright": ok & (s.min > bright_min),
+      "flags": np.full(n, "", dtype=object),
+      "reasons": np.full(n, "", dtype=object),
+  }
+  flagged = ~ok | cols["dark"] | cols["bright"] | (cols["sha1_match"] == 0)
+  _set_flags(cols, np.nonzero(flagged)[0], dark_max, bright_min)
+  return cols
+
+
+def _set_flags(cols: dict, rows, dark_max: int, bright_min: int) -> None:
+  """(Re)computes the flags and reasons of the given rows in place."""
+  for k in rows:
+    names, reasons = [], []
+    if not cols["ok"][k]:
+      name = "bad_shape" if cols["dtype"][k] else "unreadable"
+      names.append(name)
+      reasons.append(f"{name}: {cols['error'][k]}")
+    if cols["dark"][k]:
+      names.append("dark")
+      reasons.append(f"dark: max {cols['max'][k]} < {dark_max}")
+    if cols["bright"][k]:
+      names.append("bright")
+      reasons.append(f"bright: min {cols['min'][k]} > {bright_min}")
+    if cols["sha1_match"][k] == 0:
+      names.append("sha1_mismatch")
+      reasons.append(f"sha1_mismatch: pixels hash to "
+                     f"{cols['sha1'][k].decode()}")
+    if cols["duplicate_of"][k]:
+      names.append("duplicate")
+      reasons.append(f"duplicate: same pixels as {cols['duplicate_of'][k]}")
+    cols["flags"][k] = ";".join(names)
+    cols["reasons"][k] = "; ".join(reasons)
+
+
+# Text columns travel from the workers as {row: text} for rows that differ
+# from the default; pickling 2,000 mostly empty strings per column per chunk
+# would cost more than the column is worth.
+_SPARSE = ("error", "dtype", "duplicate_of", "flags", "reasons")
+
+
+def _text_default(cols: dict, c: str) -> np.ndarray:
+  n = len(cols["ok"])
+  if c == "dtype":
+    return np.where(cols["height"] >= 0, "uint8", "").astype(object)
+  return np.full(n, "", dtype=object)
+
+
+def _pack(cols: dict) -> dict:
+  """Drops id/path (the parent has them) and sparsifies text columns."""
+  out = {c: v for c, v in cols.items() if c not in _SPARSE + ("id", "path")}
+  for c in _SPARSE:
+    default = _text_default(cols, c)
+    out[c] = {int(k): cols[c][k] for k in np.nonzero(cols[c] != default)[0]}
+  return out
+
+
+def _unpack(parts: list[dict], records) -> dict:
+  """Joins packed chunks into full columns, in record order."""
+  cols = {c: np.concatenate([p[c] for p in parts]) for c in COLUMNS
+          if c not in _SPARSE + ("id", "path")}
+  cols["id"] = np.array([r.id for r in records], dtype=object)
+  cols["path"] = np.array([r.path for r in records], dtype=object)
+  offsets = np.cumsum([0] + [len(p["ok"]) for p in parts])
+  for c in _SPARSE:
+    full = _text_default(cols, c)
+    for p, off in zip(parts, offsets):
+      for k, v in p[c].items():
+        full[off + k] = v
+    cols[c] = full
+  return cols
+
+
+def _q(s: str) -> str:
+  """Quotes a CSV text field where RFC 4180 needs it."""
+  if "," in s or '"' in s or "\n" in s or "\r" in s:
+    return '"' + s.replace('"', '""') + '"'
+  return s
+
+
+def _i(v: int) -> str:
+  return "" if v < 0 else str(v)
+
+
+def _f(v: float, fmt: str) -> str:
+  return "" if v != v else format(v, fmt)
+
+
+_MATCH_TEXT = {-1: "", 0: "False", 1: "True"}
+
+
+def _format_rows(cols: dict, rows=None) -> list[str]:
+  """CSV lines (each ending in a newline) of the given rows of a report.
+
+  One formatter for the workers, the parent and `to_csv_text`, so that a
+  report reads the same whichever wrote it; ~4x faster than pandas'.
+  """
+  get = (lambda c: cols[c].tolist()) if rows is None else (
+      lambda c: cols[c][rows].tolist())
+  out = []
+  for (i, p, lab, ok, err, h, w, ch, dt, mn, mx, mr, mg, mb, sr, sg, sb, bg,
+       sha, sm, dup, dk, br, fl, rs) in zip(*(get(c) for c in COLUMNS)):
+    out.append(
+        f"{_q(i)},{_q(p)},{lab},{ok},{_q(err)},{_i(h)},{_i(w)},{_i(ch)},{dt},"
+        f"{_i(mn)},{_i(mx)},{_f(mr, '.3f')},{_f(mg, '.3f')},{_f(mb, '.3f')},"
+        f"{_f(sr, '.3f')},{_f(sg, '.3f')},{_f(sb, '.3f')},{_f(bg, '.4f')},"
+        f"{sha.decode()},{_MATCH_TEXT[sm]},{_q(dup)},{dk},{br},{fl},{_q(rs)}"
+        "\n")
+  return out
+
+
+def _scan_chunk(task) -> tuple[dict, list[str]]:
+  """Worker: scans one chunk of records; returns packed columns, CSV lines."""
+  ids, paths, labels, dark_max, bright_min, background_min = task
+  scanner = _ChunkScanner(len(paths), background_min)
+  for k, path in enumerate(paths):
+    try:
+      scanner.add(k, path)
+    except Exception as e:  # pylint: disable=broad-except
+      # Whatever else goes wrong with one file is its row's error too.
+      scanner.status[k] = _UNREADABLE
+      scanner.shape[k] = -1
+      scanner.errors[k] = f"unexpected {type(e).__name__}: {e}"
+  scanner.flush()
+  cols = _chunk_columns(ids, paths, labels, scanner, dark_max, bright_min)
+  return _pack(cols), _format_rows(cols)
+
+
+def _mark_duplicates(cols: dict, lines: list[str], dark_max: int,
+                     bright_min: int) -> None:
+  """Marks every later image with the pixels of an earlier one, in place."""
+  ok_rows = np.nonzero(cols["ok"])[0]
+  sha = cols["sha1"][ok_rows]
+  _, first, counts = np.unique(sha, return_index=True, return_counts=True)
+  if (counts == 1).all():
+    return
+  first_id = {sha[f]: cols["id"][ok_rows[f]] for f in first}
+  later = [k for k, h in zip(ok_rows.tolist(), sha.tolist())
+           if first_id[h] != cols["id"][k]]
+  for k in later:
+    cols["duplicate_of"][k] = first_id[cols["sha1"][k]]
+  _set_flags(cols, later, dark_max, bright_min)
+  for k, line in zip(later, _format_rows(cols, np.asarray(later))):
+    lines[k] = line
+
+
+class ScanResult:
+  """A finished scan: its columns, CSV lines and summary (see `scan`)."""
+
+  def __init__(self, columns: dict, lines: list[str], summary: dict):
+    self.columns = columns
+    self.lines = lines
+    self.summary = summary
+
+  def dataframe(self):
+    """The report as a pandas DataFrame (nullable dtypes where missing)."""
+    import pandas as pd  # pylint: disable=g-import-not-at-top
+    data = {}
+    for c in COLUMNS:
+      v = self.columns[c]
+      if c in _INTS:
+        data[c] = pd.array(np.where(v < 0, 0, v), dtype=_INTS[c])
+        data[c][v < 0] = pd.NA
+      elif c == "sha1":
+        data[c] = v.astype(str).astype(object)
+      elif c == "sha1_match":
+        data[c] = pd.array(v == 1, dtype="boolean")
+        data[c][v < 0] = pd.NA
+      else:
+        data[c] = v
+    return pd.DataFrame(data, columns=list(COLUMNS))
+
+  def write(self, out_dir: str) -> tuple[str, str]:
+    """Writes scan.csv and scan_summary.json atomically into out_dir."""
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path = os.path.join(out_dir, SCAN_CSV)
+    json_path = os.path.join(out_dir, SUMMARY_JSON)
+    _atomic_write(csv_path, ",".join(COLUMNS) + "\n" + "".join(self.lines))
+    _atomic_write(json_path, json.dumps(self.summary, indent=1) + "\n")
+    return csv_path, json_path
+
+
+def run_scan(records: Sequence, workers: int | None = None,
+             dark_max: int = DARK_MAX, bright_min: int = BRIGHT_MIN,
+             background_min: int = BACKGROUND_MIN,
+             chunk_size: int = CHUNK_SIZE, progress: bool = True
+             ) -> ScanResult:
+  """Scans images in parallel; see `scan` (this skips building a DataFrame).
+
+  Returns:
+    A ScanResult.
+  """
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  t0 = time.perf_counter()
+  workers = workers or os.cpu_count() or 1
+  n = len(records)
+  size = max(1, min(chunk_size, -(-n // (4 * workers))))
+  tasks = []
+  for s in range(0, n, size):
+    part = records[s:s + size]
+    tasks.append(([r.id for r in part], [r.path for r in part],
+                  [r.label for r in part], dark_max, bright_min,
+                  background_min))
+  parts, lines = [], []
+  with tqdm(total=n, unit="img", desc="scan_quality", disable=not progress,
+            smoothing=0.1) as bar:
+    for cols, chunk_lines in parallel.imap(_scan_chunk, tasks, workers):
+      parts.append(cols)
+      lines += chunk_lines
+      bar.update(len(chunk_lines))
+  if not parts:
+    parts = [_pack(_chunk_columns([], [], [], _ChunkScanner(
+        0, background_min), dark_max, bright_min))]
+  cols = _unpack(parts, records)
+  _mark_duplicates(cols, lines, dark_max, bright_min)
+  seconds = time.perf_counter() - t0
+  summary = _summarize(cols, dark_max, bright_min, background_min)
+  summary.update(scan_time_s=round(seconds, 3), workers=workers,
+                 images_per_s=round(n / seconds, 1) if seconds else None)
+  return ScanResult(cols, lines, summary)
+
+
+def scan(records: Sequence, workers: int | None = None,
+         dark_max: int = DARK_MAX, bright_min: int = BRIGHT_MIN,
+         background_min: int = BACKGROUND_MIN, chunk_size: int = CHUNK_SIZE,
+         progress: bool = True):
+  """Scans images in parallel into a report DataFrame.
+
+  Args:
+    records: `hcd.data.sources.Record`s (anything with id, path, label).
+    workers: worker processes (default: all CPUs; 1 scans in-process).
+    dark_max: flag `dark` when an image's max < dark_max.
+    bright_min: flag `bright` when an image's min > bright_min.
+    background_min: a pixel is near-white background when all its channels
+      are >= background_min.
+    chunk_size: images per worker task (smaller for small scans, so that all
+      workers get work).
+    progress: show a tqdm progress bar.
+
+  Returns:
+    (report DataFrame with COLUMNS, one row per record in order;
+     summary dict as written to scan_summary.json).
+  """
+  result = run_scan(records, workers, dark_max, bright_min, background_min,
+                    chunk_size, progress)
+  return result.dataframe(), result.summary
+
+
+def _summarize(cols: dict, dark_max: int, bright_min: int,
+               background_min: int, max_examples: int = 20) -> dict:
+  flag_counts = {f: 0 for f in FLAGS}
+  examples = {f: [] for f in FLAGS}
+  flagged = np.nonzero(cols["flags"] != "")[0]
+  for k in flagged:
+    for f in cols["flags"][k].split(";"):
+      flag_counts[f] += 1
+      if len(examples[f]) < max_examples:
+        examples[f].append(cols["id"][k])
+  labels, counts = np.unique(cols["label"], return_counts=True)
+  ok = cols["ok"]
+  mean = lambda c: round(float(cols[c][ok].mean()), 4) if ok.any() else None
+  return {
+      "schema_version": SCHEMA_VERSION,
+      "num_images": int(len(ok)),
+      "num_ok": int(ok.sum()),
+      "num_flagged": int(len(flagged)),
+      "flag_counts": flag_counts,
+      "label_counts": {str(int(k)): int(v) for k, v in zip(labels, counts)},
+      "sha1_checked": int((cols["sha1_match"] >= 0).sum()),
+      "thresholds": {"dark_max": dark_max, "bright_min": bright_min,
+                     "background_min": background_min},
+      "mean_rgb": [mean("mean_r"), mean("mean_g"), mean("mean_b")],
+      "mean_background_frac": mean("background_frac"),
+      "examples": {f: v for f, v in examples.items() if v},
+      "created": datetime.datetime.now(datetime.timezone.utc).strftime(
+          "%Y-%m-%dT%H:%M:%SZ"),
+      "hcd_version": hcd.__version__,
+  }
+
+
+def _atomic_write(path: str, text: str) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8", newline="") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def to_csv_text(df) -> str:
+  """Formats a report DataFrame (from `scan` or `read_report`) as scan.csv."""
+  cols = {}
+  for c in COLUMNS:
+    s = df[c]
+    if c in _INTS:
+      cols[c] = s.fillna(-1).to_numpy(np.int64)
+    elif c == "sha1_match":
+      cols[c] = np.where(s.isna(), -1, s.fillna(False).astype(bool)).astype(
+          np.int8)
+    elif c in _FLOATS:
+      cols[c] = s.to_numpy(np.float64)
+    elif c == "sha1":
+      cols[c] = s.fillna("").astype(str).to_numpy("S40")
+    elif c in _TEXT:
+      cols[c] = s.fillna("").astype(str).to_numpy(object)
+    else:
+      cols[c] = s.to_numpy()
+  return ",".join(COLUMNS) + "\n" + "".join(_format_rows(cols))
+
+
+def write_report(df, summary: dict, out_dir: str) -> tuple[str, str]:
+  """Writes a report DataFrame and summary atomically into out_dir.
+
+  Returns:
+    (scan.csv path, scan_summary.json path).
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  csv_path = os.path.join(out_dir, SCAN_CSV)
+  json_path = os.path.join(out_dir, SUMMARY_JSON)
+  _atomic_write(csv_path, to_csv_text(df))
+  _atomic_write(json_path, json.dumps(summary, indent=1) + "\n")
+  return csv_path, json_path
+
+
+def excluded_ids(scan_df) -> dict[str, str]:
+  """Maps each flagged image's id to the reason it should be excluded.
+
+  Args:
+    scan_df: a report from `scan` or `read_report` (needs id and flags;
+      uses reasons when present).
+
+  Returns:
+    {id: reason} for every row with a non-empty `flags`.
+  """
+  flags = scan_df["flags"].fillna("").astype(str)
+  flagged = flags != ""
+  reasons = flags[flagged]
+  if "reasons" in scan_df:
+    text = scan_df["reasons"][flagged].fillna("").astype(str)
+    reasons = text.where(text != "", reasons)
+  return dict(zip(scan_df["id"][flagged].astype(str), reasons))
+
+
+def read_report(scan_dir: str, columns: Sequence[str] | None = None):
+  """Reads `<scan_dir>/scan.csv` into a DataFrame.
+
+  Args:
+    scan_dir: a directory written by tools/scan_quality.
+    columns: read only these columns (faster); they must exist.
+
+  Returns:
+    The report DataFrame, with the dtypes `scan` gives.
+
+  Raises:
+    ScanError: missing file, unparsable CSV or missing columns, naming
+      the path.
+  """
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+  path = os.path.join(scan_dir, SCAN_CSV)
+  if not os.path.isfile(path):
+    raise ScanError(f"{path}: no scan report (run tools/scan_quality "
+                    f"--out_dir={scan_dir} first)")
+  try:
+    with open(path, newline="", encoding="utf-8") as f:
+      header = next(csv.reader(f), [])
+  except (OSError, UnicodeDecodeError, csv.Error) as e:
+    raise ScanError(f"{path}: cannot read scan report: {e}") from None
+  need = list(columns) if columns else list(COLUMNS)
+  missing = [c for c in need if c not in header]
+  if missing:
+    raise ScanError(f"{path}: not a tools/scan_quality report: missing "
+                    f"column(s) {missing}")
+  dtypes = {c: str for c in _TEXT}
+  dtypes.update(_INTS)
+  dtypes.update({"sha1_match": "boolean", "label": np.int64})
+  dtypes.update({c: bool for c in ("ok", "dark", "bright")})
+  dtypes.update({c: np.float64 for c in _FLOATS})
+  try:
+    return pd.read_csv(path, usecols=need, dtype={c: dtypes[c] for c in need},
+                       keep_default_na=False,
+                       na_values={c: [""] for c in need if c not in _TEXT})
+  except (ValueError, TypeError, pd.errors.ParserError) as e:
+    raise ScanError(f"{path}: malformed scan report: {e}") from None
+
+
+def load_exclusions(scan_dir: str) -> dict[str, str]:
+  """Returns {id: reason} for the images a scan says to exclude.
+
+  This is what tools/make_shards applies with --scan_dir.
+
+  Args:
+    scan_dir: a directory written by tools/scan_quality.
+
+  Returns:
+    {id: reason}, e.g. {"ab12...": "dark: max 7 < 10"}.
+
+  Raises:
+    ScanError: missing or malformed scan.csv, naming the path.
+  """
+  return excluded_ids(read_report(scan_dir, ["id", "flags", "reasons"]))
