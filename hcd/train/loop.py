@@ -1,0 +1,601 @@
+"""The custom training loop: XLA per-replica steps, tf.distribute outside.
+
+Why not `model.fit`: with Keras 3.15 / TF 2.17.1, `fit(jit_compile=True)`
+fails once MirroredStrategy has 2 replicas, and `fit` fails under
+MultiWorkerMirroredStrategy (see hcd/train/runtime.py). The loop here is
+built so that XLA never sees a distributed variable:
+
+  * `forward_backward` is a pure function, `tf.function(jit_compile=True)`:
+    it takes the replica's variable VALUES as tensors, runs the augmenter and
+    the model through Keras' `stateless_call`, and returns per-example
+    losses, probabilities, gradients and the new non-trainable values
+    (BatchNorm statistics).
+  * the replica function (inside `strategy.run`, outside XLA) applies the
+    gradients with the Keras optimizer (which all-reduces them), averages the
+    BatchNorm statistics across replicas and updates the Keras metrics.
+  * `steps_per_loop` steps run inside one `tf.function` call, so Python
+    dispatch happens once per N steps instead of once per step.
+
+Randomness is a function of the step: the augmenter's and the dropout
+layers' seeds are `[seed, global_step]` (folded with the replica id), and a
+resumed run restarts its data stream from a seed derived from the step. A
+resumed run therefore needs nothing but the checkpoint (model, optimizer,
+epoch and step counters, best AUC).
+
+Resume: the latest checkpoint is written at the end of every epoch (and
+every `checkpoint_every_steps`); a restarted run restores it and continues
+at the interrupted epoch (from its start, or from the last mid-epoch
+checkpoint), so it ends with exactly `epochs` epochs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Any
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from hcd.data import features
+from hcd.data import pipeline
+from hcd.train import artifacts
+from hcd.train import runtime
+from hcd.train.config import ConfigError
+from hcd.train.config import TrainConfig
+
+_SEED_STATE = "seed_generator_state"
+
+
+def make_optimizer(config: TrainConfig, learning_rate: float,
+                   steps_per_epoch: int):
+  """Adam (or decoupled-weight-decay Adam) with an optional cosine schedule.
+
+  Args:
+    config: the run config (betas, epsilon, schedule, warm-up, decay).
+    learning_rate: the peak learning rate.
+    steps_per_epoch: optimizer steps per epoch (for the schedule).
+
+  Returns:
+    A Keras optimizer (LossScaleOptimizer-wrapped for fp16).
+  """
+  import keras  # pylint: disable=g-import-not-at-top
+  lr = learning_rate
+  if config.lr_schedule == "cosine":
+    total = max(1, config.epochs * steps_per_epoch)
+    warmup = min(total - 1, int(round(config.warmup_epochs * steps_per_epoch)))
+    lr = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=learning_rate * (0.01 if warmup else 1.0),
+        decay_steps=max(1, total - warmup), alpha=0.0,
+        warmup_target=learning_rate if warmup else None,
+        warmup_steps=warmup)
+  opt = keras.optimizers.Adam(
+      learning_rate=lr, beta_1=config.adam_beta1, beta_2=config.adam_beta2,
+      epsilon=config.adam_epsilon,
+      weight_decay=config.weight_decay or None)
+  return runtime.wrap_optimizer(opt, config.mixed_precision)
+
+
+class _Metrics:
+  """Keras metrics of one phase: loss (weighted mean), accuracy, ROC AUC."""
+
+  def __init__(self, prefix: str):
+    import keras  # pylint: disable=g-import-not-at-top
+    self.prefix = prefix
+    self.loss = keras.metrics.Mean(name=prefix + "loss")
+    self.accuracy = keras.metrics.BinaryAccuracy(name=prefix + "accuracy")
+    self.auc = keras.metrics.AUC(num_thresholds=200, name=prefix + "auc")
+
+  def update(self, labels, probs, per_example_loss, weights):
+    self.loss.update_state(per_example_loss, sample_weight=weights)
+    self.accuracy.update_state(labels[:, None], probs, sample_weight=weights)
+    self.auc.update_state(labels[:, None], probs, sample_weight=weights)
+
+  def reset(self):
+    for m in (self.loss, self.accuracy, self.auc):
+      m.reset_state()
+
+  def result(self) -> dict[str, float]:
+    # Under multi-worker, reading a metric is a collective: every worker
+    # must call result() at the same points, in the same order.
+    return {self.prefix + "loss": float(self.loss.result()),
+            self.prefix + "accuracy": float(self.accuracy.result()),
+            self.prefix + "auc": float(self.auc.result())}
+
+
+def _bce(labels, probs, label_smoothing: float):
+  import keras  # pylint: disable=g-import-not-at-top
+  target = labels[:, None]
+  if label_smoothing:
+    target = target * (1.0 - label_smoothing) + 0.5 * label_smoothing
+  probs = tf.cast(probs, tf.float32)
+  return keras.ops.binary_crossentropy(target, probs)[:, 0]
+
+
+class Trainer:
+  """The model, augmenter, optimizer, metrics and compiled steps of a run.
+
+  Built inside `strategy.scope()`; `train_loop` and `eval_loop` are the
+  tf.functions the epoch loop calls.
+  """
+
+  def __init__(self, config: TrainConfig, strategy, learning_rate: float,
+               steps_per_epoch: int, jit: bool):
+    import keras  # pylint: disable=g-import-not-at-top
+    from hcd import models  # pylint: disable=g-import-not-at-top
+    from hcd.models import augment  # pylint: disable=g-import-not-at-top
+    self.config = config
+    self.strategy = strategy
+    self.jit = jit
+    self.global_batch = config.batch_size
+    keras.utils.set_random_seed(config.seed)
+    with strategy.scope():
+      self.model = models.build_model(config.model, **config.model_overrides)
+      self.augmenter = augment.build_augmenter(
+          flips=config.flips, rot90=config.rot90,
+          color_jitter=config.color_jitter, stain_jitter=config.stain_jitter,
+          seed=config.seed)
+      self.augmenter.build((None,) + features.IMAGE_SHAPE)
+      self.optimizer = make_optimizer(config, learning_rate, steps_per_epoch)
+      self.optimizer.build(self.model.trainable_variables)
+      self.train_metrics = _Metrics("")
+      self.val_metrics = _Metrics("val_")
+      self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False,
+                               name="epoch")
+      self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+      self.best_auc = tf.Variable(-1.0, dtype=tf.float64, trainable=False,
+                                  name="best_auc")
+      self.best_epoch = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                    name="best_epoch")
+    self._nontrainable = list(self.model.non_trainable_variables)
+    self._seed_index = [i for i, v in enumerate(self._nontrainable)
+                        if v.name == _SEED_STATE]
+    self._stat_index = [i for i, v in enumerate(self._nontrainable)
+                        if v.name != _SEED_STATE]
+    self._aug_vars = list(self.augmenter.non_trainable_variables)
+    self._build_steps()
+
+  # -- pure, XLA-compiled functions -----------------------------------------
+
+  def _build_steps(self):
+    model, augmenter = self.model, self.augmenter
+    smoothing = float(self.config.label_smoothing)
+    global_batch = float(self.global_batch)
+
+    def forward_backward(tv, ntv, aug_state, images, labels, weights,
+                         loss_scale):
+      if self._aug_vars:
+        images, _ = augmenter.stateless_call([], aug_state, images,
+                                             training=True)
+      with tf.GradientTape() as tape:
+        tape.watch(tv)
+        probs, new_ntv = model.stateless_call(tv, ntv, images, training=True)
+        per_example = _bce(labels, probs, smoothing)
+        # Divided by the GLOBAL batch: the optimizer sums replica gradients.
+        loss = tf.reduce_sum(per_example * weights) / global_batch
+        scaled = loss * loss_scale
+      grads = tape.gradient(scaled, tv)
+      return per_example, tf.cast(probs, tf.float32), grads, new_ntv
+
+    def forward(tv, ntv, images):
+      probs, _ = model.stateless_call(tv, ntv, images, training=False)
+      return tf.cast(probs, tf.float32)
+
+    self.forward_backward = tf.function(forward_backward,
+                                        jit_compile=self.jit)
+    self.forward = tf.function(forward, jit_compile=self.jit)
+
+  # -- replica functions (outside XLA) ---------------------------------------
+
+  def _values(self, variables):
+    return [tf.convert_to_tensor(v) for v in variables]
+
+  def _seed_values(self, ntv, step, replica_id, num_replicas):
+    """Step-derived seeds for the model's random layers (dropout)."""
+    ntv = list(ntv)
+    for k, i in enumerate(self._seed_index):
+      v = self._nontrainable[i]
+      counter = step * num_replicas + tf.cast(replica_id, tf.int64)
+      ntv[i] = tf.cast(tf.stack([tf.constant(self.config.seed + 1 + k,
+                                             tf.int64), counter]), v.dtype)
+    return ntv
+
+  def _loss_scale(self):
+    import keras  # pylint: disable=g-import-not-at-top
+    if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+      return tf.cast(tf.convert_to_tensor(self.optimizer.dynamic_scale),
+                     tf.float32)
+    return tf.constant(1.0, tf.float32)
+
+  def _train_replica(self, batch):
+    ctx = tf.distribute.get_replica_context()
+    step = tf.convert_to_tensor(self.step)
+    tv = self._values(self.model.trainable_variables)
+    ntv = self._seed_values(self._values(self._nontrainable), step,
+                            ctx.replica_id_in_sync_group,
+                            ctx.num_replicas_in_sync)
+    aug_state = [tf.cast(tf.stack([tf.constant(self.config.seed, tf.int64),
+                                   step]), v.dtype) for v in self._aug_vars]
+    per_example, probs, grads, new_ntv = self.forward_backward(
+        tv, ntv, aug_state, batch["image"], batch["label"], batch["weight"],
+        self._loss_scale())
+    self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
+    if self._stat_index:
+      stats = ctx.all_reduce(tf.distribute.ReduceOp.MEAN,
+                             [new_ntv[i] for i in self._stat_index])
+      variables = [self._nontrainable[i] for i in self._stat_index]
+
+      def assign(strategy, values):
+        for var, value in zip(variables, values):
+          strategy.extended.update(var.value, lambda v, x: v.assign(x),
+                                   args=(value,))
+
+      ctx.merge_call(assign, args=(stats,))
+    self.train_metrics.update(batch["label"], probs, per_example,
+                              batch["weight"])
+
+  def _eval_replica(self, batch):
+    tv = self._values(self.model.trainable_variables)
+    ntv = self._values(self._nontrainable)
+    probs = self.forward(tv, ntv, batch["image"])
+    per_example = _bce(batch["label"], probs, 0.0)
+    self.val_metrics.update(batch["label"], probs, per_example,
+                            batch["weight"])
+
+  @tf.function
+  def train_loop(self, iterator, num_steps):
+    """Runs `num_steps` training steps (one tf.function call)."""
+    for _ in tf.range(num_steps):
+      self.strategy.run(self._train_replica, args=(next(iterator),))
+      self.step.assign_add(1)
+
+  @tf.function
+  def eval_loop(self, iterator, num_steps):
+    """Runs `num_steps` validation steps."""
+    for _ in tf.range(num_steps):
+      self.strategy.run(self._eval_replica, args=(next(iterator),))
+
+  def predict(self, dataset):
+    """Probabilities for a (non-distributed) dataset with ids; chief only.
+
+    Returns:
+      (ids list[str], labels int array, probs float array) of the images
+      with weight > 0 (padding dropped).
+    """
+    tv = self._values(self.model.trainable_variables)
+    ntv = self._values(self._nontrainable)
+    ids, labels, probs = [], [], []
+    for batch in dataset:
+      p = self.forward(tv, ntv, batch["image"]).numpy()[:, 0]
+      keep = batch["weight"].numpy() > 0
+      ids += [i.decode("utf-8") for i in batch["id"].numpy()[keep]]
+      labels.append(batch["label"].numpy()[keep].astype(np.int64))
+      probs.append(p[keep])
+    if not ids:
+      return [], np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return ids, np.concatenate(labels), np.concatenate(probs)
+
+  def weights_digest(self) -> str:
+    """sha256 of all model weights (equal on every worker after a run)."""
+    h = hashlib.sha256()
+    for v in self.model.weights:
+      h.update(np.ascontiguousarray(v.numpy()).tobytes())
+    return h.hexdigest()
+
+  def current_lr(self) -> float:
+    return float(tf.convert_to_tensor(self.optimizer.learning_rate))
+
+
+def _progress(total: int, desc: str, enabled: bool):
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  interactive = sys.stderr.isatty()
+  return tqdm(total=total, desc=desc, unit="step", disable=not enabled,
+              dynamic_ncols=interactive, mininterval=0.5 if interactive else 30,
+              leave=False, file=sys.stderr)
+
+
+def _check_batch(config: TrainConfig, strategy, plan: pipeline.DataPlan):
+  replicas = strategy.num_replicas_in_sync
+  if config.batch_size % replicas:
+    raise ConfigError(f"batch_size {config.batch_size} is not divisible by "
+                     f"the {replicas} replicas")
+  if not config.steps_per_epoch and plan.train.num_examples < config.batch_size:
+    raise ConfigError(
+        f"the training subset has {plan.train.num_examples} images, fewer "
+        f"than one batch of {config.batch_size}")
+
+
+def _summaries(writer, row: dict, step: int):
+  if writer is None:
+    return
+  with writer.as_default(step=step):
+    for key, value in row.items():
+      if key == "epoch" or value is None:
+        continue
+      name = key[4:] if key.startswith("val_") else key
+      group = "val" if key.startswith("val_") else "train"
+      if key in ("epoch_time_s", "step_time_s", "images_per_s", "lr"):
+        group = "run"
+      tf.summary.scalar(f"{group}/{name}", value)
+  writer.flush()
+
+
+def train_and_evaluate(config: TrainConfig, strategy=None,
+                       flags_text: str | None = None) -> dict[str, Any]:
+  """Trains a model from shards, validates every epoch, writes the run dir.
+
+  Args:
+    config: the run.
+    strategy: a tf.distribute strategy to use (tests inject one); None
+      configures devices and creates one from `config.strategy`.
+    flags_text: resolved flags to save as flags.txt (binaries pass it).
+
+  Returns:
+    metrics.json's content on the chief ({"weights_sha256": ...} with the
+    run's timings elsewhere).
+
+  Raises:
+    ConfigError: bad config (unknown model: lists the known ones), or a
+      checkpoint in `workdir` that this config cannot resume.
+    hcd.data.shards.ManifestError: missing shard manifest (names the path).
+    hcd.data.pipeline.PipelineError: bad group CSV, unlabelled shards.
+  """
+  from hcd import models  # pylint: disable=g-import-not-at-top
+  config.validate()
+  try:
+    models.get_spec(config.model)
+  except ValueError as e:  # Unknown name: the message lists the known ones.
+    raise ConfigError(str(e)) from None
+  if strategy is None:
+    runtime.configure_devices(config.cpu_logical_devices)
+    strategy = runtime.create_strategy(config.strategy)
+  jit = runtime.resolve_jit_compile(config.jit_compile)
+  runtime.set_mixed_precision(config.mixed_precision)
+  chief = runtime.is_chief(strategy)
+  run = artifacts.RunDir(config.workdir)
+  write_dir = runtime.worker_write_dir(config.workdir, strategy)
+  if chief:
+    run.makedirs()
+
+  groups = pipeline.read_groups_csv(config.group_csv) if config.group_csv \
+      else None
+  plan = pipeline.make_plan(
+      config.shards_dir, config.train_split, config.val_split or None,
+      pipeline.SplitSpec(config.val_fraction, config.split_seed, groups),
+      config.balance, seed=config.seed)
+  _check_batch(config, strategy, plan)
+  steps_per_epoch = (config.steps_per_epoch or
+                     plan.train.num_examples // config.batch_size)
+  val_steps = 0
+  if plan.val is not None:
+    val_steps = config.val_steps or pipeline.eval_steps(plan.val,
+                                                        config.batch_size)
+  learning_rate = config.learning_rate or models.default_learning_rate(
+      config.model)
+
+  trainer = Trainer(config, strategy, learning_rate, steps_per_epoch, jit)
+  num_params = int(trainer.model.count_params())
+  derived = {
+      "num_params": num_params, "image_shape": list(features.IMAGE_SHAPE),
+      "learning_rate": learning_rate, "steps_per_epoch": steps_per_epoch,
+      "val_steps": val_steps,
+      "runtime": runtime.describe(strategy, jit, config.mixed_precision),
+      "data": {"train": plan.train.summary(),
+               "val": plan.val.summary() if plan.val else None},
+  }
+  if chief:
+    if flags_text is not None:
+      artifacts.atomic_write_text(run.flags, flags_text)
+    artifacts.write_json(run.config, {**config.to_dict(), **derived})
+  logging.info("model %s: %d parameters; %d steps/epoch of %d images; "
+               "%d validation steps; jit_compile=%s; %s",
+               config.model, num_params, steps_per_epoch, config.batch_size,
+               val_steps, jit, derived["runtime"]["strategy"])
+  logging.info("train: %s", plan.train.summary())
+  if plan.val:
+    logging.info("val: %s", plan.val.summary())
+
+  ckpt = tf.train.Checkpoint(model=trainer.model, optimizer=trainer.optimizer,
+                             epoch=trainer.epoch, step=trainer.step,
+                             best_auc=trainer.best_auc,
+                             best_epoch=trainer.best_epoch)
+  best_ckpt = tf.train.Checkpoint(model=trainer.model, epoch=trainer.epoch,
+                                  best_auc=trainer.best_auc)
+  temp_dir = None if chief else write_dir
+  latest_saver = _Saver(ckpt, run.checkpoints, temp_dir, max_to_keep=2)
+  best_saver = _Saver(best_ckpt, run.best_checkpoints, temp_dir, max_to_keep=1)
+  # Every worker restores the chief's checkpoint (a shared filesystem).
+  latest = tf.train.latest_checkpoint(run.checkpoints)
+  if latest:
+    try:
+      ckpt.restore(latest).assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as e:
+      raise ConfigError(
+          f"{latest}: cannot resume from this checkpoint ({e}); was it "
+          f"written by another model or config? Use a new --workdir") from None
+    logging.info("resumed from %s: %d epoch(s) and %d step(s) done", latest,
+                 int(trainer.epoch.numpy()), int(trainer.step.numpy()))
+  start_epoch = int(trainer.epoch.numpy())
+  start_step = int(trainer.step.numpy())
+  history = [r for r in artifacts.read_history(run)
+             if int(r["epoch"]) <= start_epoch] if latest else []
+
+  global_batch = config.batch_size
+  # A fresh data stream per (re)start, seeded by where training stands.
+  stream_seed = config.seed + 1_000_003 * start_step
+  train_ds = strategy.distribute_datasets_from_function(
+      lambda ctx: pipeline.train_dataset(
+          plan.train, ctx.get_per_replica_batch_size(global_batch),
+          seed=stream_seed, input_context=ctx, cache=config.cache,
+          shuffle_blocks=config.shuffle_blocks, mix_size=config.mix_size))
+  val_ds = None
+  if plan.val is not None:
+    val_ds = strategy.distribute_datasets_from_function(
+        lambda ctx: pipeline.eval_dataset(
+            plan.val, ctx.get_per_replica_batch_size(global_batch),
+            steps=val_steps, input_context=ctx))
+  train_iter = iter(train_ds)
+  tb_writer = (tf.summary.create_file_writer(run.tensorboard)
+               if chief and config.tensorboard else None)
+
+  epoch_times, step_times = [], []
+  for epoch in range(start_epoch, config.epochs):
+    trainer.train_metrics.reset()
+    done = start_step - epoch * steps_per_epoch if epoch == start_epoch else 0
+    done = min(max(done, 0), steps_per_epoch)
+    bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}",
+                    chief and not config.log_every_steps)
+    bar.update(done)
+    t0 = time.perf_counter()
+    trained = 0
+    next_log = config.log_every_steps
+    while done < steps_per_epoch:
+      n = min(config.steps_per_loop, steps_per_epoch - done)
+      if config.checkpoint_every_steps:
+        n = min(n, config.checkpoint_every_steps -
+                int(trainer.step.numpy()) % config.checkpoint_every_steps)
+      trainer.train_loop(train_iter, tf.constant(n, tf.int64))
+      done += n
+      trained += n
+      bar.update(n)
+      if config.checkpoint_every_steps and (
+          int(trainer.step.numpy()) % config.checkpoint_every_steps == 0) \
+          and done < steps_per_epoch:
+        latest_saver.save(int(trainer.step.numpy()))
+      if config.log_every_steps and trained >= next_log:
+        next_log += config.log_every_steps
+        m = trainer.train_metrics.result()
+        elapsed = time.perf_counter() - t0
+        if chief:
+          logging.info("epoch %d step %d/%d: loss %.4f acc %.4f auc %.4f, "
+                       "%.0f img/s", epoch + 1, done, steps_per_epoch,
+                       m["loss"], m["accuracy"], m["auc"],
+                       trained * global_batch / max(elapsed, 1e-9))
+    bar.close()
+    train_time = time.perf_counter() - t0
+    row = {"epoch": epoch + 1, **trainer.train_metrics.result()}
+    val_time = 0.0
+    if val_ds is not None:
+      trainer.val_metrics.reset()
+      tv0 = time.perf_counter()
+      trainer.eval_loop(iter(val_ds), tf.constant(
+          val_steps * 1, tf.int64))
+      val_time = time.perf_counter() - tv0
+      row.update(trainer.val_metrics.result())
+    else:
+      row.update({"val_loss": None, "val_accuracy": None, "val_auc": None})
+    row.update({
+        "epoch_time_s": train_time + val_time,
+        "step_time_s": train_time / max(trained, 1),
+        "images_per_s": trained * global_batch / max(train_time, 1e-9),
+        "lr": trainer.current_lr(),
+    })
+    if trained:
+      epoch_times.append(row["epoch_time_s"])
+      step_times.append(row["step_time_s"])
+    history.append(row)
+    if chief:
+      artifacts.write_history(run, history)
+      _summaries(tb_writer, row, epoch + 1)
+    logging.info(
+        "epoch %d/%d: loss %.4f acc %.4f auc %.4f | val_loss %s val_acc %s "
+        "val_auc %s | %.1f s, %.0f img/s, lr %.3g", epoch + 1, config.epochs,
+        row["loss"], row["accuracy"], row["auc"],
+        _fmt(row["val_loss"]), _fmt(row["val_accuracy"]), _fmt(row["val_auc"]),
+        row["epoch_time_s"], row["images_per_s"], row["lr"])
+    trainer.epoch.assign(epoch + 1)
+    val_auc = row["val_auc"]
+    if val_auc is not None and math.isfinite(val_auc) and (
+        val_auc > float(trainer.best_auc.numpy())):
+      trainer.best_auc.assign(val_auc)
+      trainer.best_epoch.assign(epoch + 1)
+      best_saver.save(epoch + 1)
+      if chief:
+        artifacts.save_keras_model(trainer.model, run.best_model)
+    latest_saver.save(int(trainer.step.numpy()))
+
+  return _finish(config, trainer, plan, run, chief, history, epoch_times,
+                 step_times, num_params, write_dir)
+
+
+class _Saver:
+  """Saves one kind of checkpoint (latest or best).
+
+  Under multi-worker every worker must take part in a save; the chief keeps
+  its checkpoints, the others write to their temporary directory, which is
+  then deleted (the Keras/TF convention).
+  """
+
+  def __init__(self, checkpoint, directory: str, temp_dir: str | None,
+               max_to_keep: int):
+    self._checkpoint = checkpoint
+    self._temp_dir = temp_dir
+    self._directory = directory
+    self._max_to_keep = max_to_keep
+    self._manager = None
+
+  def save(self, number: int) -> None:
+    if self._temp_dir:
+      os.makedirs(self._temp_dir, exist_ok=True)
+      self._checkpoint.write(os.path.join(self._temp_dir, "ckpt"))
+      shutil.rmtree(self._temp_dir, ignore_errors=True)
+      return
+    if self._manager is None:
+      self._manager = tf.train.CheckpointManager(
+          self._checkpoint, self._directory, max_to_keep=self._max_to_keep)
+    self._manager.save(checkpoint_number=number)
+
+
+def _fmt(x) -> str:
+  return "-" if x is None else f"{x:.4f}"
+
+
+def _finish(config, trainer, plan, run, chief, history, epoch_times,
+            step_times, num_params, write_dir) -> dict[str, Any]:
+  """Final artifacts: model.keras, predictions, metrics.json, plots."""
+  digest = trainer.weights_digest()
+  logging.info("final weights sha256 %s", digest)
+  if not chief:
+    runtime.barrier(trainer.strategy)  # Wait for the chief's writes.
+    runtime.remove_worker_dir(write_dir, config.workdir)
+    return {"weights_sha256": digest}
+  artifacts.save_keras_model(trainer.model, run.model)
+  best_epoch = int(trainer.best_epoch.numpy())
+  if plan.val is None or best_epoch == 0:
+    artifacts.save_keras_model(trainer.model, run.best_model)
+    best_epoch = config.epochs
+  y_true = y_prob = None
+  if plan.val is not None:
+    ds = pipeline.eval_dataset(plan.val, config.batch_size, with_ids=True)
+    ids, y_true, y_prob = trainer.predict(ds)
+    artifacts.write_predictions(run.val_predictions, ids, y_true, y_prob)
+  if not epoch_times:  # Nothing trained in this process: use the history.
+    epoch_times = [r["epoch_time_s"] for r in history if r.get("epoch_time_s")]
+    step_times = [r["step_time_s"] for r in history if r.get("step_time_s")]
+  extra = {
+      "model": config.model, "model_file": "model.keras",
+      "best_epoch": best_epoch,
+      "best_val_auc": (float(trainer.best_auc.numpy())
+                       if plan.val is not None and best_epoch else None),
+      "epochs": len(history),
+      "time_per_epoch_s": float(np.median(epoch_times)) if epoch_times
+                          else None,
+      "time_per_step_s": float(np.median(step_times)) if step_times else None,
+      "images_per_s": float(np.median([r["images_per_s"] for r in history]))
+                      if history else None,
+      "total_train_time_s": float(sum(r.get("epoch_time_s") or 0
+                                      for r in history)),
+      "num_params": num_params,
+      "weights_sha256": digest,
+  }
+  result = artifacts.write_plots_and_metrics(run, history, y_true, y_prob,
+                                             extra)
+  runtime.barrier(trainer.strategy)
+  logging.info("wrote %s: val AUC %s, best epoch %d", config.workdir,
+               _fmt(result.get("roc_auc")), best_epoch)
+  return result

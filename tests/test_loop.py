@@ -1,0 +1,176 @@
+"""In-process tests of hcd.train.loop with an injected strategy.
+
+The `tiny` model on ~200 random images in temp dirs: each run takes a few
+seconds. The real CLI, 2-replica XLA runs, kill -9 resume and multi-worker
+runs are in test_train_cli.py and test_multiworker.py.
+"""
+
+import csv
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from hcd.data import shards
+from hcd.train import artifacts
+from hcd.train import loop
+from hcd.train import runtime
+from hcd.train.config import ConfigError
+from hcd.train.config import TrainConfig
+
+import test_pipeline  # pylint: disable=g-bad-import-order
+
+
+@pytest.fixture(scope="module")
+def shards_dir(tmp_path_factory):
+  out, _ = test_pipeline.write(tmp_path_factory.mktemp("loop"), n=240,
+                               block_size=32)
+  return out
+
+
+@pytest.fixture(autouse=True)
+def float32_policy():
+  yield
+  runtime.set_mixed_precision("none")
+
+
+def _config(shards_dir, workdir, **kw):
+  base = dict(model="tiny", shards_dir=shards_dir, workdir=str(workdir),
+              batch_size=16, epochs=2, steps_per_epoch=4, steps_per_loop=2,
+              jit_compile="false", tensorboard=True, seed=1)
+  base.update(kw)
+  return TrainConfig(**base)
+
+
+def _strategy():
+  return tf.distribute.OneDeviceStrategy("/cpu:0")
+
+
+def _read_csv(path):
+  with open(path, newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def test_run_directory_contract(shards_dir, tmp_path):
+  workdir = tmp_path / "run"
+  config = _config(shards_dir, workdir)
+  result = loop.train_and_evaluate(config, strategy=_strategy(),
+                                   flags_text="--model=tiny\n")
+  run = artifacts.RunDir(str(workdir))
+  for path in (run.flags, run.config, run.history_csv, run.history_json,
+               run.model, run.best_model, run.metrics_plot,
+               run.confusion_plot, run.val_predictions, run.metrics):
+    assert os.path.getsize(path) > 0, path
+  assert os.listdir(run.tensorboard)
+  assert tf.train.latest_checkpoint(run.checkpoints)
+  assert tf.train.latest_checkpoint(run.best_checkpoints)
+  leftovers = [f for _, _, fs in os.walk(workdir) for f in fs if ".tmp-" in f]
+  assert not leftovers
+
+  cfg = json.load(open(run.config))
+  assert cfg["model"] == "tiny" and cfg["num_params"] > 0
+  assert cfg["steps_per_epoch"] == 4 and cfg["image_shape"] == [96, 96, 3]
+
+  history = _read_csv(run.history_csv)
+  assert [int(r["epoch"]) for r in history] == [1, 2]
+  assert list(history[0]) == list(artifacts.HISTORY_COLUMNS)
+  for r in history:
+    assert 0 < float(r["loss"]) and 0 <= float(r["val_auc"]) <= 1
+    assert float(r["images_per_s"]) > 0
+
+  # Predictions: every validation image once, labels from the shards, and
+  # the saved model reproduces the probabilities (safe mode, no hcd code).
+  plan = loop.pipeline.make_plan(shards_dir, split_spec=loop.pipeline.SplitSpec(
+      0.2, 123), balance="undersample", seed=1)
+  val_ids, val_labels, _ = test_pipeline.subset_ids(plan.val)
+  rows = _read_csv(run.val_predictions)
+  assert sorted(r["id"] for r in rows) == sorted(val_ids)
+  label_of = dict(zip(val_ids, val_labels))
+  assert all(int(r["label"]) == label_of[r["id"]] for r in rows)
+  metrics = json.load(open(run.metrics))
+  assert metrics["num_examples"] == len(val_ids)
+  assert metrics["roc_auc"] == result["roc_auc"]
+  assert 1 <= metrics["best_epoch"] <= 2 and metrics["epochs"] == 2
+
+  model = keras.saving.load_model(run.model, safe_mode=True)
+  manifest = shards.load_manifest(shards_dir, "train")
+  images, ids, _ = zip(*[
+      (im, i, l) for path in shards.shard_paths(shards_dir, manifest)
+      for rec in tf.data.TFRecordDataset(path).as_numpy_iterator()
+      for im, i, l in zip(*loop.features.parse_block_numpy(rec))])
+  index = {i: k for k, i in enumerate(ids)}
+  some = rows[:8]
+  batch = np.stack([images[index[r["id"]]] for r in some])
+  probs = model.predict_on_batch(batch)[:, 0]
+  np.testing.assert_allclose(probs, [float(r["prob"]) for r in some],
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_resume_continues_to_the_same_epoch_count(shards_dir, tmp_path):
+  workdir = tmp_path / "run"
+  loop.train_and_evaluate(_config(shards_dir, workdir, epochs=1),
+                          strategy=_strategy())
+  first = json.load(open(workdir / "history.json"))
+  loop.train_and_evaluate(_config(shards_dir, workdir, epochs=3),
+                          strategy=_strategy())
+  history = json.load(open(workdir / "history.json"))
+  assert [r["epoch"] for r in history] == [1, 2, 3]
+  assert history[0] == first[0]  # Kept, not retrained.
+  ckpt = tf.train.load_checkpoint(tf.train.latest_checkpoint(
+      str(workdir / "checkpoints")))
+  assert ckpt.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE") == 12
+  assert ckpt.get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE") == 3
+  # A finished run started again trains nothing and keeps its history.
+  loop.train_and_evaluate(_config(shards_dir, workdir, epochs=3),
+                          strategy=_strategy())
+  assert json.load(open(workdir / "history.json")) == history
+
+
+def test_same_seed_same_weights(shards_dir, tmp_path):
+  digests = [loop.train_and_evaluate(
+      _config(shards_dir, tmp_path / f"r{k}", epochs=1, rot90=True,
+              color_jitter=0.1), strategy=_strategy())["weights_sha256"]
+             for k in range(2)]
+  assert digests[0] == digests[1]
+  other = loop.train_and_evaluate(
+      _config(shards_dir, tmp_path / "r2", epochs=1, seed=2, rot90=True,
+              color_jitter=0.1), strategy=_strategy())["weights_sha256"]
+  assert other != digests[0]
+
+
+def test_without_validation_and_with_mixed_precision(shards_dir, tmp_path):
+  workdir = tmp_path / "run"
+  result = loop.train_and_evaluate(
+      _config(shards_dir, workdir, epochs=1, val_fraction=0.0,
+              balance="reweight", mixed_precision="bf16",
+              lr_schedule="cosine", warmup_epochs=0.5),
+      strategy=_strategy())
+  assert "roc_auc" not in result and result["best_epoch"] == 1
+  assert os.path.exists(workdir / "best.keras")
+  assert not os.path.exists(workdir / "val_predictions.csv")
+  history = json.load(open(workdir / "history.json"))
+  assert history[0]["val_auc"] is None and np.isfinite(history[0]["loss"])
+
+
+def test_fp16_uses_loss_scaling(shards_dir, tmp_path):
+  workdir = tmp_path / "run"
+  result = loop.train_and_evaluate(
+      _config(shards_dir, workdir, epochs=1, mixed_precision="fp16"),
+      strategy=_strategy())
+  assert np.isfinite(json.load(open(workdir / "history.json"))[0]["loss"])
+  assert result["num_params"] > 0
+
+
+def test_config_errors_are_clear(shards_dir, tmp_path):
+  with pytest.raises(ConfigError, match="unknown model 'nope'.*model1"):
+    loop.train_and_evaluate(_config(shards_dir, tmp_path, model="nope"),
+                            strategy=_strategy())
+  with pytest.raises(ConfigError, match="val_fraction"):
+    loop.train_and_evaluate(_config(shards_dir, tmp_path, val_fraction=1.5),
+                            strategy=_strategy())
+  with pytest.raises(shards.ManifestError, match="hcd-train.manifest.json"):
+    loop.train_and_evaluate(_config(str(tmp_path / "none"), tmp_path),
+                            strategy=_strategy())

@@ -1,0 +1,105 @@
+"""Tests of hcd.train.runtime: strategy selection, XLA, precision, chief."""
+
+import json
+import os
+
+import keras
+import pytest
+import tensorflow as tf
+
+from hcd.train import runtime
+
+
+@pytest.fixture
+def no_tf_config(monkeypatch):
+  monkeypatch.delenv("TF_CONFIG", raising=False)
+
+
+def test_strategy_selection(no_tf_config):
+  assert isinstance(runtime.create_strategy("one_device"),
+                    tf.distribute.OneDeviceStrategy)
+  mirrored = runtime.create_strategy("mirrored")
+  assert isinstance(mirrored, tf.distribute.MirroredStrategy)
+  assert mirrored.num_replicas_in_sync == len(runtime._compute_devices())
+  auto = runtime.create_strategy("auto")
+  if len(runtime._compute_devices()) > 1:
+    assert isinstance(auto, tf.distribute.MirroredStrategy)
+  else:
+    assert isinstance(auto, tf.distribute.OneDeviceStrategy)
+
+
+def test_strategy_errors(monkeypatch, no_tf_config):
+  with pytest.raises(ValueError, match="unknown strategy 'tpu'.*mirrored"):
+    runtime.create_strategy("tpu")
+  with pytest.raises(ValueError, match="needs TF_CONFIG"):
+    runtime.create_strategy("multiworker")
+  monkeypatch.setenv("TF_CONFIG", "{not json")
+  with pytest.raises(ValueError, match="TF_CONFIG is not valid JSON"):
+    runtime.create_strategy("auto")
+
+
+def test_jit_compile_auto_follows_the_gpu():
+  assert runtime.resolve_jit_compile("auto") == runtime.has_gpu()
+  assert runtime.resolve_jit_compile("true") is True
+  assert runtime.resolve_jit_compile("false") is False
+  assert runtime.resolve_jit_compile(True) is True
+  with pytest.raises(ValueError, match="known"):
+    runtime.resolve_jit_compile("yes")
+
+
+def test_mixed_precision_policy_and_loss_scaling():
+  try:
+    assert runtime.set_mixed_precision("bf16") == "mixed_bfloat16"
+    assert keras.mixed_precision.global_policy().compute_dtype == "bfloat16"
+    assert runtime.set_mixed_precision("fp16") == "mixed_float16"
+  finally:
+    runtime.set_mixed_precision("none")
+  assert keras.mixed_precision.global_policy().name == "float32"
+  with pytest.raises(ValueError, match="unknown mixed precision"):
+    runtime.set_mixed_precision("fp8")
+  opt = keras.optimizers.Adam()
+  assert runtime.wrap_optimizer(opt, "bf16") is opt
+  wrapped = runtime.wrap_optimizer(keras.optimizers.Adam(), "fp16")
+  assert isinstance(wrapped, keras.optimizers.LossScaleOptimizer)
+
+
+class _Cluster:
+  """A strategy stand-in that only carries a real cluster resolver."""
+
+  def __init__(self, spec, task_type, task_id):
+    self.cluster_resolver = (
+        tf.distribute.cluster_resolver.SimpleClusterResolver(
+            tf.train.ClusterSpec(spec), task_type=task_type, task_id=task_id))
+
+
+def test_chief_and_worker_write_dirs(tmp_path):
+  workers = {"worker": ["h0:1", "h1:1"]}
+  with_chief = {"chief": ["c:1"], "worker": ["h0:1"]}
+  assert runtime.is_chief(_Cluster(workers, "worker", 0))
+  assert not runtime.is_chief(_Cluster(workers, "worker", 1))
+  assert runtime.is_chief(_Cluster(with_chief, "chief", 0))
+  assert not runtime.is_chief(_Cluster(with_chief, "worker", 0))
+  assert runtime.is_chief(runtime.create_strategy("one_device"))
+  wd = str(tmp_path)
+  assert runtime.worker_write_dir(wd, _Cluster(workers, "worker", 0)) == wd
+  temp = runtime.worker_write_dir(wd, _Cluster(workers, "worker", 1))
+  assert temp == os.path.join(wd, "workertemp_worker_1")
+  os.makedirs(temp)
+  runtime.remove_worker_dir(temp, wd)
+  assert not os.path.exists(temp) and os.path.isdir(wd)
+  runtime.remove_worker_dir(wd, wd)  # Never deletes the workdir itself.
+  assert os.path.isdir(wd)
+
+
+def test_auto_picks_multiworker_from_tf_config(monkeypatch):
+  # Only the decision is checked: creating the strategy would connect.
+  cfg = {"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
+         "task": {"type": "worker", "index": 0}}
+  monkeypatch.setenv("TF_CONFIG", json.dumps(cfg))
+  assert runtime._num_cluster_tasks(runtime._tf_config()) == 2
+
+
+def test_describe_is_json_ready(no_tf_config):
+  d = runtime.describe(runtime.create_strategy("one_device"), False, "none")
+  json.dumps(d)
+  assert d["num_replicas"] == 1 and d["task"] is None
