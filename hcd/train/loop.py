@@ -89,7 +89,12 @@ class _Metrics:
     self.prefix = prefix
     self.loss = keras.metrics.Mean(name=prefix + "loss")
     self.accuracy = keras.metrics.BinaryAccuracy(name=prefix + "accuracy")
-    self.auc = keras.metrics.AUC(num_thresholds=200, name=prefix + "auc")
+    # Logit-spaced thresholds: the default 200 evenly spaced ones lump every
+    # saturated probability of an over-confident model into one bucket and
+    # report AUC 0.5 for a model that still ranks well (seen with model2).
+    thresholds = 1.0 / (1.0 + np.exp(-np.linspace(-16.0, 16.0, 999)))
+    self.auc = keras.metrics.AUC(thresholds=thresholds.tolist(),
+                                 name=prefix + "auc")
 
   def update(self, labels, probs, per_example_loss, weights):
     self.loss.update_state(per_example_loss, sample_weight=weights)
