@@ -1,64 +1,38 @@
-"""Two local MultiWorkerMirroredStrategy workers on 127.0.0.1 (subprocesses).
+"""Two MultiWorkerMirroredStrategy workers on 127.0.0.1, started by tools/launch_workers.
 
-Each worker runs the real hcd_train with its own TF_CONFIG; both must end
-with identical weights (each logs the sha256 of its weights), and only the
-chief (worker 0) may write the run directory.
+The real launcher starts the real hcd_train twice, each with its own
+TF_CONFIG; both must end with identical weights (each logs the sha256 of its
+weights), and only the chief (worker 0) may write the run directory.
 """
 
 import json
 import os
 import re
-import socket
 import subprocess
+import sys
 
 import pytest
 
 import test_train_cli  # pylint: disable=g-bad-import-order
 
-
-def free_ports(n):
-  socks = [socket.socket() for _ in range(n)]
-  try:
-    for s in socks:
-      s.bind(("127.0.0.1", 0))
-    return [s.getsockname()[1] for s in socks]
-  finally:
-    for s in socks:
-      s.close()
+LAUNCHER = os.path.join(test_train_cli.REPO, "tools", "launch_workers")
 
 
 @pytest.mark.slow
 def test_two_workers_end_with_identical_weights(tmp_path):
   ws = test_train_cli.make_workspace(tmp_path)
-  workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
-  procs, logs = [], []
-  for index in range(2):
-    tf_config = {"cluster": {"worker": workers},
-                 "task": {"type": "worker", "index": index}}
-    log = open(tmp_path / f"worker{index}.log", "w+")
-    logs.append(log)
-    procs.append(subprocess.Popen(
-        test_train_cli.hcd_train_command() + [
-            "--flagfile=model1.flags", "--model=tiny", "--epochs=2",
-            "--steps_per_epoch=8", "--batch_size=16", "--jit_compile=true",
-            "--steps_per_loop=4", "--strategy=multiworker"],
-        cwd=ws,
-        env={**test_train_cli.env(), "TF_CONFIG": json.dumps(tf_config)},
-        stdout=log, stderr=subprocess.STDOUT))
-  try:
-    for p in procs:
-      p.wait(timeout=test_train_cli.TIMEOUT_S)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  outputs = []
-  for log in logs:
-    log.seek(0)
-    outputs.append(log.read())
-    log.close()
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-3000:]
+  log_dir = tmp_path / "logs"
+  proc = subprocess.run(
+      [sys.executable, LAUNCHER, "--local=2", f"--worker_logs={log_dir}",
+       f"--timeout_s={test_train_cli.TIMEOUT_S}", "--"] +
+      test_train_cli.hcd_train_command() + [
+          "--flagfile=model1.flags", "--model=tiny", "--epochs=2",
+          "--steps_per_epoch=8", "--batch_size=16", "--jit_compile=true",
+          "--steps_per_loop=4", "--strategy=multiworker"],
+      cwd=ws, env=test_train_cli.env(), capture_output=True, text=True,
+      timeout=test_train_cli.TIMEOUT_S + 30, check=False)
+  outputs = [(log_dir / f"worker-{i}.log").read_text() for i in range(2)]
+  assert proc.returncode == 0, proc.stderr + outputs[0][-2000:] + outputs[1][-2000:]
   digests = [re.findall(r"final weights sha256 ([0-9a-f]{64})", out)
              for out in outputs]
   assert len(digests[0]) == 1 and digests[0] == digests[1]
