@@ -126,3 +126,23 @@ def show_in_help(doc: str | None) -> None:
   main = sys.modules.get("__main__")
   if main is not None and doc and not getattr(main, "__doc__", None):
     main.__doc__ = doc
+
+
+def model_paths(values) -> list[str]:
+  """The model files named by --workdir, --model_path, --ensemble, --model.
+
+  Args:
+    values: the parsed absl FlagValues of hcd_evaluate or hcd_predict.
+
+  Returns:
+    Paths of the .keras files to load (several: an ensemble).
+
+  Raises:
+    hcd.eval.runs.RunError: a run or model file that does not exist.
+  """
+  from hcd.eval import runs  # pylint: disable=g-import-not-at-top
+  run_dirs = [values.workdir] if values.workdir else []
+  files = [values.model_path] if values.model_path else []
+  for e in values.ensemble:
+    (files if e.endswith(".keras") else run_dirs).append(e)
+  return runs.resolve_model_paths(run_dirs, files, values.model)

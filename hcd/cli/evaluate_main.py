@@ -29,11 +29,7 @@ def main(argv):
   from hcd.eval import runs  # pylint: disable=g-import-not-at-top
   try:
     threshold = evaluate.parse_threshold(FLAGS.threshold)
-    runs_ = [FLAGS.workdir] if FLAGS.workdir else []
-    files = [FLAGS.model_path] if FLAGS.model_path else []
-    for e in FLAGS.ensemble:
-      (files if e.endswith(".keras") else runs_).append(e)
-    model_paths = runs.resolve_model_paths(runs_, files, FLAGS.model)
+    model_paths = eval_flags.model_paths(FLAGS)
     out_dir = FLAGS.out_dir or (
         os.path.join(FLAGS.workdir, "eval") if FLAGS.workdir else
         os.path.join(os.path.dirname(os.path.abspath(FLAGS.model_path)),

@@ -33,11 +33,7 @@ def main(argv):
   from hcd.eval import runs  # pylint: disable=g-import-not-at-top
   from hcd.eval import submission  # pylint: disable=g-import-not-at-top
   try:
-    runs_ = [FLAGS.workdir] if FLAGS.workdir else []
-    files = [FLAGS.model_path] if FLAGS.model_path else []
-    for e in FLAGS.ensemble:
-      (files if e.endswith(".keras") else runs_).append(e)
-    model_paths = runs.resolve_model_paths(runs_, files, FLAGS.model)
+    model_paths = eval_flags.model_paths(FLAGS)
     if FLAGS.export_dir:
       if len(model_paths) != 1:
         raise ValueError("--export_dir exports one model; drop --ensemble")
