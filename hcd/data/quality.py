@@ -32,6 +32,7 @@ import numpy as np
 import hcd
 from hcd.data import decode
 from hcd.data import parallel
+from hcd.fileio import atomic_write_text
 from hcd.data.features import IMAGE_SHAPE
 
 SCHEMA_VERSION = 1
@@ -413,8 +414,8 @@ class ScanResult:
     os.makedirs(out_dir, exist_ok=True)
     csv_path = os.path.join(out_dir, SCAN_CSV)
     json_path = os.path.join(out_dir, SUMMARY_JSON)
-    _atomic_write(csv_path, ",".join(COLUMNS) + "\n" + "".join(self.lines))
-    _atomic_write(json_path, json.dumps(self.summary, indent=1) + "\n")
+    atomic_write_text(csv_path, ",".join(COLUMNS) + "\n" + "".join(self.lines))
+    atomic_write_text(json_path, json.dumps(self.summary, indent=1) + "\n")
     return csv_path, json_path
 
 
@@ -516,13 +517,6 @@ def _summarize(cols: dict, dark_max: int, bright_min: int,
   }
 
 
-def _atomic_write(path: str, text: str) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8", newline="") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def to_csv_text(df) -> str:
   """Formats a report DataFrame (from `scan` or `read_report`) as scan.csv."""
   cols = {}
@@ -553,8 +547,8 @@ def write_report(df, summary: dict, out_dir: str) -> tuple[str, str]:
   os.makedirs(out_dir, exist_ok=True)
   csv_path = os.path.join(out_dir, SCAN_CSV)
   json_path = os.path.join(out_dir, SUMMARY_JSON)
-  _atomic_write(csv_path, to_csv_text(df))
-  _atomic_write(json_path, json.dumps(summary, indent=1) + "\n")
+  atomic_write_text(csv_path, to_csv_text(df))
+  atomic_write_text(json_path, json.dumps(summary, indent=1) + "\n")
   return csv_path, json_path
 
 

@@ -55,6 +55,7 @@ from hcd.data import decode
 from hcd.data import features
 from hcd.data import parallel
 from hcd.data import sources
+from hcd.fileio import atomic_write_text
 
 try:
   import google_crc32c  # pylint: disable=g-import-not-at-top
@@ -112,25 +113,6 @@ def sha256_file(path: str, chunk: int = 1 << 22) -> str:
         break
       h.update(b)
   return h.hexdigest()
-
-
-def atomic_write_text(path: str, text: str, fsync: bool = True) -> None:
-  """Writes text under a temporary name, then renames it into place.
-
-  Args:
-    path: the final path.
-    text: the contents.
-    fsync: flush to disk before the rename. Sidecars skip it: a rename is
-      atomic against a killed process without it, and on ext4 an fsync
-      while gigabytes of shards are dirty can stall for seconds.
-  """
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-    if fsync:
-      f.flush()
-      os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def id_hash(ids: Sequence[str], seed: int = 0) -> np.ndarray:

@@ -37,6 +37,7 @@ import os
 import numpy as np
 
 from hcd.data import parallel
+from hcd.fileio import atomic_write_text
 from hcd.data.features import IMAGE_BYTES, IMAGE_SHAPE
 
 CHUNK_SIZE = 512
@@ -296,13 +297,6 @@ def _write_chunk(task: tuple[str, int, str, int, int]
   return ids, labels
 
 
-def _atomic_write(path: str, text: str) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8", newline="") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def _csv(ids: list[str], labels) -> str:
   return "id,label\n" + "".join(f"{i},{int(l)}\n" for i, l in zip(ids, labels))
 
@@ -365,7 +359,7 @@ def write_workspace(out_dir: str, num_train: int, num_test: int, seed: int = 0,
                          f"synthetic workspace; refusing to write into it")
   for split in SPLITS:
     os.makedirs(os.path.join(out_dir, split), exist_ok=True)
-  _atomic_write(os.path.join(out_dir, MARKER),
+  atomic_write_text(os.path.join(out_dir, MARKER),
                 json.dumps(dict(params, complete=False), indent=1) + "\n")
 
   sizes = {"train": num_train, "test": num_test}
@@ -394,15 +388,15 @@ def write_workspace(out_dir: str, num_train: int, num_test: int, seed: int = 0,
       if name not in keep:
         os.remove(os.path.join(split_dir, name))
 
-  _atomic_write(os.path.join(out_dir, "train_labels.csv"),
+  atomic_write_text(os.path.join(out_dir, "train_labels.csv"),
                 _csv(ids["train"], labels["train"]))
-  _atomic_write(os.path.join(out_dir, TEST_LABELS_CSV),
+  atomic_write_text(os.path.join(out_dir, TEST_LABELS_CSV),
                 _csv(ids["test"], labels["test"]))
-  _atomic_write(os.path.join(out_dir, "sample_submission.csv"),
+  atomic_write_text(os.path.join(out_dir, "sample_submission.csv"),
                 _csv(ids["test"], np.zeros(num_test, np.int64)))
   done = dict(params, complete=True,
               num_positive={s: int(labels[s].sum()) for s in SPLITS},
               num_planted={s: num_planted(sizes[s]) for s in SPLITS})
-  _atomic_write(os.path.join(out_dir, MARKER),
+  atomic_write_text(os.path.join(out_dir, MARKER),
                 json.dumps(done, indent=1) + "\n")
   return done

@@ -20,14 +20,12 @@ import os
 import time
 from typing import Sequence
 
-import numpy as np
-
 from hcd import metrics as metrics_lib
 from hcd import plots
-from hcd.data import shards
 from hcd.eval import inputs
 from hcd.eval import predict as predict_lib
 from hcd.eval import runs
+from hcd import fileio
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +54,7 @@ def write_predictions_csv(path: str, preds: predict_lib.Predictions) -> str:
   lines = ["id,label,prob\n"] + [
       f"{i},{int(l)},{float(p)!r}\n"
       for i, l, p in zip(preds.ids, preds.labels, preds.probs)]
-  shards.atomic_write_text(path, "".join(lines))
+  fileio.atomic_write_text(path, "".join(lines))
   return path
 
 
@@ -123,6 +121,6 @@ def evaluate(model_paths: Sequence[str], source: inputs.Source, out_dir: str,
                        title=f"{title}, threshold {threshold:.3f}",
                        counts=result["confusion_matrix"])
   write_predictions_csv(os.path.join(out_dir, "predictions.csv"), preds)
-  shards.atomic_write_text(os.path.join(out_dir, "metrics.json"),
+  fileio.atomic_write_text(os.path.join(out_dir, "metrics.json"),
                            json.dumps(result, indent=1) + "\n")
   return result

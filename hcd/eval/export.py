@@ -25,9 +25,9 @@ import shutil
 import numpy as np
 
 import hcd
-from hcd.data import shards
 from hcd.data.features import IMAGE_SHAPE
 from hcd.eval import runs
+from hcd import fileio
 
 CHECK_BATCH = 4
 CHECK_ATOL = 1e-5
@@ -105,6 +105,6 @@ def export_model(model_path: str, out_dir: str,
     shutil.rmtree(sm_path, ignore_errors=True)
     os.replace(tmp_dir, sm_path)
     info["saved_model"] = sm_path
-  shards.atomic_write_text(os.path.join(out_dir, "export.json"),
+  fileio.atomic_write_text(os.path.join(out_dir, "export.json"),
                            json.dumps(info, indent=1) + "\n")
   return info

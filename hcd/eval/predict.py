@@ -24,10 +24,10 @@ from typing import Sequence
 
 import numpy as np
 
-from hcd.data import shards
 from hcd.data.features import IMAGE_SHAPE
 from hcd.eval import runs
 from hcd.eval import submission
+from hcd import fileio
 
 TTA_CHOICES = (1, 2, 4, 8)
 
@@ -154,7 +154,7 @@ def write_skipped(path: str, skipped) -> str:
   w = csv.writer(buf, lineterminator="\n")
   w.writerow(["id", "path", "reason"])
   w.writerows([p.id, p.path, p.reason] for p in skipped)
-  shards.atomic_write_text(path, buf.getvalue())
+  fileio.atomic_write_text(path, buf.getvalue())
   return path
 
 

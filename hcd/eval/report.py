@@ -24,8 +24,8 @@ import statistics
 from typing import Any, Sequence
 
 from hcd import plots
-from hcd.data import shards
 from hcd.eval import runs
+from hcd import fileio
 
 # (key, markdown header, format) in table order.
 COLUMNS = (
@@ -169,8 +169,8 @@ def compare_runs(workdirs: Sequence[str], out_dir: str,
   os.makedirs(out_dir, exist_ok=True)
   out = {"markdown": os.path.join(out_dir, "runs.md"),
          "csv": os.path.join(out_dir, "runs.csv"), "val_auc_png": None}
-  shards.atomic_write_text(out["markdown"], markdown_table(rows))
-  shards.atomic_write_text(out["csv"], csv_table(rows))
+  fileio.atomic_write_text(out["markdown"], markdown_table(rows))
+  fileio.atomic_write_text(out["csv"], csv_table(rows))
   curves = {lab: r.history for lab, r in zip(labels, loaded)
             if any(runs.finite(h.get("val_auc")) is not None
                    for h in r.history)}

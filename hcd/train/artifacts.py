@@ -29,7 +29,7 @@ import math
 import os
 from typing import Any, Sequence
 
-from hcd.data.shards import atomic_write_text
+from hcd.fileio import atomic_write_text
 
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "auc", "val_loss",
                    "val_accuracy", "val_auc", "epoch_time_s", "step_time_s",
