@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""Recipe study: each training lever alone and combined, on real PCam patches.
+
+  .venv/bin/python bench/recipe_study.py --shards_dir=bench_out/pcam/shards \
+      --out_dir=bench_out/pcam/study --experiments=baseline,ema,p4m [--epochs=10]
+
+The shards come from `../shared/data/pcam96_jpeg` (tools/make_shards
+--split=train and --split=valid). Every experiment is the base flagfile
+(hcd/configs/resnet.flags unless --base) plus the flags of its row in
+EXPERIMENTS below, trained on `train` and validated on `valid` only (model
+selection never sees anything else). Per experiment this runs the real CLIs:
+
+  hcd_train    --flagfile=<base> --val_split=valid <lever flags>
+  hcd_evaluate --model=final --tta=1 and --tta=8 on valid
+
+and appends one JSON row to <out_dir>/results.jsonl: valid AUC of the final
+model with and without 8x dihedral TTA, wall and CPU minutes of hcd_train,
+its median images/s, the best epoch, and the 1-minute load average before
+and after (other processes on the box inflate wall time; CPU time less so).
+Experiments already in results.jsonl are skipped, so the study resumes.
+`--table` prints the markdown table of everything recorded.
+"""
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name -> (what it tests, extra hcd_train flags). Each row changes one thing
+# relative to "baseline" unless its name says "combined".
+EXPERIMENTS = {
+    "baseline": ("resnet.flags as shipped (D4, stain 0.05, cosine 2e-3, "
+                 "batch 64)", []),
+    "stain0": ("no H&E stain jitter", ["--stain_jitter=0"]),
+    "stain0.1": ("stronger H&E stain jitter (0.1)", ["--stain_jitter=0.1"]),
+    "color0.1": ("+ brightness/contrast/saturation jitter 0.1",
+                 ["--color_jitter=0.1"]),
+    "ls0.1": ("label smoothing 0.1", ["--label_smoothing=0.1"]),
+    "bs128": ("batch 128, lr 4e-3 (linear scaling)",
+              ["--batch_size=128", "--learning_rate=0.004"]),
+    "bs32": ("batch 32, lr 1e-3", ["--batch_size=32", "--learning_rate=0.001"]),
+    "lr1e-3": ("peak lr 1e-3", ["--learning_rate=0.001"]),
+    "wd": ("AdamW weight decay 0.05", ["--weight_decay=0.05"]),
+    "wide": ("wider stages 96/192/384 (~2x compute)",
+             ["--model_override=widths=(96,192,384)"]),
+    "deep_narrow": ("2 blocks/stage at 48/96/192 (~equal compute)",
+                    ["--model_override=widths=(48,96,192)",
+                     "--model_override=blocks_per_stage=2"]),
+}
+
+
+def _bin(name: str) -> str:
+  cand = os.path.join(os.path.dirname(sys.executable), name)
+  return cand if os.path.exists(cand) else name
+
+
+def _children_cpu() -> float:
+  r = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return r.ru_utime + r.ru_stime
+
+
+def _git_commit() -> str:
+  try:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                          capture_output=True, text=True,
+                          check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+
+
+def _evaluate(workdir: str, tta: int) -> float:
+  out = os.path.join(workdir, f"eval_final_tta{tta}")
+  subprocess.run([_bin("hcd_evaluate"), f"--workdir={workdir}",
+                  "--model=final", "--split=valid", f"--tta={tta}",
+                  f"--out_dir={out}", "--noprogress"], check=True,
+                 stdout=subprocess.DEVNULL)
+  with open(os.path.join(out, "metrics.json"), encoding="utf-8") as f:
+    return json.load(f)["roc_auc"]
+
+
+def run_experiment(name: str, args) -> dict:
+  """Trains and evaluates one experiment; returns its result row."""
+  desc, extra = EXPERIMENTS[name]
+  workdir = os.path.join("runs", name)
+  if os.path.exists(workdir):  # A half-finished run: start it over.
+    shutil.rmtree(workdir)
+  cmd = [_bin("hcd_train"), f"--flagfile={args.base}",
+         f"--shards_dir={os.path.abspath(args.shards_dir)}",
+         "--val_split=valid", f"--workdir={workdir}",
+         f"--log_every_steps={args.log_every_steps}"]
+  if args.epochs:
+    cmd.append(f"--epochs={args.epochs}")
+  cmd += extra
+  print(f"[{name}] {' '.join(cmd)}", flush=True)
+  load0 = os.getloadavg()[0]
+  cpu0, t0 = _children_cpu(), time.perf_counter()
+  with open(os.path.join("logs", f"{name}.log"), "w") as log:
+    subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+  wall, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
+  load1 = os.getloadavg()[0]
+  with open(os.path.join(workdir, "metrics.json"), encoding="utf-8") as f:
+    met = json.load(f)
+  row = {
+      "name": name, "description": desc, "flags": extra,
+      "epochs": met.get("epochs"), "num_params": met.get("num_params"),
+      "wall_min": wall / 60, "cpu_min": cpu / 60,
+      "images_per_s": met.get("images_per_s"),
+      "val_auc": _evaluate(workdir, 1), "val_auc_tta8": _evaluate(workdir, 8),
+      "best_epoch": met.get("best_epoch"),
+      "best_val_auc": met.get("best_val_auc"),
+      "load_before": load0, "load_after": load1, "commit": _git_commit(),
+      "base": args.base,
+  }
+  print(f"[{name}] valid AUC {row['val_auc']:.4f} (TTA8 "
+        f"{row['val_auc_tta8']:.4f}), {row['wall_min']:.1f} wall-min, "
+        f"{row['images_per_s']:.0f} img/s", flush=True)
+  return row
+
+
+def read_results(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def table(rows: list[dict]) -> str:
+  lines = ["| lever | valid AUC | valid AUC, 8x TTA | wall min | CPU min | "
+           "images/s | epochs | load |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    lines.append(
+        f"| {r['name']}: {r['description']} | {r['val_auc']:.4f} | "
+        f"{r['val_auc_tta8']:.4f} | {r['wall_min']:.1f} | {r['cpu_min']:.1f} "
+        f"| {r['images_per_s']:.0f} | {r['epochs']} | "
+        f"{r['load_before']:.1f}-{r['load_after']:.1f} |")
+  return "\n".join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--shards_dir", required=True)
+  parser.add_argument("--out_dir", required=True)
+  parser.add_argument("--experiments", default="baseline",
+                      help=f"comma-separated, from {list(EXPERIMENTS)}")
+  parser.add_argument("--base", default="resnet.flags",
+                      help="the flagfile every experiment starts from")
+  parser.add_argument("--epochs", type=int, default=0,
+                      help="override the flagfile's epochs (0: keep)")
+  parser.add_argument("--log_every_steps", type=int, default=100)
+  parser.add_argument("--table", action="store_true",
+                      help="print the recorded results and exit")
+  args = parser.parse_args()
+  os.makedirs(os.path.join(args.out_dir, "logs"), exist_ok=True)
+  results_path = os.path.abspath(os.path.join(args.out_dir, "results.jsonl"))
+  if args.table:
+    print(table(read_results(results_path)))
+    return
+  names = [n for n in args.experiments.split(",") if n]
+  unknown = [n for n in names if n not in EXPERIMENTS]
+  if unknown:
+    parser.error(f"unknown experiment(s) {unknown}; known: "
+                 f"{list(EXPERIMENTS)}")
+  args.shards_dir = os.path.abspath(args.shards_dir)
+  os.chdir(args.out_dir)
+  subprocess.run([sys.executable, "-m", "hcd.configs", "--out_dir=.",
+                  "--overwrite"],
+                 check=True, stdout=subprocess.DEVNULL)
+  done = {r["name"] for r in read_results(results_path)}
+  for name in names:
+    if name in done:
+      print(f"[{name}] already in {results_path}; skipping", flush=True)
+      continue
+    row = run_experiment(name, args)
+    with open(results_path, "a", encoding="utf-8") as f:
+      f.write(json.dumps(row) + "\n")
+  print(table(read_results(results_path)))
+
+
+if __name__ == "__main__":
+  main()
