@@ -37,6 +37,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = {
     "baseline": ("resnet.flags as shipped (D4, stain 0.05, cosine 2e-3, "
                  "batch 64)", []),
+    "ema": ("+ weight EMA, decay 0.999 (validate/save the average)",
+            ["--ema_decay=0.999"]),
+    "p4m": ("P4M group-conv ResNet (same channels, 1/8 weights, exactly "
+            "D4-invariant)", ["--model=p4m_resnet"]),
+    "mixup": ("+ mixup, alpha 0.2", ["--mix=mixup", "--mix_alpha=0.2"]),
+    "cutmix": ("+ centre-aware cutmix, alpha 1", ["--mix=cutmix",
+                                                  "--mix_alpha=1.0"]),
+    "hsv": ("+ HSV: brightness/contrast/saturation 0.1, hue 0.04",
+            ["--color_jitter=0.1", "--hue_jitter=0.04"]),
+    "crop64": ("centre crop 64 px (2.25x less compute)",
+               ["--model_override=crop=64"]),
+    "up128": ("input upsampled to 128 px (1.8x compute)",
+              ["--model_override=size=128"]),
     "stain0": ("no H&E stain jitter", ["--stain_jitter=0"]),
     "stain0.1": ("stronger H&E stain jitter (0.1)", ["--stain_jitter=0.1"]),
     "color0.1": ("+ brightness/contrast/saturation jitter 0.1",

@@ -154,3 +154,34 @@ def binary_metrics(y_true: Sequence[int], y_prob: Sequence[float],
       "num_examples": int(len(y_true)),
       "positive_fraction": float(y_true.mean()),
   }
+
+
+def validation_metrics(y_true, y_prob, weights=None) -> dict[str, Any]:
+  """The per-epoch validation numbers of training, computed exactly.
+
+  Args:
+    y_true: labels in {0, 1}.
+    y_prob: probabilities of class 1.
+    weights: optional per-example weights (default 1).
+
+  Returns:
+    {"val_loss": weighted binary cross-entropy (probabilities clipped to
+    [LOG_LOSS_EPS, 1 - LOG_LOSS_EPS]), "val_accuracy": weighted accuracy at
+    0.5, "val_auc": scikit-learn ROC AUC (None with one class)}.
+
+  Raises:
+    ValueError: invalid inputs (see `binary_metrics`).
+  """
+  y_true, y_prob = _check(y_true, y_prob)
+  w = np.ones(len(y_true)) if weights is None else np.asarray(
+      weights, np.float64)
+  p = np.clip(y_prob, LOG_LOSS_EPS, 1 - LOG_LOSS_EPS)
+  loss = -(y_true * np.log(p) + (1 - y_true) * np.log(1 - p))
+  both = len(np.unique(y_true)) == 2
+  return {
+      "val_loss": float(np.average(loss, weights=w)),
+      "val_accuracy": float(np.average((y_prob >= 0.5) == y_true, weights=w)),
+      "val_auc": _float_or_none(skm.roc_auc_score(y_true, y_prob,
+                                                  sample_weight=w))
+                 if both else None,
+  }

@@ -323,3 +323,86 @@ def test_stateless_call_is_a_pure_function_of_the_seed_state():
   assert not np.array_equal(np.asarray(new1[0]), [1, 5])  # state advanced
   for v, b in zip(aug.non_trainable_variables, before):
     np.testing.assert_array_equal(v.numpy(), b)  # the layer is untouched
+
+
+# --- hue jitter and batch mixing (mixup / centre-aware cutmix) --------------
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_hue_jitter_rotates_hue_keeps_value(jit):
+  x = _images(8, seed=3)
+  fn = tf.function(lambda im, s: augment.augment_batch(
+      im, s, flips=False, rot90=False, hue_jitter=0.2), jit_compile=jit)
+  out = fn(x, tf.constant([1, 2], tf.int64)).numpy()
+  assert out.dtype == np.uint8 and out.shape == x.shape
+  hsv_in = tf.image.rgb_to_hsv(x / 255.0).numpy()
+  hsv_out = tf.image.rgb_to_hsv(out / 255.0).numpy()
+  # The value (max channel) survives up to rounding; hue moves per image.
+  assert np.abs(hsv_out[..., 2] - hsv_in[..., 2]).max() <= 1.5 / 255
+  shift = (hsv_out[..., 0] - hsv_in[..., 0]) % 1.0
+  saturated = hsv_in[..., 1] > 0.5
+  per_image = [np.median(np.minimum(s[m], 1 - s[m]))
+               for s, m in zip(shift, saturated)]
+  assert max(per_image) > 0.01 and max(per_image) <= 0.2 + 0.02
+
+
+def test_hue_jitter_zero_is_off_and_range_checked():
+  x = _images(2)
+  same = augment.augment_batch(x, tf.constant([1, 2], tf.int64), flips=False,
+                               rot90=False, hue_jitter=0.0)
+  np.testing.assert_array_equal(same.numpy(), x)
+  with pytest.raises(ValueError, match="hue_jitter"):
+    augment.build_augmenter(hue_jitter=0.7)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_mixup_blends_images_and_labels_alike(jit):
+  x = _images(6, seed=1)
+  y = np.array([1, 0, 0, 1, 1, 0], np.float32)
+  fn = tf.function(lambda im, lab, s: augment.mix_batch(im, lab, s, "mixup",
+                                                        0.4), jit_compile=jit)
+  out, target = (t.numpy() for t in fn(x, y, tf.constant([3, 4], tf.int64)))
+  assert out.dtype == np.uint8 and out.shape == x.shape
+  partner, partner_y = x[::-1].astype(float), y[::-1]
+  # Recover each image's weight from its target, check the pixels follow.
+  for i in range(6):
+    if y[i] == partner_y[i]:
+      assert target[i] == y[i]
+      continue
+    lam = (target[i] - partner_y[i]) / (y[i] - partner_y[i])
+    assert 0.0 <= lam <= 1.0
+    expected = lam * x[i] + (1 - lam) * partner[i]
+    assert np.abs(out[i] - expected).max() <= 1.0
+  again = fn(x, y, tf.constant([3, 4], tf.int64))[0].numpy()
+  np.testing.assert_array_equal(out, again)  # Stateless: same seed, same mix.
+
+
+def test_cutmix_label_follows_the_centre_not_the_area():
+  x = np.zeros((2, 96, 96, 3), np.uint8)
+  x[1] = 255
+  y = np.array([0.0, 1.0], np.float32)
+  seen_centre, seen_edge = False, False
+  for s in range(60):
+    out, target = augment.mix_batch(x, y, tf.constant([s, 9], tf.int64),
+                                    "cutmix", 1.0)
+    out, target = out.numpy(), target.numpy()
+    pasted = out[0, ..., 0] == 255  # The box from image 1 in image 0.
+    centre = pasted[32:64, 32:64].mean()
+    assert np.isclose(target[0], centre, atol=1e-6)  # Not pasted.mean().
+    seen_centre |= centre == 1.0
+    seen_edge |= pasted.any() and centre == 0.0
+  assert seen_centre and seen_edge
+
+
+def test_mix_rejects_unknown_mode():
+  with pytest.raises(ValueError, match="mixup or cutmix"):
+    augment.mix_batch(_images(2), np.zeros(2, np.float32),
+                      tf.constant([1, 1], tf.int64), "blend")
+
+
+def test_beta_draws_have_the_beta_moments():
+  lam = augment._beta(tf.constant([5, 6], tf.int64), 20000, 0.4).numpy()  # pylint: disable=protected-access
+  assert lam.min() >= 0.0 and lam.max() <= 1.0
+  # Beta(a, a): mean 1/2, variance 1 / (4 (2a + 1)).
+  assert abs(lam.mean() - 0.5) < 0.01
+  assert abs(lam.var() - 1 / (4 * (2 * 0.4 + 1))) < 0.005

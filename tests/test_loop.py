@@ -174,3 +174,138 @@ def test_config_errors_are_clear(shards_dir, tmp_path):
   with pytest.raises(shards.ManifestError, match="hcd-train.manifest.json"):
     loop.train_and_evaluate(_config(str(tmp_path / "none"), tmp_path),
                             strategy=_strategy())
+
+
+def _val_predictions(workdir):
+  rows = _read_csv(os.path.join(workdir, "val_predictions.csv"))
+  return (np.array([int(r["label"]) for r in rows]),
+          np.array([float(r["prob"]) for r in rows]))
+
+
+def test_validation_auc_is_exact(shards_dir, tmp_path):
+  """The history's val_auc is scikit-learn's AUC of the validation probs."""
+  from sklearn.metrics import roc_auc_score  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  loop.train_and_evaluate(_config(shards_dir, workdir, epochs=1),
+                          strategy=_strategy())
+  labels, probs = _val_predictions(workdir)
+  history = json.load(open(workdir / "history.json"))
+  assert history[-1]["val_auc"] == pytest.approx(
+      roc_auc_score(labels, probs), abs=1e-9)
+
+
+def test_tightly_clustered_model_is_ranked_by_its_exact_auc(tmp_path):
+  """Probabilities within 0.005 of each other: streaming AUC buckets them.
+
+  Selection (best.keras) follows `Trainer.evaluate`; it must report the
+  model's real ranking quality, not the 0.5 that a thresholded streaming
+  AUC gives when every probability falls between two thresholds.
+  """
+  from sklearn.metrics import roc_auc_score  # pylint: disable=g-import-not-at-top
+  # Positives are brighter, so even an untrained net ranks them (AUC >> 0.5).
+  rng = np.random.default_rng(4)
+  labels = np.arange(200) % 2
+  images = rng.integers(0, 150, (200, 96, 96, 3), dtype=np.uint8)
+  images[labels == 1] += 100
+  ids = [f"{k:040x}" for k in range(200)]
+  shards.write_arrays(images, ids, labels, str(tmp_path), "train", 2)
+  config = _config(str(tmp_path), "/unused", val_fraction=0.5)
+  strategy = _strategy()
+  plan = loop.pipeline.run_plan(config)
+  trainer = loop.Trainer(config, strategy, 1e-3, 4, jit=False)
+  head = trainer.model.get_layer("probability")
+  kernel, bias = head.get_weights()
+  val_with_ids = loop.pipeline.eval_dataset(plan.val, 16, with_ids=True)
+  _, y, p = trainer.predict(val_with_ids)
+  logits = np.log(p / (1 - p))
+  # The head is linear in its weights: squeeze the logits into 0.016 +- 0.01,
+  # between two of the streaming metric's thresholds (logit 0 and 0.032),
+  # with the sign that ranks positives first.
+  scale = 0.01 / np.ptp(logits) * (1 if roc_auc_score(y, p) >= 0.5 else -1)
+  head.set_weights([kernel * scale,
+                    (bias - logits.mean()) * scale + 0.016])
+  val_ds = strategy.distribute_datasets_from_function(
+      lambda ctx: loop.pipeline.eval_dataset(plan.val, 16, steps=100,
+                                             input_context=ctx))
+  steps = loop.pipeline.eval_steps(plan.val, 16)
+  exact = trainer.evaluate(iter(val_ds), steps)["val_auc"]
+  ids, labels, probs = trainer.predict(val_with_ids)
+  assert np.ptp(probs) < 0.005 and len(np.unique(probs)) > 10
+  assert exact == pytest.approx(roc_auc_score(labels, probs), abs=1e-9)
+  streaming = loop._Metrics("val_")  # pylint: disable=protected-access
+  streaming.update(tf.constant(labels, tf.float32),
+                   tf.constant(probs[:, None], tf.float32),
+                   tf.zeros(len(labels)), tf.ones(len(labels)))
+  assert abs(streaming.result()["val_auc"] - 0.5) < 1e-6  # What it replaced.
+  assert exact > 0.6  # The ranking the streaming metric could not see.
+
+
+def test_ema_weights_are_validated_and_saved(shards_dir, tmp_path):
+  workdir = tmp_path / "run"
+  config = _config(shards_dir, workdir, epochs=2, ema_decay=0.9)
+  result = loop.train_and_evaluate(config, strategy=_strategy())
+  ckpt = tf.train.load_checkpoint(tf.train.latest_checkpoint(
+      str(workdir / "checkpoints")))
+  names = [n for n, _ in tf.train.list_variables(
+      tf.train.latest_checkpoint(str(workdir / "checkpoints")))]
+  ema_names = sorted(n for n in names if n.startswith("ema/"))
+  assert ema_names, names
+  model = keras.saving.load_model(str(workdir / "model.keras"),
+                                  safe_mode=True)
+  # model.keras holds the averaged weights, not the live ones.
+  saved = {w.path: w.numpy() for w in model.weights}
+  first_ema = ckpt.get_tensor("ema/0/.ATTRIBUTES/VARIABLE_VALUE")
+  assert any(np.array_equal(first_ema, v) for v in saved.values())
+  live = [n for n in names if n.startswith("model/") and "VARIABLE" in n]
+  live_values = [ckpt.get_tensor(n) for n in live]
+  assert not any(np.array_equal(first_ema, v) for v in live_values)
+  # Validation scored those same weights: metrics match val_predictions.
+  labels, probs = _val_predictions(workdir)
+  from sklearn.metrics import roc_auc_score  # pylint: disable=g-import-not-at-top
+  assert result["roc_auc"] == pytest.approx(roc_auc_score(labels, probs))
+  # Resuming a finished run restores the average and saves the same model.
+  loop.train_and_evaluate(config, strategy=_strategy())
+  again = keras.saving.load_model(str(workdir / "model.keras"),
+                                  safe_mode=True)
+  for a, b in zip(model.weights, again.weights):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+@pytest.mark.parametrize("mix", ["mixup", "cutmix"])
+def test_mixing_and_hue_train_deterministically(shards_dir, tmp_path, mix):
+  kw = dict(epochs=1, mix=mix, mix_alpha=0.4, hue_jitter=0.05)
+  a = loop.train_and_evaluate(_config(shards_dir, tmp_path / "a", **kw),
+                              strategy=_strategy())
+  b = loop.train_and_evaluate(_config(shards_dir, tmp_path / "b", **kw),
+                              strategy=_strategy())
+  plain = loop.train_and_evaluate(
+      _config(shards_dir, tmp_path / "c", epochs=1, hue_jitter=0.05),
+      strategy=_strategy())
+  assert a["weights_sha256"] == b["weights_sha256"]
+  assert a["weights_sha256"] != plain["weights_sha256"]
+  assert np.isfinite(json.load(open(tmp_path / "a" / "history.json"))[0][
+      "loss"])
+
+
+def test_fold_run_validates_on_its_fold(shards_dir, tmp_path):
+  folds = []
+  for fold in range(2):
+    workdir = tmp_path / f"fold{fold}"
+    loop.train_and_evaluate(
+        _config(shards_dir, workdir, epochs=1, num_folds=2, fold=fold),
+        strategy=_strategy())
+    folds.append({r["id"] for r in _read_csv(workdir / "val_predictions.csv")})
+    cfg = json.load(open(workdir / "config.json"))
+    assert (cfg["num_folds"], cfg["fold"]) == (2, fold)
+  manifest = shards.load_manifest(shards_dir, "train")
+  assert not folds[0] & folds[1]
+  assert len(folds[0] | folds[1]) == manifest["num_examples"]
+
+
+def test_fold_settings_are_validated(shards_dir, tmp_path):
+  with pytest.raises(ConfigError, match="fold must be in 0..2"):
+    _config(shards_dir, tmp_path, num_folds=3, fold=3).validate()
+  with pytest.raises(ConfigError, match="exclude each other"):
+    _config(shards_dir, tmp_path, num_folds=3, val_split="valid").validate()
+  with pytest.raises(ConfigError, match="needs num_folds"):
+    _config(shards_dir, tmp_path, fold=1).validate()

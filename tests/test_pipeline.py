@@ -250,3 +250,36 @@ def test_missing_manifest_and_unlabelled_shards_are_clear_errors(tmp_path):
     pipeline.make_plan(out)
   with pytest.raises(pipeline.PipelineError, match="unknown balance"):
     pipeline.make_plan(out, balance="oversample")
+
+
+def test_folds_partition_the_split_and_keep_groups(data, tmp_path):
+  shards_dir, by_id = data
+  ids = sorted(by_id)
+  groups = {i: f"slide{k % 13}" for k, i in enumerate(ids)}
+  for g in (None, groups):
+    seen = []
+    for fold in range(4):
+      spec = pipeline.SplitSpec(seed=5, groups=g, num_folds=4, fold=fold)
+      plan = pipeline.make_plan(shards_dir, split_spec=spec, balance="none")
+      val, _, _ = subset_ids(plan.val)
+      train, _, _ = subset_ids(plan.train)
+      assert set(val).isdisjoint(train) and set(val) | set(train) == set(ids)
+      if g:
+        assert {g[i] for i in val}.isdisjoint({g[i] for i in train})
+      seen.append(set(val))
+    assert all(a.isdisjoint(b) for k, a in enumerate(seen)
+               for b in seen[k + 1:])
+    assert set().union(*seen) == set(ids)
+    assert min(len(s) for s in seen) > 0.1 * len(ids)
+
+
+def test_run_plan_reads_a_config_dict_like_a_train_config(data, tmp_path):
+  from hcd.train.config import TrainConfig  # pylint: disable=g-import-not-at-top
+  shards_dir, _ = data
+  config = TrainConfig(shards_dir=shards_dir, num_folds=3, fold=1,
+                       split_seed=9, balance="none")
+  from_config = pipeline.run_plan(config)
+  from_dict = pipeline.run_validation_plan(config.to_dict())
+  assert subset_ids(from_config.val)[0] == subset_ids(from_dict)[0]
+  assert pipeline.run_validation_plan(
+      dict(config.to_dict(), num_folds=0, val_fraction=0.0)) is None

@@ -49,8 +49,8 @@ import tensorflow as tf
 
 from hcd.data import features
 from hcd.data import shards
+from hcd.train.config import BALANCE_MODES
 
-BALANCE_MODES = ("undersample", "none", "reweight")
 _HASH_BUCKETS = 1 << 62
 _MAX_THRESHOLD = np.iinfo(np.int64).max
 
@@ -65,14 +65,31 @@ class SplitSpec:
 
   Attributes:
     val_fraction: fraction of ids (or groups) that go to validation; 0 means
-      no validation subset.
+      no validation subset. Ignored when num_folds > 1.
     seed: salt of the split hash; another seed gives another split.
     groups: optional id -> group mapping; ids missing from it are their own
       group.
+    num_folds: K > 1 cuts the hash range into K equal folds (stable by id,
+      or by group): fold `fold` validates, the other K-1 train, so the K
+      runs of one seed see every image in validation exactly once.
+    fold: the validation fold, 0..num_folds-1.
   """
   val_fraction: float = 0.2
   seed: int = 123
   groups: Mapping[str, str] | None = None
+  num_folds: int = 0
+  fold: int = 0
+
+  @property
+  def has_validation(self) -> bool:
+    return self.num_folds > 1 or self.val_fraction > 0
+
+  def hash_range(self) -> tuple[int, int]:
+    """The [low, high) range of the split hash that is validation."""
+    if self.num_folds > 1:
+      return (self.fold * _HASH_BUCKETS // self.num_folds,
+              (self.fold + 1) * _HASH_BUCKETS // self.num_folds)
+    return 0, _val_cut(self.val_fraction)
 
 
 @dataclasses.dataclass
@@ -197,7 +214,9 @@ def _is_val(ids, spec: SplitSpec, table):
   keys = _group_keys(ids, table)
   if table is not None:
     keys = tf.where(keys == "", ids, tf.strings.join(["group:", keys]))
-  return salted_hash(keys, spec.seed) < _val_cut(spec.val_fraction)
+  low, high = spec.hash_range()
+  h = salted_hash(keys, spec.seed)
+  return tf.logical_and(h >= low, h < high)
 
 
 def _select_mask(ids, labels, plan: SubsetPlan, table):
@@ -309,8 +328,11 @@ def plan_subset(shards_dir: str, split: str, role: str,
   plan.label_counts = _counts(sub)
   plan.num_examples = int(len(sub))
   if plan.num_examples == 0:
+    how = (f"fold {split_spec.fold} of {split_spec.num_folds}"
+           if split_spec.num_folds > 1 else
+           f"val_fraction={split_spec.val_fraction}")
     raise PipelineError(f"{where}: the {role} subset of split {split!r} is "
-                        f"empty (val_fraction={split_spec.val_fraction})")
+                        f"empty ({how})")
   return plan
 
 
@@ -335,19 +357,76 @@ def make_plan(shards_dir: str, train_split: str = "train",
   Raises:
     shards.ManifestError, PipelineError: see `plan_subset`.
   """
+  role = "train" if not val_split and split_spec.has_validation else "all"
+  train = plan_subset(shards_dir, train_split, role, split_spec, balance, seed)
+  return DataPlan(train, plan_validation(shards_dir, train_split, val_split,
+                                         split_spec))
+
+
+def plan_validation(shards_dir: str, train_split: str = "train",
+                    val_split: str | None = None,
+                    split_spec: SplitSpec = SplitSpec()) -> SubsetPlan | None:
+  """Plans only the validation subset of a run (see `make_plan`).
+
+  Returns:
+    The validation SubsetPlan, or None when the run has no validation.
+  """
   if val_split:
-    train = plan_subset(shards_dir, train_split, "all", split_spec, balance,
-                        seed)
-    val = plan_subset(shards_dir, val_split, "all", split_spec)
-  elif split_spec.val_fraction > 0:
-    train = plan_subset(shards_dir, train_split, "train", split_spec, balance,
-                        seed)
-    val = plan_subset(shards_dir, train_split, "val", split_spec)
-  else:
-    train = plan_subset(shards_dir, train_split, "all", split_spec, balance,
-                        seed)
-    val = None
-  return DataPlan(train, val)
+    return plan_subset(shards_dir, val_split, "all", split_spec)
+  if split_spec.has_validation:
+    return plan_subset(shards_dir, train_split, "val", split_spec)
+  return None
+
+
+def _run_settings(config) -> tuple[dict, SplitSpec]:
+  get = (config.get if isinstance(config, Mapping) else
+         lambda k, d=None: getattr(config, k, d))
+  group_csv = get("group_csv") or ""
+  spec = SplitSpec(val_fraction=float(get("val_fraction", 0.0) or 0.0),
+                   seed=int(get("split_seed", SplitSpec.seed)),
+                   groups=read_groups_csv(group_csv) if group_csv else None,
+                   num_folds=int(get("num_folds", 0) or 0),
+                   fold=int(get("fold", 0) or 0))
+  where = {"shards_dir": get("shards_dir"),
+           "train_split": get("train_split", "train") or "train",
+           "val_split": get("val_split") or None}
+  return {**where, "balance": get("balance", "undersample") or "undersample",
+          "seed": int(get("seed", 0))}, spec
+
+
+def run_plan(config) -> DataPlan:
+  """The training and validation subsets of a run, from its config.
+
+  The one place that turns a run's settings into a DataPlan: hcd_train
+  calls it with its TrainConfig, hcd_evaluate (`run_validation_plan`) with
+  the run's saved config.json, so evaluation rebuilds exactly the validation
+  images the run was scored on (separate split, hash hold-out, fold or group
+  split).
+
+  Args:
+    config: a TrainConfig, or a dict with its fields (config.json).
+
+  Returns:
+    The DataPlan.
+
+  Raises:
+    shards.ManifestError, PipelineError: see `plan_subset`;
+      PipelineError also for an unreadable group CSV.
+  """
+  s, spec = _run_settings(config)
+  return make_plan(s["shards_dir"], s["train_split"], s["val_split"], spec,
+                   s["balance"], seed=s["seed"])
+
+
+def run_validation_plan(config) -> SubsetPlan | None:
+  """Only the validation subset of `run_plan(config)` (None if it has none).
+
+  Raises:
+    See `run_plan`.
+  """
+  s, spec = _run_settings(config)
+  return plan_validation(s["shards_dir"], s["train_split"], s["val_split"],
+                         spec)
 
 
 # ----------------------------------------------------------------------------

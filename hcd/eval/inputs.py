@@ -322,23 +322,12 @@ def plan_source(plan, batch_size: int) -> Source:
                 f"subset, {plan.num_examples} images)")
 
 
-def _cfg(config: dict, *keys, default=None):
-  """First of `keys` found in config or its "data" section."""
-  for section in (config, config.get("data") or {}):
-    for k in keys:
-      if isinstance(section, dict) and section.get(k) is not None:
-        return section[k]
-  return default
-
-
 def run_validation_source(config: dict, shards_dir: str,
                           batch_size: int) -> Source | None:
   """The validation data a run was scored on, rebuilt from its config.json.
 
-  A run validates either on a separate shard split (`val_split`) or on the
-  part of its training split whose id hash falls under `val_fraction`
-  (salted with `split_seed`; grouped by `group_csv` when set), as
-  hcd.data.pipeline.make_plan does.
+  Planned by `hcd.data.pipeline.run_validation_plan`, the code training
+  itself plans with (separate split, hash hold-out, fold or group split).
 
   Args:
     config: the run's config.json.
@@ -352,18 +341,5 @@ def run_validation_source(config: dict, shards_dir: str,
     shards.ManifestError, pipeline.PipelineError: missing or bad shards.
   """
   from hcd.data import pipeline  # pylint: disable=g-import-not-at-top
-  val_split = _cfg(config, "val_split")
-  frac = float(_cfg(config, "val_fraction", default=0.0) or 0.0)
-  if val_split:
-    return shards_source(shards_dir, val_split, batch_size)
-  if frac <= 0:
-    return None
-  group_csv = _cfg(config, "group_csv", "groups_csv")
-  spec = pipeline.SplitSpec(
-      val_fraction=frac,
-      seed=int(_cfg(config, "split_seed", "val_seed",
-                    default=pipeline.SplitSpec.seed)),
-      groups=pipeline.read_groups_csv(group_csv) if group_csv else None)
-  plan = pipeline.plan_subset(shards_dir, _cfg(config, "train_split",
-                                               default="train"), "val", spec)
-  return plan_source(plan, batch_size)
+  plan = pipeline.run_validation_plan(dict(config, shards_dir=shards_dir))
+  return None if plan is None else plan_source(plan, batch_size)

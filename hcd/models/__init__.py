@@ -68,6 +68,11 @@ MODELS: dict[str, ModelSpec] = {
         _lazy("resnet", "resnet"), 1e-3,
         "compact ResNet for 96 px: 2 stride-2 stem convs, residual stages "
         "64/128/256, global pooling (use warm-up + cosine)"),
+    "p4m_resnet": ModelSpec(
+        _lazy("p4m", "p4m_resnet"), 2e-3,
+        "rotation/mirror-equivariant (P4M group-conv) compact ResNet: the "
+        "resnet's channels and compute at 1/8 of its weights, exactly "
+        "invariant to the 8 D4 transforms"),
     "efficientnet_v2_b0": ModelSpec(
         _lazy("applications", "efficientnet_v2_b0"), 1e-3,
         "keras.applications EfficientNetV2-B0 backbone, weights=None unless "
@@ -141,6 +146,42 @@ def build_model(name: str, **overrides):
     raise ValueError(f"model {name!r} does not accept {', '.join(unknown)}; "
                      f"accepted overrides: {', '.join(accepted) or 'none'}")
   return spec.builder(**overrides)
+
+
+def standard_model(model):
+  """A model computing the same function from standard Keras layers only.
+
+  hcd saves every .keras file through this, so saved models load with
+  `keras.saving.load_model(safe_mode=True)` without hcd installed. A custom
+  layer opts in by defining `standard_equivalent()` -> (standard layer,
+  its weights); e.g. a P4M group convolution becomes the plain Conv2D of
+  its expanded kernel. Models without such layers are returned as they are.
+
+  Args:
+    model: a functional keras.Model from the table.
+
+  Returns:
+    `model` itself, or a functional copy with the custom layers replaced.
+  """
+  import keras  # pylint: disable=g-import-not-at-top
+  if not any(hasattr(l, "standard_equivalent") for l in model.layers):
+    return model
+  weights = {}
+
+  def clone(layer):
+    if hasattr(layer, "standard_equivalent"):
+      new, w = layer.standard_equivalent()
+      weights[new.name] = w
+      return new
+    new = layer.__class__.from_config(layer.get_config())
+    weights[new.name] = layer.get_weights()
+    return new
+
+  copy = keras.models.clone_model(model, clone_function=clone)
+  for layer in copy.layers:
+    if layer.name in weights:
+      layer.set_weights(weights[layer.name])
+  return copy
 
 
 def count_params(model) -> int:

@@ -32,6 +32,7 @@ folded with the replica id, so replicas augment differently.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import keras
@@ -227,8 +228,27 @@ def random_color_jitter(x, seed, strength: float):
   return (x - grey) * _uniform(s_s, batch, lo, hi) + grey
 
 
+def random_hue_jitter(x, seed, delta: float):
+  """Rotates each image's hue by U(-delta, delta) of a turn (HSV space).
+
+  Args:
+    x: float32 [B, H, W, 3] RGB, clipped to [0, 1] here first (HSV needs it).
+    seed: stateless seed, int tensor [2].
+    delta: the largest shift, as a fraction of the hue circle.
+
+  Returns:
+    float32 [B, H, W, 3] RGB in [0, 1].
+  """
+  batch = tf.shape(x)[0]
+  shift = _uniform(seed, batch, -delta, delta)[..., 0]
+  hsv = tf.image.rgb_to_hsv(tf.clip_by_value(x, 0.0, 1.0))
+  hue = tf.math.floormod(hsv[..., 0] + shift, 1.0)
+  return tf.image.hsv_to_rgb(tf.stack([hue, hsv[..., 1], hsv[..., 2]], -1))
+
+
 def augment_batch(images, seed, flips: bool = True, rot90: bool = True,
-                  color_jitter: float = 0.0, stain_jitter: float = 0.0):
+                  color_jitter: float = 0.0, stain_jitter: float = 0.0,
+                  hue_jitter: float = 0.0):
   """Pure function behind the augmenter: same seed, same output.
 
   Args:
@@ -237,6 +257,7 @@ def augment_batch(images, seed, flips: bool = True, rot90: bool = True,
     flips, rot90: geometric augmentation, see random_d4.
     color_jitter: strength of random_color_jitter; 0 disables it.
     stain_jitter: sigma of random_stain_jitter; 0 disables it.
+    hue_jitter: largest hue shift of random_hue_jitter; 0 disables it.
 
   Returns:
     Augmented images, same shape and dtype.
@@ -247,7 +268,7 @@ def augment_batch(images, seed, flips: bool = True, rot90: bool = True,
   images = tf.convert_to_tensor(images)
   s_geo, s_stain, s_color = _split_seed(seed, 3)
   x = random_d4(images, s_geo, flips=flips, rot90=rot90)
-  if color_jitter > 0 or stain_jitter > 0:
+  if color_jitter > 0 or stain_jitter > 0 or hue_jitter > 0:
     if x.dtype != tf.uint8 or x.shape[-1] != 3:
       raise ValueError("colour and stain jitter need uint8 RGB images "
                        f"[B,H,W,3], got {x.dtype.name} {x.shape}")
@@ -256,8 +277,102 @@ def augment_batch(images, seed, flips: bool = True, rot90: bool = True,
       y = random_stain_jitter(y, s_stain, stain_jitter)
     if color_jitter > 0:
       y = random_color_jitter(y, s_color, color_jitter)
+    if hue_jitter > 0:
+      # Folded from the colour seed: older runs' streams stay the same.
+      y = random_hue_jitter(
+          y, tf.random.experimental.stateless_fold_in(s_color, 1), hue_jitter)
     x = tf.cast(tf.clip_by_value(tf.round(y * 255.0), 0.0, 255.0), tf.uint8)
   return x
+
+
+# The label concerns the centre 32x32 px of a 96 px patch (PCam/Kaggle).
+CENTRE = (32, 64)
+
+
+_BETA_GRID = 4096
+
+
+@functools.lru_cache(maxsize=8)
+def _beta_quantiles(alpha: float) -> np.ndarray:
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  return stats.beta.ppf(np.linspace(0.0, 1.0, _BETA_GRID + 1), alpha,
+                        alpha).astype(np.float32)
+
+
+def _beta(seed, n, alpha: float):
+  """n draws of Beta(alpha, alpha) by inverse-CDF interpolation.
+
+  The gamma sampler has no XLA kernel, so the quantile function is
+  tabulated once (scipy, 4097 points) and a stateless uniform is mapped
+  through it: gathers and a lerp, which compile anywhere.
+  """
+  table = tf.constant(_beta_quantiles(float(alpha)))
+  u = tf.random.stateless_uniform([n], seed, 0.0, float(_BETA_GRID))
+  i = tf.minimum(tf.cast(tf.floor(u), tf.int32), _BETA_GRID - 1)
+  frac = u - tf.cast(i, tf.float32)
+  lo, hi = tf.gather(table, i), tf.gather(table, i + 1)
+  return lo + (hi - lo) * frac
+
+
+def mix_batch(images, labels, seed, mode: str, alpha: float = 0.2,
+              centre: tuple[int, int] = CENTRE):
+  """Mixes every image with its partner in the reversed batch.
+
+  mixup: image = lam * a + (1 - lam) * b (rounded back to uint8), target =
+    lam * y_a + (1 - lam) * y_b, lam ~ Beta(alpha, alpha) per image.
+  cutmix: a box of area fraction 1 - lam (uniform centre, clipped to the
+    image) is pasted from b. The target mixes by how much of the *centre*
+    region comes from b, not by area: the label says whether the centre
+    32x32 px holds tumour, so a box that misses the centre leaves the
+    label alone and one that covers it takes b's.
+
+  Args:
+    images: uint8 [B, H, W, C].
+    labels: float32 [B] in [0, 1].
+    seed: stateless seed, int tensor [2].
+    mode: "mixup" or "cutmix".
+    alpha: Beta parameter (small: mostly one image dominates).
+    centre: [start, end) of the square region that decides the label.
+
+  Returns:
+    (images uint8 [B, H, W, C], targets float32 [B]).
+
+  Raises:
+    ValueError: unknown mode.
+  """
+  if mode not in ("mixup", "cutmix"):
+    raise ValueError(f"mix mode must be mixup or cutmix, got {mode!r}")
+  images = tf.convert_to_tensor(images)
+  labels = tf.cast(labels, tf.float32)
+  other, other_labels = tf.reverse(images, [0]), tf.reverse(labels, [0])
+  n = tf.shape(images)[0]
+  s_lam, s_box = _split_seed(seed, 2)
+  lam = _beta(s_lam, n, alpha)
+  if mode == "mixup":
+    w = lam[:, None, None, None]
+    mixed = (tf.cast(images, tf.float32) * w +
+             tf.cast(other, tf.float32) * (1.0 - w))
+    out = tf.cast(tf.clip_by_value(tf.round(mixed), 0.0, 255.0), images.dtype)
+    return out, lam * labels + (1.0 - lam) * other_labels
+  h, w = images.shape[1], images.shape[2]
+  cut = tf.sqrt(1.0 - lam)
+  cy = tf.random.stateless_uniform([n], s_box, 0.0, float(h))
+  cx = tf.random.stateless_uniform(
+      [n], tf.random.experimental.stateless_fold_in(s_box, 1), 0.0, float(w))
+  y0 = tf.clip_by_value(tf.round(cy - cut * h / 2), 0.0, float(h))
+  y1 = tf.clip_by_value(tf.round(cy + cut * h / 2), 0.0, float(h))
+  x0 = tf.clip_by_value(tf.round(cx - cut * w / 2), 0.0, float(w))
+  x1 = tf.clip_by_value(tf.round(cx + cut * w / 2), 0.0, float(w))
+  rows = tf.range(h, dtype=tf.float32)[None, :, None]
+  cols = tf.range(w, dtype=tf.float32)[None, None, :]
+  inside = ((rows >= y0[:, None, None]) & (rows < y1[:, None, None]) &
+            (cols >= x0[:, None, None]) & (cols < x1[:, None, None]))
+  out = tf.where(inside[..., None], other, images)
+  c0, c1 = float(centre[0]), float(centre[1])
+  overlap_y = tf.maximum(0.0, tf.minimum(y1, c1) - tf.maximum(y0, c0))
+  overlap_x = tf.maximum(0.0, tf.minimum(x1, c1) - tf.maximum(x0, c0))
+  from_other = overlap_y * overlap_x / ((c1 - c0) ** 2)
+  return out, (1.0 - from_other) * labels + from_other * other_labels
 
 
 @keras.saving.register_keras_serializable(package="hcd")
@@ -270,7 +385,7 @@ class Augmenter(keras.layers.Layer):
 
   def __init__(self, flips: bool = True, rot90: bool = True,
                color_jitter: float = 0.0, stain_jitter: float = 0.0,
-               seed: int | None = None, **kwargs):
+               seed: int | None = None, hue_jitter: float = 0.0, **kwargs):
     # Integer images in, integer images out: never autocast to the
     # mixed-precision compute dtype.
     kwargs.setdefault("autocast", False)
@@ -283,6 +398,9 @@ class Augmenter(keras.layers.Layer):
     self.rot90 = bool(rot90)
     self.color_jitter = float(color_jitter)
     self.stain_jitter = float(stain_jitter)
+    if not 0.0 <= float(hue_jitter) <= 0.5:
+      raise ValueError(f"hue_jitter must be in [0, 0.5], got {hue_jitter}")
+    self.hue_jitter = float(hue_jitter)
     self.seed = seed
     self.seed_generator = keras.random.SeedGenerator(seed)
     self.supports_masking = False
@@ -297,7 +415,7 @@ class Augmenter(keras.layers.Layer):
   @property
   def is_identity(self) -> bool:
     return not (self.flips or self.rot90 or self.color_jitter > 0 or
-                self.stain_jitter > 0)
+                self.stain_jitter > 0 or self.hue_jitter > 0)
 
   def call(self, images, training=None):
     if not training or self.is_identity:
@@ -311,7 +429,8 @@ class Augmenter(keras.layers.Layer):
           seed, tf.cast(ctx.replica_id_in_sync_group, tf.int64))
     return augment_batch(images, seed, flips=self.flips, rot90=self.rot90,
                          color_jitter=self.color_jitter,
-                         stain_jitter=self.stain_jitter)
+                         stain_jitter=self.stain_jitter,
+                         hue_jitter=self.hue_jitter)
 
   def compute_output_shape(self, input_shape):
     return input_shape
@@ -323,13 +442,15 @@ class Augmenter(keras.layers.Layer):
     config = super().get_config()
     config.update(flips=self.flips, rot90=self.rot90,
                   color_jitter=self.color_jitter,
-                  stain_jitter=self.stain_jitter, seed=self.seed)
+                  stain_jitter=self.stain_jitter, seed=self.seed,
+                  hue_jitter=self.hue_jitter)
     return config
 
 
 def build_augmenter(flips: bool = True, rot90: bool = True,
                     color_jitter: float = 0.0, stain_jitter: float = 0.0,
-                    seed: int | None = None) -> Augmenter:
+                    seed: int | None = None,
+                    hue_jitter: float = 0.0) -> Augmenter:
   """Builds the training-time augmenter.
 
   Call it as `augmenter(images, training=True)` inside the training step
@@ -344,12 +465,14 @@ def build_augmenter(flips: bool = True, rot90: bool = True,
     stain_jitter: H&E stain perturbation sigma in [0, 1); 0 is off, ~0.05
       is the "HED-light" setting.
     seed: int for reproducible augmentation, None for a random seed.
+    hue_jitter: largest HSV hue shift in [0, 0.5] of a turn; 0 is off.
 
   Returns:
     A keras layer mapping uint8 [B, H, W, 3] to uint8 [B, H, W, 3].
 
   Raises:
-    ValueError: a jitter strength outside [0, 1).
+    ValueError: a jitter strength outside its range.
   """
   return Augmenter(flips=flips, rot90=rot90, color_jitter=color_jitter,
-                   stain_jitter=stain_jitter, seed=seed, name="augmenter")
+                   stain_jitter=stain_jitter, seed=seed, hue_jitter=hue_jitter,
+                   name="augmenter")

@@ -51,7 +51,8 @@ def _basic_block(x, filters: int, strides: int, name: str):
 
 def resnet(widths: Sequence[int] = (64, 128, 256), stem_widths: Sequence[int]
            = (32, 64), blocks_per_stage: int = 1,
-           dropout: float = 0.3) -> keras.Model:
+           dropout: float = 0.3, crop: int = 0,
+           size: int = 0) -> keras.Model:
   """Builds the compact ResNet.
 
   Args:
@@ -60,12 +61,15 @@ def resnet(widths: Sequence[int] = (64, 128, 256), stem_widths: Sequence[int]
     stem_widths: channels of the two stride-2 stem convolutions.
     blocks_per_stage: residual blocks per stage.
     dropout: dropout rate before the classifier.
+    crop: centre crop in px before the stem (0: none; see
+      common.input_view).
+    size: resize to this many px after the crop (0: none).
 
   Returns:
     keras.Model: uint8 [B, 96, 96, 3] -> float32 probability [B, 1].
 
   Raises:
-    ValueError: empty widths or blocks_per_stage < 1.
+    ValueError: empty widths, blocks_per_stage < 1, bad crop or size.
   """
   if not widths or not stem_widths or blocks_per_stage < 1:
     raise ValueError("resnet needs at least one stage, one stem conv and "
@@ -73,6 +77,7 @@ def resnet(widths: Sequence[int] = (64, 128, 256), stem_widths: Sequence[int]
                      f"stem_widths={stem_widths}, "
                      f"blocks_per_stage={blocks_per_stage}")
   inputs, x = common.input_and_rescale()
+  x = common.input_view(x, crop, size)
   for i, w in enumerate(stem_widths):
     x = _conv_bn(x, w, 3, 2, f"stem{i}")
   for s, w in enumerate(widths):

@@ -120,9 +120,14 @@ def write_predictions(path: str, ids: Sequence[str], labels, probs) -> None:
 
 
 def save_keras_model(model, path: str) -> None:
-  """Saves a Keras model atomically (Keras insists on a .keras suffix)."""
+  """Saves a Keras model atomically (Keras insists on a .keras suffix).
+
+  Custom layers are first replaced by standard ones computing the same
+  (hcd.models.standard_model), so the file loads in safe mode without hcd.
+  """
+  from hcd import models  # pylint: disable=g-import-not-at-top
   tmp = f"{path}.tmp-{os.getpid()}.keras"
-  model.save(tmp)
+  models.standard_model(model).save(tmp)
   os.replace(tmp, path)
 
 

@@ -30,6 +30,7 @@ checkpoint), so it ends with exactly `epochs` epochs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -144,12 +145,11 @@ class Trainer:
       self.augmenter = augment.build_augmenter(
           flips=config.flips, rot90=config.rot90,
           color_jitter=config.color_jitter, stain_jitter=config.stain_jitter,
-          seed=config.seed)
+          seed=config.seed, hue_jitter=config.hue_jitter)
       self.augmenter.build((None,) + features.IMAGE_SHAPE)
       self.optimizer = make_optimizer(config, learning_rate, steps_per_epoch)
       self.optimizer.build(self.model.trainable_variables)
       self.train_metrics = _Metrics("")
-      self.val_metrics = _Metrics("val_")
       self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False,
                                name="epoch")
       self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
@@ -163,29 +163,48 @@ class Trainer:
     self._stat_index = [i for i, v in enumerate(self._nontrainable)
                         if v.name != _SEED_STATE]
     self._aug_vars = list(self.augmenter.non_trainable_variables)
+    # The weights the EMA follows: every trainable weight and the BatchNorm
+    # statistics (averaged weights with the live statistics would mismatch).
+    self._ema_sources = list(self.model.trainable_variables) + [
+        self._nontrainable[i] for i in self._stat_index]
+    self.ema = []
+    if config.ema_decay > 0:
+      with strategy.scope():
+        self.ema = [tf.Variable(tf.convert_to_tensor(v), trainable=False,
+                                name=f"ema_{k}")
+                    for k, v in enumerate(self._ema_sources)]
     self._build_steps()
 
   # -- pure, XLA-compiled functions -----------------------------------------
 
   def _build_steps(self):
+    from hcd.models import augment  # pylint: disable=g-import-not-at-top
     model, augmenter = self.model, self.augmenter
     smoothing = float(self.config.label_smoothing)
     global_batch = float(self.global_batch)
 
-    def forward_backward(tv, ntv, aug_state, images, labels, weights,
-                         loss_scale):
+    mix, mix_alpha = self.config.mix, float(self.config.mix_alpha)
+
+    def forward_backward(tv, ntv, aug_state, mix_seed, images, labels,
+                         weights, loss_scale):
       if self._aug_vars:
         images, _ = augmenter.stateless_call([], aug_state, images,
                                              training=True)
+      targets = labels
+      if mix != "none":
+        images, targets = augment.mix_batch(images, labels, mix_seed, mix,
+                                            mix_alpha)
       with tf.GradientTape() as tape:
         tape.watch(tv)
         probs, new_ntv = model.stateless_call(tv, ntv, images, training=True)
-        per_example = _bce(labels, probs, smoothing)
+        per_example = _bce(targets, probs, smoothing)
         # Divided by the GLOBAL batch: the optimizer sums replica gradients.
         loss = tf.reduce_sum(per_example * weights) / global_batch
         scaled = loss * loss_scale
       grads = tape.gradient(scaled, tv)
-      return per_example, tf.cast(probs, tf.float32), grads, new_ntv
+      # Metrics of a mixed batch score the dominant image's label.
+      return (per_example, tf.cast(probs, tf.float32), tf.round(targets),
+              grads, new_ntv)
 
     def forward(tv, ntv, images):
       probs, _ = model.stateless_call(tv, ntv, images, training=False)
@@ -226,9 +245,13 @@ class Trainer:
                             ctx.num_replicas_in_sync)
     aug_state = [tf.cast(tf.stack([tf.constant(self.config.seed, tf.int64),
                                    step]), v.dtype) for v in self._aug_vars]
-    per_example, probs, grads, new_ntv = self.forward_backward(
-        tv, ntv, aug_state, batch["image"], batch["label"], batch["weight"],
-        self._loss_scale())
+    mix_seed = tf.stack([
+        tf.constant(self.config.seed + 7, tf.int64),
+        step * ctx.num_replicas_in_sync +
+        tf.cast(ctx.replica_id_in_sync_group, tf.int64)])
+    per_example, probs, labels, grads, new_ntv = self.forward_backward(
+        tv, ntv, aug_state, mix_seed, batch["image"], batch["label"],
+        batch["weight"], self._loss_scale())
     self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
     if self._stat_index:
       stats = ctx.all_reduce(tf.distribute.ReduceOp.MEAN,
@@ -241,16 +264,39 @@ class Trainer:
                                    args=(value,))
 
       ctx.merge_call(assign, args=(stats,))
-    self.train_metrics.update(batch["label"], probs, per_example,
-                              batch["weight"])
+    self.train_metrics.update(labels, probs, per_example, batch["weight"])
 
-  def _eval_replica(self, batch):
+  def _update_ema(self):
+    """One EMA step (cross-replica context), after the optimizer's."""
+    step = tf.cast(self.step, tf.float32)
+    # The usual warm-up: early on the average would be dominated by the
+    # random initialisation, so the decay starts small.
+    decay = tf.minimum(tf.constant(self.config.ema_decay, tf.float32),
+                       (1.0 + step) / (10.0 + step))
+
+    def average(ema, value):
+      return ema.assign(ema * tf.cast(decay, ema.dtype) +
+                        tf.cast(value, ema.dtype) * tf.cast(1.0 - decay,
+                                                            ema.dtype))
+
+    for ema, source in zip(self.ema, self._ema_sources):
+      self.strategy.extended.update(ema, average, args=(source.value,))
+
+  def _eval_values(self):
+    """(trainable, non-trainable) values that validation and saving use."""
     tv = self._values(self.model.trainable_variables)
     ntv = self._values(self._nontrainable)
+    if self.ema:
+      n = len(tv)
+      tv = self._values(self.ema[:n])
+      for i, ema in zip(self._stat_index, self.ema[n:]):
+        ntv[i] = tf.convert_to_tensor(ema)
+    return tv, ntv
+
+  def _eval_replica(self, batch):
+    tv, ntv = self._eval_values()
     probs = self.forward(tv, ntv, batch["image"])
-    per_example = _bce(batch["label"], probs, 0.0)
-    self.val_metrics.update(batch["label"], probs, per_example,
-                            batch["weight"])
+    return probs[:, 0], batch["label"], batch["weight"]
 
   @tf.function
   def train_loop(self, iterator, num_steps):
@@ -258,22 +304,72 @@ class Trainer:
     for _ in tf.range(num_steps):
       self.strategy.run(self._train_replica, args=(next(iterator),))
       self.step.assign_add(1)
+      if self.ema:
+        self._update_ema()
 
   @tf.function
-  def eval_loop(self, iterator, num_steps):
-    """Runs `num_steps` validation steps."""
-    for _ in tf.range(num_steps):
-      self.strategy.run(self._eval_replica, args=(next(iterator),))
+  def eval_step(self, iterator):
+    """One validation step: (probs, labels, weights) of every replica.
+
+    Gathered from all replicas (and workers), so every worker computes the
+    same exact metrics and takes the same best-epoch decision.
+    """
+    outputs = self.strategy.run(self._eval_replica, args=(next(iterator),))
+    return [self.strategy.gather(o, axis=0) for o in outputs]
+
+  def evaluate(self, iterator, num_steps: int) -> dict[str, float]:
+    """Validation metrics over `num_steps` steps, computed exactly.
+
+    The loss, accuracy and ROC AUC come from every validation probability
+    (hcd.metrics, i.e. scikit-learn), not from thresholded streaming
+    metrics: model selection must not mis-rank a model whose probabilities
+    are tightly clustered.
+
+    Returns:
+      {"val_loss", "val_accuracy", "val_auc"} (val_auc None if one class).
+    """
+    from hcd import metrics as hcd_metrics  # pylint: disable=g-import-not-at-top
+    probs, labels, weights = [], [], []
+    for _ in range(num_steps):
+      p, l, w = (t.numpy() for t in self.eval_step(iterator))
+      probs.append(p)
+      labels.append(l)
+      weights.append(w)
+    probs, labels, weights = (np.concatenate(x) for x in (probs, labels,
+                                                          weights))
+    keep = weights > 0  # Padding of the last batch has weight 0.
+    return hcd_metrics.validation_metrics(labels[keep], probs[keep],
+                                          weights[keep])
+
+  @contextlib.contextmanager
+  def averaged_weights(self):
+    """Puts the EMA weights into the model for the block, then restores."""
+    if not self.ema:
+      yield
+      return
+    live = [tf.identity(tf.convert_to_tensor(v)) for v in self._ema_sources]
+    self.use_averaged_weights()
+    try:
+      yield
+    finally:
+      for v, x in zip(self._ema_sources, live):
+        v.assign(x)
+
+  def use_averaged_weights(self) -> None:
+    """Replaces the model's weights by their EMA (no-op without EMA)."""
+    for v, ema in zip(self._ema_sources, self.ema):
+      v.assign(tf.convert_to_tensor(ema))
 
   def predict(self, dataset):
     """Probabilities for a (non-distributed) dataset with ids; chief only.
+
+    Uses the weights validation uses (the EMA when enabled).
 
     Returns:
       (ids list[str], labels int array, probs float array) of the images
       with weight > 0 (padding dropped).
     """
-    tv = self._values(self.model.trainable_variables)
-    ntv = self._values(self._nontrainable)
+    tv, ntv = self._eval_values()
     ids, labels, probs = [], [], []
     for batch in dataset:
       p = self.forward(tv, ntv, batch["image"]).numpy()[:, 0]
@@ -367,12 +463,7 @@ def train_and_evaluate(config: TrainConfig, strategy=None,
   if chief:
     run.makedirs()
 
-  groups = pipeline.read_groups_csv(config.group_csv) if config.group_csv \
-      else None
-  plan = pipeline.make_plan(
-      config.shards_dir, config.train_split, config.val_split or None,
-      pipeline.SplitSpec(config.val_fraction, config.split_seed, groups),
-      config.balance, seed=config.seed)
+  plan = pipeline.run_plan(config)
   _check_batch(config, strategy, plan)
   steps_per_epoch = (config.steps_per_epoch or
                      plan.train.num_examples // config.batch_size)
@@ -409,6 +500,8 @@ def train_and_evaluate(config: TrainConfig, strategy=None,
                              epoch=trainer.epoch, step=trainer.step,
                              best_auc=trainer.best_auc,
                              best_epoch=trainer.best_epoch)
+  if trainer.ema:
+    ckpt.ema = trainer.ema
   best_ckpt = tf.train.Checkpoint(model=trainer.model, epoch=trainer.epoch,
                                   best_auc=trainer.best_auc)
   temp_dir = None if chief else write_dir
@@ -486,12 +579,9 @@ def train_and_evaluate(config: TrainConfig, strategy=None,
     row = {"epoch": epoch + 1, **trainer.train_metrics.result()}
     val_time = 0.0
     if val_ds is not None:
-      trainer.val_metrics.reset()
       tv0 = time.perf_counter()
-      trainer.eval_loop(iter(val_ds), tf.constant(
-          val_steps * 1, tf.int64))
+      row.update(trainer.evaluate(iter(val_ds), val_steps))
       val_time = time.perf_counter() - tv0
-      row.update(trainer.val_metrics.result())
     else:
       row.update({"val_loss": None, "val_accuracy": None, "val_auc": None})
     row.update({
@@ -519,9 +609,10 @@ def train_and_evaluate(config: TrainConfig, strategy=None,
         val_auc > float(trainer.best_auc.numpy())):
       trainer.best_auc.assign(val_auc)
       trainer.best_epoch.assign(epoch + 1)
-      best_saver.save(epoch + 1)
-      if chief:
-        artifacts.save_keras_model(trainer.model, run.best_model)
+      with trainer.averaged_weights():
+        best_saver.save(epoch + 1)
+        if chief:
+          artifacts.save_keras_model(trainer.model, run.best_model)
     latest_saver.save(int(trainer.step.numpy()))
 
   return _finish(config, trainer, plan, run, chief, history, epoch_times,
@@ -563,6 +654,9 @@ def _fmt(x) -> str:
 def _finish(config, trainer, plan, run, chief, history, epoch_times,
             step_times, num_params, write_dir) -> dict[str, Any]:
   """Final artifacts: model.keras, predictions, metrics.json, plots."""
+  # The final model is the averaged one when EMA is on (the checkpoint
+  # keeps both, so a restarted run gets here with the same weights).
+  trainer.use_averaged_weights()
   digest = trainer.weights_digest()
   logging.info("final weights sha256 %s", digest)
   if not chief:

@@ -21,9 +21,10 @@ import shutil
 from absl import logging
 import tensorflow as tf
 
-STRATEGIES = ("auto", "mirrored", "multiworker", "one_device")
-JIT_MODES = ("auto", "true", "false")
-PRECISIONS = ("none", "bf16", "fp16")
+from hcd.train.config import JIT_MODES
+from hcd.train.config import PRECISIONS
+from hcd.train.config import STRATEGIES
+
 _KERAS_POLICIES = {"none": "float32", "bf16": "mixed_bfloat16",
                    "fp16": "mixed_float16"}
 

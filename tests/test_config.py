@@ -1,0 +1,59 @@
+"""TrainConfig is the single source of hcd_train's flags."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+from hcd.train import config as config_lib
+
+# Parses flags in a subprocess so that its absl FLAGS never meet another
+# binary's in the test process.
+DESCRIBE = """
+import json
+from hcd.cli import flags
+out = {}
+for name, flag in flags.FLAGS._flags().items():
+  if flag.help:
+    out[name] = {"default": flag.default, "help": flag.help,
+                 "enum": sorted(getattr(flag.parser, "enum_values", None) or [])}
+print(json.dumps(out))
+"""
+
+
+def test_every_config_field_is_a_flag_with_its_default_and_help():
+  out = subprocess.run([sys.executable, "-c", DESCRIBE], capture_output=True,
+                       text=True, check=True).stdout
+  described = json.loads(out)
+  for field in dataclasses.fields(config_lib.TrainConfig):
+    name = "model_override" if field.name == "model_overrides" else field.name
+    assert name in described, name
+    flag = described[name]
+    assert field.metadata["help"] and field.metadata["help"] in flag["help"]
+    if field.name != "model_overrides":
+      assert flag["default"] == field.default, name
+    choices = field.metadata.get("choices")
+    if choices is not None:
+      choices = choices() if callable(choices) else choices
+      assert flag["enum"] == sorted(choices), name
+
+
+def test_enum_values_are_defined_once():
+  from hcd.data import pipeline  # pylint: disable=g-import-not-at-top
+  from hcd.train import runtime  # pylint: disable=g-import-not-at-top
+  assert pipeline.BALANCE_MODES is config_lib.BALANCE_MODES
+  assert runtime.STRATEGIES is config_lib.STRATEGIES
+  assert runtime.PRECISIONS is config_lib.PRECISIONS
+  assert runtime.JIT_MODES is config_lib.JIT_MODES
+
+
+def test_validate_names_the_setting_and_the_choices():
+  for field, value in (("balance", "oversample"), ("mix", "blend"),
+                       ("strategy", "tpu")):
+    config = config_lib.TrainConfig(**{field: value})
+    try:
+      config.validate()
+    except config_lib.ConfigError as e:
+      assert repr(value) in str(e) and field.replace("_", " ") in str(e)
+    else:
+      raise AssertionError(f"{field}={value} was accepted")
