@@ -155,3 +155,56 @@ def test_cli_report(tmp_path, two_runs):
       capture_output=True, text=True, env=evalutil.ENV,
       cwd=str(evalutil.REPO), timeout=120)
   assert r.returncode == 1 and "nope: run directory does not exist" in r.stderr
+
+
+def _fold_run(path, fold, num_folds, ids, labels, probs, auc, **cfg):
+  evalutil.make_run(str(path), metrics={"roc_auc": auc})
+  with open(os.path.join(path, "config.json")) as f:
+    config = json.load(f)
+  config.update(num_folds=num_folds, fold=fold, shards_dir="shards",
+                train_split="train", split_seed=123, **cfg)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(config, f)
+  with open(os.path.join(path, "val_predictions.csv"), "w") as f:
+    f.write("id,label,prob\n" + "".join(
+        f"{i},{l},{p!r}\n" for i, l, p in zip(ids, labels, probs)))
+  return str(path)
+
+
+def test_cross_validation_section_pools_out_of_fold_predictions(tmp_path):
+  from sklearn.metrics import roc_auc_score  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 2, 90)
+  probs = np.clip(0.5 * labels + rng.normal(0.25, 0.3, 90), 0, 1)
+  # Fold 2 is calibrated differently: fine alone, worse when pooled.
+  probs[60:] = probs[60:] * 0.3
+  ids = [f"img{k}" for k in range(90)]
+  runs_ = [_fold_run(tmp_path / f"f{k}", k, 3, ids[30 * k:30 * k + 30],
+                     labels[30 * k:30 * k + 30], probs[30 * k:30 * k + 30],
+                     roc_auc_score(labels[30 * k:30 * k + 30],
+                                   probs[30 * k:30 * k + 30]))
+           for k in range(3)]
+  plain = evalutil.make_run(str(tmp_path / "plain"), metrics={"roc_auc": 0.9})
+  out = report.compare_runs(runs_ + [plain], str(tmp_path / "rep"))
+  (cv,) = out["cross_validation"]
+  assert cv["num_folds"] == 3 and cv["missing"] == [] and (
+      cv["num_examples"] == 90)
+  assert cv["oof_auc"] == pytest.approx(roc_auc_score(labels, probs))
+  assert cv["oof_auc"] < cv["mean_fold_auc"]
+  with open(out["markdown"]) as f:
+    md = f.read()
+  assert "## Cross-validation" in md and f"**{cv['oof_auc']:.4f}**" in md
+  with open(out["oof_csv"]) as f:
+    rows = list(csv.DictReader(f))
+  assert [r["id"] for r in rows] == ids and {r["fold"] for r in rows} == {
+      "0", "1", "2"}
+  # A missing fold is said; a fold given twice is refused.
+  out = report.compare_runs(runs_[:2], str(tmp_path / "rep2"))
+  assert out["cross_validation"][0]["missing"] == [2]
+  with pytest.raises(runs.RunError, match="fold 1 of 3 is also"):
+    report.compare_runs(runs_ + [_fold_run(
+        tmp_path / "again", 1, 3, ids[:3], labels[:3], probs[:3], 0.5)],
+                        str(tmp_path / "rep3"))
+  # Runs without folds give no section.
+  out = report.compare_runs([plain], str(tmp_path / "rep4"))
+  assert out["cross_validation"] == [] and out["oof_csv"] is None

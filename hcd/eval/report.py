@@ -4,9 +4,12 @@
 
 reads each run's config.json, history and metrics.json (hcd.eval.runs) and
 writes
-  runs.md       markdown table + a one-line conclusion (best run by val AUC)
+  runs.md       markdown table + a one-line conclusion (best run by val AUC);
+                with K-fold runs (hcd_train --num_folds), a cross-validation
+                section: per-fold AUC and the pooled out-of-fold AUC
   runs.csv      the same numbers, unformatted
   val_auc.png   the runs' validation-AUC curves overlaid
+  oof_predictions.csv   with K-fold runs: id,label,prob,fold,num_folds
 
 Like hcd_train's metrics.json, the accuracy and AUC columns describe the
 final model: validation numbers from metrics.json (all validation images),
@@ -24,6 +27,7 @@ import statistics
 from typing import Any, Sequence
 
 from hcd import plots
+from hcd.eval import crossval
 from hcd.eval import runs
 from hcd import fileio
 
@@ -150,7 +154,9 @@ def compare_runs(workdirs: Sequence[str], out_dir: str,
     names: row labels, one per run (default: directory names).
 
   Returns:
-    {"markdown": path, "csv": path, "val_auc_png": path or None}.
+    {"markdown": path, "csv": path, "val_auc_png": path or None,
+     "cross_validation": crossval.summary of the K-fold experiments,
+     "oof_csv": path or None}.
 
   Raises:
     runs.RunError: no runs, a missing or unreadable run directory.
@@ -166,11 +172,17 @@ def compare_runs(workdirs: Sequence[str], out_dir: str,
   labels = [r["run"] for r in rows]
   if len(set(labels)) != len(labels):
     raise ValueError(f"runs need distinct names, got {labels} (pass --names)")
+  folds = crossval.cross_validation(loaded, labels)
   os.makedirs(out_dir, exist_ok=True)
   out = {"markdown": os.path.join(out_dir, "runs.md"),
-         "csv": os.path.join(out_dir, "runs.csv"), "val_auc_png": None}
-  fileio.atomic_write_text(out["markdown"], markdown_table(rows))
+         "csv": os.path.join(out_dir, "runs.csv"), "val_auc_png": None,
+         "cross_validation": crossval.summary(folds), "oof_csv": None}
+  fileio.atomic_write_text(out["markdown"], markdown_table(rows) +
+                           crossval.markdown(folds))
   fileio.atomic_write_text(out["csv"], csv_table(rows))
+  if folds:
+    out["oof_csv"] = os.path.join(out_dir, "oof_predictions.csv")
+    fileio.atomic_write_text(out["oof_csv"], crossval.oof_csv(folds))
   curves = {lab: r.history for lab, r in zip(labels, loaded)
             if any(runs.finite(h.get("val_auc")) is not None
                    for h in r.history)}
