@@ -1,29 +1,36 @@
 #!/usr/bin/env python3
 """Benchmark: time per training step of hcd's loop vs a bare step vs fit.
 
-  .venv/bin/python bench/train_step.py [--model=model1] [--batch_size=32]
+  .venv/bin/python bench/train_step.py [--flagfile=pcam.flags] [--model=...]
       [--steps=20] [--repeats=5] [--jit=both|true|false]
 
-Three ways to train the same model on the same uint8 batch (random flips
-in all three), one device, no input pipeline cost (a constant batch):
+The recipe is hcd_train's own: every hcd_train flag (and --flagfile) is
+accepted and turned into the same TrainConfig, so `--flagfile=pcam.flags`
+measures the recipe pcam.flags trains with (model, batch size, D4 / stain /
+colour / hue augmentation, mixup or cutmix, label smoothing, weight EMA,
+learning-rate schedule). Without flags it is the notebook's setting (model1,
+batch 32, random flips). Three ways to train that recipe on the same uint8
+batch, one device, no input pipeline cost (a constant batch):
 
-  bare  one tf.function doing augment + forward + backward + Adam, nothing
-        else: the floor for any loop
+  bare  one tf.function doing augment + mix + forward + backward + Adam (+
+        the EMA update), nothing else: the floor for any loop
   hcd   hcd.train.loop.Trainer.train_loop: strategy.run, the per-replica
         step as a separate tf.function, Adam applied outside it, BatchNorm
-        statistics written back, loss/accuracy/AUC metrics, a
-        `steps_per_loop` loop over a tf.data iterator
+        statistics written back, EMA of weights and statistics,
+        loss/accuracy/AUC metrics, a `steps_per_loop` loop over a tf.data
+        iterator
   fit   keras Model.fit on Sequential([augmenter, model]) with the same
-        metrics, steps_per_execution = steps
+        optimizer and schedule (EMA: Adam(use_ema=True)), loss (label
+        smoothing), metrics, mixup/cutmix as a map in the tf.data input,
+        steps_per_execution = steps
 
 each with XLA (jit_compile=True) and without. The three methods run in turn,
 --repeats times, so load from other processes hits them alike; each number
 is the median of the repeats of (wall time of --steps steps) / steps. The
-last line is a JSON object with every median and the overheads
-hcd / bare - 1 and fit / hcd.
+last line is a JSON object with every median, the overheads hcd / bare - 1
+and fit / hcd, and images/s.
 """
 
-import argparse
 import json
 import os
 import platform
@@ -34,14 +41,21 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import keras  # pylint: disable=g-import-not-at-top
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+import keras
 import numpy as np
 import tensorflow as tf
 
 from hcd import models
+from hcd.cli import flags as train_flags
 from hcd.models import augment
 from hcd.train import loop
-from hcd.train.config import TrainConfig
+
+_STEPS = flags.DEFINE_integer("steps", 20, "Steps per timed repeat.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per method.")
+_JIT = flags.DEFINE_enum("jit", "both", ["both", "true", "false"],
+                         "XLA on, off or both.")
 
 
 def batch(batch_size, seed=0):
@@ -51,24 +65,42 @@ def batch(batch_size, seed=0):
   return images, labels
 
 
-def bare_step_fn(model_name, jit, seed=1):
-  keras.utils.set_random_seed(seed)
-  model = models.build_model(model_name)
-  opt = keras.optimizers.Adam(1e-3)
+def _augment_kwargs(config):
+  return dict(flips=config.flips, rot90=config.rot90,
+              color_jitter=config.color_jitter,
+              stain_jitter=config.stain_jitter, hue_jitter=config.hue_jitter)
+
+
+def _bce(config):
+  return keras.losses.BinaryCrossentropy(
+      label_smoothing=config.label_smoothing)
+
+
+def bare_step_fn(config, jit, lr):
+  keras.utils.set_random_seed(config.seed)
+  model = models.build_model(config.model, **config.model_overrides)
+  opt = loop.make_optimizer(config, lr, 100)
   opt.build(model.trainable_variables)
   step = tf.Variable(0, dtype=tf.int64)
+  tracked = list(model.trainable_variables)
+  ema = [tf.Variable(tf.convert_to_tensor(v)) for v in tracked
+         ] if config.ema_decay else []
+  loss_fn = _bce(config)
 
   @tf.function(jit_compile=jit)
   def train_step(images, labels):
-    images = augment.augment_batch(
-        images, tf.stack([tf.constant(seed, tf.int64), step]), flips=True,
-        rot90=False)
+    seed = tf.stack([tf.constant(config.seed, tf.int64), step])
+    images = augment.augment_batch(images, seed, **_augment_kwargs(config))
+    if config.mix != "none":
+      images, labels = augment.mix_batch(images, labels, seed, config.mix,
+                                         config.mix_alpha)
     with tf.GradientTape() as tape:
       probs = model(images, training=True)
-      loss = tf.reduce_mean(keras.ops.binary_crossentropy(labels[:, None],
-                                                          probs))
+      loss = loss_fn(labels[:, None], probs)
     grads = tape.gradient(loss, model.trainable_variables)
     opt.apply_gradients(zip(grads, model.trainable_variables))
+    for e, v in zip(ema, tracked):
+      e.assign(e * config.ema_decay + v * (1 - config.ema_decay))
     step.assign_add(1)
     return loss
 
@@ -80,17 +112,16 @@ def bare_step_fn(model_name, jit, seed=1):
   return run
 
 
-def hcd_step_fn(model_name, jit, batch_size, steps):
-  config = TrainConfig(model=model_name, batch_size=batch_size,
-                       steps_per_loop=steps, flips=True, seed=1)
+def hcd_step_fn(config, jit, lr, steps):
+  config.steps_per_loop = steps
   strategy = tf.distribute.OneDeviceStrategy("/cpu:0" if not tf.config
                                              .list_physical_devices("GPU")
                                              else "/gpu:0")
-  trainer = loop.Trainer(config, strategy, 1e-3, 100, jit)
-  images, labels = batch(batch_size)
+  trainer = loop.Trainer(config, strategy, lr, 100, jit)
+  images, labels = batch(config.batch_size)
   ds = tf.data.Dataset.from_tensors({
       "image": images, "label": labels,
-      "weight": np.ones(batch_size, np.float32)}).repeat()
+      "weight": np.ones(config.batch_size, np.float32)}).repeat()
   iterator = iter(strategy.experimental_distribute_dataset(ds))
 
   def run(unused_images, unused_labels, n):
@@ -99,17 +130,28 @@ def hcd_step_fn(model_name, jit, batch_size, steps):
   return run
 
 
-def fit_step_fn(model_name, jit, batch_size, steps):
-  keras.utils.set_random_seed(1)
-  model = keras.Sequential([augment.build_augmenter(flips=True, rot90=False,
-                                                    seed=1),
-                            models.build_model(model_name)])
-  model.compile(optimizer=keras.optimizers.Adam(1e-3),
-                loss="binary_crossentropy",
+def fit_step_fn(config, jit, lr, steps):
+  keras.utils.set_random_seed(config.seed)
+  model = keras.Sequential([keras.Input((96, 96, 3), dtype="uint8"),
+                            augment.build_augmenter(seed=config.seed,
+                                                    **_augment_kwargs(config)),
+                            models.build_model(config.model,
+                                               **config.model_overrides)])
+  opt = loop.make_optimizer(config, lr, 100)
+  if config.ema_decay:  # Keras' own EMA (of the trainable weights).
+    opt = opt.from_config({**opt.get_config(), "use_ema": True,
+                           "ema_momentum": config.ema_decay})
+  model.compile(optimizer=opt, loss=_bce(config),
                 metrics=["accuracy", keras.metrics.AUC()], jit_compile=jit,
                 steps_per_execution=steps)
-  images, labels = batch(batch_size)
-  ds = tf.data.Dataset.from_tensors((images, labels[:, None])).repeat()
+  images, labels = batch(config.batch_size)
+  ds = tf.data.Dataset.from_tensors((images, labels)).repeat()
+  if config.mix != "none":
+    seeds = tf.data.Dataset.random(seed=config.seed).batch(2)
+    ds = tf.data.Dataset.zip(ds, seeds).map(
+        lambda xy, s: augment.mix_batch(xy[0], xy[1], s, config.mix,
+                                        config.mix_alpha))
+  ds = ds.map(lambda x, y: (x, y[:, None])).prefetch(2)
 
   def run(unused_images, unused_labels, n):
     model.fit(ds, epochs=1, steps_per_epoch=int(n), verbose=0)
@@ -117,51 +159,55 @@ def fit_step_fn(model_name, jit, batch_size, steps):
   return run
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--model", default="model1")
-  parser.add_argument("--batch_size", type=int, default=32)
-  parser.add_argument("--steps", type=int, default=20)
-  parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--jit", default="both", choices=["both", "true",
-                                                         "false"])
-  args = parser.parse_args()
-  images, labels = batch(args.batch_size)
+def main(argv):
+  del argv
+  config = train_flags.config_from_flags(train_flags.FLAGS)
+  lr = config.learning_rate or models.default_learning_rate(config.model)
+  images, labels = batch(config.batch_size)
   images_t, labels_t = tf.constant(images), tf.constant(labels)
-  jits = {"both": [False, True], "true": [True], "false": [False]}[args.jit]
+  steps = _STEPS.value
+  jits = {"both": [False, True], "true": [True], "false": [False]}[_JIT.value]
   results = {}
+  tag_of = {False: "noxla", True: "xla"}
   for jit in jits:
     fns = {
-        "bare": bare_step_fn(args.model, jit),
-        "hcd": hcd_step_fn(args.model, jit, args.batch_size, args.steps),
-        "fit": fit_step_fn(args.model, jit, args.batch_size, args.steps),
+        "bare": bare_step_fn(config, jit, lr),
+        "hcd": hcd_step_fn(config, jit, lr, steps),
+        "fit": fit_step_fn(config, jit, lr, steps),
     }
-    n = tf.constant(args.steps, tf.int64)
+    n = tf.constant(steps, tf.int64)
     for fn in fns.values():  # Trace, compile and warm up.
       fn(images_t, labels_t, n)
     times = {k: [] for k in fns}
-    for _ in range(args.repeats):
+    for _ in range(_REPEATS.value):
       for name, fn in fns.items():
         t0 = time.perf_counter()
         fn(images_t, labels_t, n)
-        times[name].append((time.perf_counter() - t0) / args.steps)
-    tag = "xla" if jit else "noxla"
+        times[name].append((time.perf_counter() - t0) / steps)
+    tag = tag_of[jit]
     for name, ts in times.items():
-      results[f"{name}_{tag}_ms"] = 1000 * statistics.median(ts)
-      print(f"{args.model} batch {args.batch_size} {tag:5s} {name:4s}: "
-            f"{1000 * statistics.median(ts):8.1f} ms/step  "
-            f"(runs: {', '.join(f'{1000 * t:.1f}' for t in ts)})", flush=True)
+      ms = 1000 * statistics.median(ts)
+      results[f"{name}_{tag}_ms"] = ms
+      results[f"{name}_{tag}_img_s"] = config.batch_size / (ms / 1000)
+      print(f"{config.model} batch {config.batch_size} {tag:5s} {name:4s}: "
+            f"{ms:8.1f} ms/step  (runs: "
+            f"{', '.join(f'{1000 * t:.1f}' for t in ts)})", flush=True)
     results[f"hcd_over_bare_{tag}"] = (results[f"hcd_{tag}_ms"] /
                                        results[f"bare_{tag}_ms"] - 1)
     results[f"fit_over_hcd_{tag}"] = (results[f"fit_{tag}_ms"] /
                                       results[f"hcd_{tag}_ms"])
-  results.update(model=args.model, batch_size=args.batch_size,
-                 steps=args.steps, repeats=args.repeats,
-                 cpus=os.cpu_count(), machine=platform.processor() or
-                 platform.machine(), tensorflow=tf.__version__,
+  results.update(model=config.model, batch_size=config.batch_size,
+                 recipe={k: v for k, v in config.to_dict().items() if k in (
+                     "model_overrides", "rot90", "stain_jitter",
+                     "color_jitter", "hue_jitter", "mix", "ema_decay",
+                     "label_smoothing", "lr_schedule")},
+                 steps=steps, repeats=_REPEATS.value, cpus=os.cpu_count(),
+                 load_avg=os.getloadavg()[0],
+                 machine=platform.processor() or platform.machine(),
+                 tensorflow=tf.__version__,
                  gpu=bool(tf.config.list_physical_devices("GPU")))
   print(json.dumps(results))
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)
