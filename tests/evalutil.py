@@ -6,12 +6,14 @@ config.json, history.csv and metrics.json, as hcd_train writes them.
 """
 
 import csv
+import io
 import json
 import os
 import pathlib
 
 import keras
 import numpy as np
+import tifffile
 
 from hcd.data import decode
 
@@ -81,6 +83,64 @@ def write_tiffs(folder, imgs, ids):
   for img, i in zip(imgs, ids):
     with open(os.path.join(folder, f"{i}.tif"), "wb") as f:
       f.write(decode.encode_tiff(img))
+
+
+def tiff(arr, **kw):
+  """tifffile.imwrite's bytes."""
+  buf = io.BytesIO()
+  tifffile.imwrite(buf, arr, **kw)
+  return buf.getvalue()
+
+
+# Tag 274 (Orientation) as tifffile's extratags: (code, dtype, count, value,
+# write once).
+def _orientation(value):
+  return [(274, "H", 1, value, True)]
+
+
+def edge_case_tiffs(seed=0):
+  """TIFF variants the decoder of record accepts or refuses.
+
+  Returns:
+    {file name: (bytes, pixels, refusal)}: pixels are the RGB pixels stored
+    (None when refused), refusal the words of the refusal (None when
+    accepted). Each accepted file holds different pixels, so a mix-up shows.
+  """
+  imgs = images(7, seed)
+  opaque = np.full((96, 96), 255, np.uint8)
+  return {
+      "plain.tif": (decode.encode_tiff(imgs[0]), imgs[0], None),
+      "planar.tif": (tiff(imgs[1], photometric="rgb",
+                           planarconfig="separate"), imgs[1], None),
+      "orientation3.tif": (tiff(imgs[2], photometric="rgb",
+                                 extratags=_orientation(3)), imgs[2], None),
+      "orientation6.tif": (tiff(imgs[3], photometric="rgb",
+                                 extratags=_orientation(6)), imgs[3], None),
+      "lzw.tif": (tiff(imgs[4], photometric="rgb", compression="lzw"),
+                  imgs[4], None),
+      "opaque_rgba.tif": (tiff(np.dstack([imgs[5], opaque]),
+                                photometric="rgb", extrasamples=[2]),
+                          imgs[5], None),
+      "tiled_bigendian.tif": (tiff(imgs[6], photometric="rgb",
+                                    tile=(32, 32), byteorder=">"),
+                              imgs[6], None),
+      "transparent_rgba.tif": (tiff(np.dstack([imgs[0], opaque // 2]),
+                                     photometric="rgb", extrasamples=[2]),
+                               None, "non-opaque alpha"),
+      "gray.tif": (decode.encode_tiff(imgs[1][..., 0]), None, "grayscale"),
+      "deep.tif": (decode.encode_tiff(imgs[2].astype(np.uint16) * 257), None,
+                   "pixel type uint16"),
+  }
+
+
+def write_edge_cases(folder, seed=0):
+  """Writes `edge_case_tiffs` into folder. Returns their dict."""
+  cases = edge_case_tiffs(seed)
+  os.makedirs(folder, exist_ok=True)
+  for name, (data, _, _) in cases.items():
+    with open(os.path.join(folder, name), "wb") as f:
+      f.write(data)
+  return cases
 
 
 def write_sample_submission(path, ids):

@@ -1,18 +1,33 @@
-"""Image decoding: the one module that knows imagecodecs and tensorflow-io.
+"""Image decoding: the decoder of record, and its form inside tf.data.
 
-Two paths:
-  * numpy (`decode_bytes`, `read_image`): imagecodecs, used by the scanner and
-    the shard writer in worker processes that never import TensorFlow.
-  * graph (`tf_decode_tiff`): inside tf.data for prediction straight from a
-    TIFF folder. tensorflow-io's `decode_tiff` when it loads (it is abandoned
-    upstream and breaks with TF >= 2.18), else an imagecodecs fallback through
-    `tf.numpy_function`, so tensorflow-io can be dropped by editing this file.
+imagecodecs is the decoder of record: every path that turns an image file
+into pixels gives exactly the pixels `decode_bytes` gives, or refuses the
+file by name.
+  * numpy (`decode_bytes`, `read_image`): imagecodecs, used by the scanner,
+    the shard writer and the up-front check of prediction from a folder, in
+    worker processes or threads that never need TensorFlow.
+  * graph (`tf_decode_image`): inside tf.data, for prediction and evaluation
+    straight from an image folder. A TIFF whose layout `TiffLayoutCache`
+    proved to be one plain strip of HWC pixels (see there) is sliced from the
+    file's bytes (`tf.strings.substr` + `tf.io.decode_raw`), after the graph
+    re-checks that proof on the bytes it read; every other file goes through
+    `decode_bytes` itself via `tf.numpy_function`. Both give `decode_bytes`'
+    pixels by construction, so no second decoder can disagree with the shards.
+
+A TIFF Orientation tag is not applied: pixels are always returned in stored
+order (what imagecodecs' strip/tile reader gives). A Kaggle id is the SHA-1 of
+the stored pixel bytes, the scanner hashes and the shard writer stores those
+bytes, and prediction's dihedral TTA averages over orientations anyway; so
+one order, the stored one, is used everywhere. Planar-configuration, LZW and
+other compressed TIFFs, and RGBA with an opaque alpha channel (dropped), are
+decoded; a non-opaque alpha channel, grayscale and anything but 8 bits per
+channel are refused (`validate`).
 """
 
 from __future__ import annotations
 
-import functools
 import os
+from typing import Sequence
 
 import imagecodecs
 import numpy as np
@@ -108,18 +123,32 @@ def validate(img: np.ndarray, name: str) -> np.ndarray:
   return np.ascontiguousarray(img)
 
 
+def read_bytes(path: str) -> bytes:
+  """Reads a whole image file.
+
+  Args:
+    path: the file.
+
+  Returns:
+    Its bytes.
+
+  Raises:
+    ImageError: the file cannot be read, naming the path.
+  """
+  try:
+    with open(path, "rb") as f:
+      return f.read()
+  except OSError as e:
+    raise ImageError(f"{path}: cannot read: {e.strerror}") from None
+
+
 def read_image(path: str) -> np.ndarray:
   """Reads and decodes one image file; see `decode_bytes`.
 
   Raises:
     ImageError: unreadable or invalid file, naming the path.
   """
-  try:
-    with open(path, "rb") as f:
-      data = f.read()
-  except OSError as e:
-    raise ImageError(f"{path}: cannot read: {e.strerror}") from None
-  return decode_bytes(data, path)
+  return decode_bytes(read_bytes(path), path)
 
 
 _IMAGE_BYTES = IMAGE_SHAPE[0] * IMAGE_SHAPE[1] * IMAGE_SHAPE[2]
@@ -141,7 +170,10 @@ class TiffLayoutCache:
   and byte-identical non-pixel bytes decodes to its strip's bytes. `lookup`
   checks that (a ~300-byte comparison) instead of running the decoder, which
   is ~13 us of the scanner's ~60 us per image. Anything else returns None and
-  takes the normal path (`decode_raw` + `validate`).
+  takes the normal path (`decode_raw` + `validate`). `layout` returns the
+  proof itself (size, offset, non-pixel bytes), which prediction carries into
+  tf.data so the graph can slice the pixels instead of decoding them
+  (`tf_decode_image`).
   """
 
   def __init__(self, max_layouts: int = 4096):
@@ -149,17 +181,33 @@ class TiffLayoutCache:
     self._count = 0
     self._max = max_layouts
 
+  def layout(self, data) -> tuple[int, int, bytes] | None:
+    """The proof that data is a known plain layout, or None.
+
+    Args:
+      data: the file's bytes (bytes, bytearray or memoryview).
+
+    Returns:
+      (file size, offset of the raw HWC pixels, every byte outside them) when
+      data has the size and non-pixel bytes of a learned file; `tf_decode_image`
+      re-checks this triple on the bytes tf.data reads. None otherwise.
+    """
+    n = len(data)
+    for (size, off), keys in self._known.items():
+      if n == size:
+        key = _outside(data, off)
+        if key in keys:
+          return size, off, key
+    return None
+
   def pixel_offset(self, data) -> int | None:
     """Where data's raw HWC pixels start if it has a known layout, or None.
 
     Args:
       data: the file's bytes (bytes, bytearray or memoryview).
     """
-    n = len(data)
-    for (size, off), keys in self._known.items():
-      if n == size and _outside(data, off) in keys:
-        return off
-    return None
+    known = self.layout(data)
+    return None if known is None else known[1]
 
   def lookup(self, data) -> np.ndarray | None:
     """The pixels (a read-only view of data) if data has a known layout."""
@@ -184,6 +232,30 @@ class TiffLayoutCache:
     if key not in keys:
       keys.add(key)
       self._count += 1
+
+  def check(self, data: bytes, name: str) -> tuple[int, int, bytes] | None:
+    """Validates data as `decode_bytes` does; returns its layout if plain.
+
+    A known layout needs no decode (its pixels are its strip's bytes, so it
+    is a valid 96x96 RGB uint8 image); anything else is decoded, validated
+    and learned.
+
+    Args:
+      data: the file's bytes.
+      name: the file name used in error messages.
+
+    Returns:
+      `layout(data)` after learning: the proof for the in-graph fast path,
+      or None when the file must go through the decoder.
+
+    Raises:
+      ImageError: the file is refused by `decode_bytes`.
+    """
+    known = self.layout(data)
+    if known is None:
+      self.learn(data, decode_bytes(data, name))
+      known = self.layout(data)
+    return known
 
 
 def _plain_strip_offset(data: bytes) -> int | None:
@@ -218,58 +290,70 @@ def _plain_strip_offset(data: bytes) -> int | None:
     return None
 
 
-@functools.lru_cache(maxsize=1)
-def tensorflow_io_available() -> bool:
-  """True when tensorflow-io's TIFF op loads with the installed TensorFlow."""
-  if os.environ.get("HCD_DISABLE_TFIO"):
-    return False
-  try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    import tensorflow_io as tfio  # pylint: disable=g-import-not-at-top
-    # Ops fail at first use, not at import, when the .so mismatches TF.
-    tfio.experimental.image.decode_tiff(
-        tf.constant(encode_tiff(np.zeros((2, 2, 3), np.uint8))))
-    return True
-  except Exception:  # pylint: disable=broad-except
-    return False
-
-
-def _numpy_decode(data) -> np.ndarray:
-  # numpy_function hands a scalar string over as a 0-d object array.
+def _numpy_decode(data, name) -> np.ndarray:
+  # numpy_function hands a scalar string over as bytes (or a 0-d array).
   if isinstance(data, np.ndarray):
     data = data.item()
-  return decode_bytes(data)
+  if isinstance(name, np.ndarray):
+    name = name.item()
+  return decode_bytes(data, os.fsdecode(name))
 
 
-def tf_decode_image(contents, use_tfio: bool | None = None):
-  """Decodes one encoded image inside a TensorFlow graph to uint8 [96,96,3].
+def tf_decode_image(contents, name, layout=-1,
+                    layouts: Sequence[tuple[int, int, bytes]] = ()):
+  """Decodes one image file inside a TensorFlow graph, as `decode_bytes` does.
 
-  TIFF goes through tensorflow-io's `decode_tiff` (RGBA: the alpha channel is
-  dropped) when available; anything else, or TIFF without tensorflow-io, goes
-  through imagecodecs via `tf.numpy_function`.
+  When `layout` names a proof from `TiffLayoutCache.layout` and the bytes
+  read still satisfy it (same size, same bytes outside the pixel run), the
+  pixels are that run of bytes, sliced in the graph: exactly what
+  `decode_bytes` returns for such a file. Anything else (no proof, or a file
+  that changed since it was checked) goes through `decode_bytes` itself via
+  `tf.numpy_function`.
 
   Args:
     contents: scalar tf.string with the file bytes.
-    use_tfio: force the tensorflow-io path on/off; None picks automatically.
+    name: scalar tf.string (or str), the file's path, for error messages.
+    layout: scalar int, the index in `layouts` of this file's proof, or -1.
+    layouts: the distinct proofs, (size, pixel offset, non-pixel bytes).
 
   Returns:
-    uint8 tensor of static shape [96, 96, 3].
+    uint8 tensor of static shape [96, 96, 3]. A file `decode_bytes` refuses
+    fails the graph at run time with its ImageError message (naming the
+    file) inside a tf.errors.OpError.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  if use_tfio is None:
-    use_tfio = tensorflow_io_available()
-  fallback = lambda: tf.numpy_function(_numpy_decode, [contents], tf.uint8)
-  if use_tfio:
-    import tensorflow_io as tfio  # pylint: disable=g-import-not-at-top
-    is_tiff = tf.strings.substr(contents, 0, 4) == b"II*\x00"
-    img = tf.cond(
-        is_tiff,
-        lambda: tfio.experimental.image.decode_tiff(contents)[..., :3],
-        fallback)
-  else:
-    img = fallback()
-  img = tf.ensure_shape(img, IMAGE_SHAPE)
-  return img
+
+  def by_decoder():
+    img = tf.numpy_function(_numpy_decode, [contents, name], tf.uint8,
+                            stateful=False)
+    return tf.ensure_shape(img, IMAGE_SHAPE)
+
+  if not layouts:
+    return by_decoder()
+  sizes = tf.constant([s for s, _, _ in layouts], tf.int32)
+  offsets = tf.constant([o for _, o, _ in layouts], tf.int32)
+  keys = tf.constant([k for _, _, k in layouts], tf.string)
+  k = tf.maximum(tf.cast(layout, tf.int32), 0)
+  size, off = tf.gather(sizes, k), tf.gather(offsets, k)
+
+  def same_outside():
+    # Only evaluated at the proven size, so every substr is in bounds.
+    outside = tf.strings.join([
+        tf.strings.substr(contents, 0, off),
+        tf.strings.substr(contents, off + _IMAGE_BYTES,
+                          size - off - _IMAGE_BYTES)])
+    return tf.equal(outside, tf.gather(keys, k))
+
+  proven = tf.cond(
+      tf.logical_and(layout >= 0, tf.strings.length(contents) == size),
+      same_outside, lambda: tf.constant(False))
+
+  def sliced():
+    pixels = tf.io.decode_raw(
+        tf.strings.substr(contents, off, _IMAGE_BYTES), tf.uint8)
+    return tf.reshape(pixels, IMAGE_SHAPE)
+
+  return tf.cond(proven, sliced, by_decoder)
 
 
 def encode_tiff(img: np.ndarray) -> bytes:
