@@ -110,8 +110,8 @@ def edge_case_tiffs(seed=0):
   opaque = np.full((96, 96), 255, np.uint8)
   return {
       "plain.tif": (decode.encode_tiff(imgs[0]), imgs[0], None),
-      "planar.tif": (tiff(imgs[1], photometric="rgb",
-                           planarconfig="separate"), imgs[1], None),
+      "planar.tif": (tiff(np.moveaxis(imgs[1], -1, 0), photometric="rgb",
+                          planarconfig="separate"), imgs[1], None),
       "orientation3.tif": (tiff(imgs[2], photometric="rgb",
                                  extratags=_orientation(3)), imgs[2], None),
       "orientation6.tif": (tiff(imgs[3], photometric="rgb",
@@ -127,6 +127,15 @@ def edge_case_tiffs(seed=0):
       "transparent_rgba.tif": (tiff(np.dstack([imgs[0], opaque // 2]),
                                      photometric="rgb", extrasamples=[2]),
                                None, "non-opaque alpha"),
+      # tifffile writes an HWC array with planarconfig="separate" as 96
+      # samples of a 96x3 image (tensorflow-io decoded it as [96, 3, 3]).
+      "planar_96_samples.tif": (tiff(imgs[3], photometric="rgb",
+                                     planarconfig="separate"),
+                                None, "shape (96, 3, 96)"),
+      "jpeg_orientation3.tif": (tiff(imgs[4], photometric="rgb",
+                                     compression="jpeg",
+                                     extratags=_orientation(3)),
+                                None, "Orientation tag 3"),
       "gray.tif": (decode.encode_tiff(imgs[1][..., 0]), None, "grayscale"),
       "deep.tif": (decode.encode_tiff(imgs[2].astype(np.uint16) * 257), None,
                    "pixel type uint16"),

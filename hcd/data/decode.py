@@ -1,8 +1,9 @@
 """Image decoding: the decoder of record, and its form inside tf.data.
 
-imagecodecs is the decoder of record: every path that turns an image file
-into pixels gives exactly the pixels `decode_bytes` gives, or refuses the
-file by name.
+imagecodecs is the decoder of record (tifffile reads the tags that say how
+a TIFF's decoded axes are laid out): every path that turns an image file into
+pixels gives exactly the pixels `decode_bytes` gives, or refuses the file by
+name.
   * numpy (`decode_bytes`, `read_image`): imagecodecs, used by the scanner,
     the shard writer and the up-front check of prediction from a folder, in
     worker processes or threads that never need TensorFlow.
@@ -15,13 +16,17 @@ file by name.
     pixels by construction, so no second decoder can disagree with the shards.
 
 A TIFF Orientation tag is not applied: pixels are always returned in stored
-order (what imagecodecs' strip/tile reader gives). A Kaggle id is the SHA-1 of
-the stored pixel bytes, the scanner hashes and the shard writer stores those
-bytes, and prediction's dihedral TTA averages over orientations anyway; so
-one order, the stored one, is used everywhere. Planar-configuration, LZW and
-other compressed TIFFs, and RGBA with an opaque alpha channel (dropped), are
-decoded; a non-opaque alpha channel, grayscale and anything but 8 bits per
-channel are refused (`validate`).
+order, as imagecodecs' strip and tile reader gives them (the few TIFFs it
+would rotate, JPEG, YCbCr or CMYK ones with an Orientation tag, are refused).
+A Kaggle id is the SHA-1 of the stored pixel bytes, the scanner hashes and the
+shard writer stores those bytes, and prediction's dihedral TTA averages over
+orientations anyway; so one order, the stored one, is used everywhere.
+
+Planar-configuration TIFFs are returned with their samples last like all
+others (`_tiff_as_stored`); LZW and other compressed TIFFs, and RGBA with an
+opaque alpha channel (dropped), are decoded; a non-opaque alpha channel,
+grayscale, anything but 3 samples of 8 bits, or another size is refused
+(`validate`), naming the file.
 """
 
 from __future__ import annotations
@@ -71,6 +76,8 @@ def decode_bytes(data: bytes, name: str = "<bytes>") -> np.ndarray:
 def decode_raw(data: bytes, name: str = "<bytes>") -> np.ndarray:
   """Decodes TIFF/JPEG/PNG bytes as stored, without checking shape or type.
 
+  Axes are always (height, width[, samples]), planar TIFFs included.
+
   The quality scanner uses this to report what a bad image actually is.
 
   Args:
@@ -88,16 +95,58 @@ def decode_raw(data: bytes, name: str = "<bytes>") -> np.ndarray:
   kind = _sniff(data)
   try:
     if kind == "tiff":
-      return imagecodecs.tiff_decode(data)
+      return _tiff_as_stored(imagecodecs.tiff_decode(data), data, name)
     if kind == "jpeg":
       return imagecodecs.jpeg8_decode(data)
     if kind == "png":
       return imagecodecs.png_decode(data)
+  except ImageError:
+    raise
   except Exception as e:  # imagecodecs raises several codec-specific types.
     raise ImageError(f"{name}: cannot decode {kind}: "
                      f"{type(e).__name__}: {e}") from None
   raise ImageError(f"{name}: not a TIFF, JPEG or PNG file "
                    f"(first bytes {data[:8]!r})")
+
+
+# TIFF pages that libtiff converts to RGB through its RGBA interface, which
+# imagecodecs reads with the Orientation tag applied (compression 6 and 7:
+# JPEG; photometric 5 and 6: CMYK, YCbCr).
+_RGBA_INTERFACE_COMPRESSIONS = (6, 7)
+_RGBA_INTERFACE_PHOTOMETRICS = (5, 6)
+
+
+def _tiff_as_stored(img: np.ndarray, data: bytes, name: str) -> np.ndarray:
+  """imagecodecs' TIFF pixels, in stored order with the samples last.
+
+  imagecodecs returns a PlanarConfiguration=2 ("separate") TIFF sample-major,
+  (samples, height, width), and drops axes of length 1, so its shape alone
+  cannot tell a planar 96-sample image 3 pixels wide from a 96x96 RGB image:
+  tifffile reads the tags that can. It also applies an Orientation tag to the
+  pages it converts through libtiff's RGBA interface (JPEG, YCbCr, CMYK) and
+  to no other: such a page with an Orientation tag is refused rather than
+  given in another order than every other file.
+
+  Raises:
+    ImageError: an Orientation tag on a page read through the RGBA interface.
+  """
+  import io  # pylint: disable=g-import-not-at-top
+  import tifffile  # pylint: disable=g-import-not-at-top
+  with tifffile.TiffFile(io.BytesIO(data)) as tif:
+    page = tif.pages.first
+    planar = page.planarconfig == 2 and page.samplesperpixel > 1
+    orientation = page.tags.valueof(274, 1)
+    converted = (page.compression in _RGBA_INTERFACE_COMPRESSIONS or
+                 page.photometric in _RGBA_INTERFACE_PHOTOMETRICS)
+  if orientation != 1 and converted:
+    raise ImageError(
+        f"{name}: Orientation tag {int(orientation)} on a TIFF the decoder "
+        f"would rotate ({page.compression.name} compression, "
+        f"{page.photometric.name} colour), while every other file keeps its "
+        f"stored order; re-save it without the Orientation tag")
+  if planar and img.ndim == 3 and img.shape[0] == page.samplesperpixel:
+    return np.moveaxis(img, 0, -1)
+  return img
 
 
 def validate(img: np.ndarray, name: str) -> np.ndarray:
