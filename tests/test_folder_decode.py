@@ -9,6 +9,7 @@ refuse every other file by name.
 """
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -65,6 +66,8 @@ def test_edge_cases_same_pixels_or_refused_by_name(tmp_path):
       # Stored order: an Orientation tag is not applied, on any path.
       np.testing.assert_array_equal(decode.read_image(path), pixels)
       np.testing.assert_array_equal(got[name[:-4]], pixels, err_msg=name)
+  # One decoder: prediction never loads tensorflow-io.
+  assert "tensorflow_io" not in sys.modules
 
 
 def test_plain_strips_are_sliced_in_the_graph(tmp_path, monkeypatch):

@@ -36,8 +36,10 @@ def _define_input_flags(split_default: str | None,
   flags.DEFINE_string(
       "data_dir", None, "Image folder instead of shards: the Kaggle layout "
       "(<data_dir>/<split>/<id>.tif), a class-folder layout "
-      "(<data_dir>/<split>/<0|1>/*) or a plain folder of TIFFs. TIFFs are "
-      "decoded in tf.data by tensorflow-io.")
+      "(<data_dir>/<split>/<0|1>/*) or a plain folder of TIFFs. Every file "
+      "is checked first and decoded to exactly the pixels tools/make_shards "
+      "stores (imagecodecs; plain TIFF strips are sliced in tf.data); a "
+      "file it refuses is named.")
   flags.DEFINE_string("split", split_default, split_help)
   flags.DEFINE_string(
       "labels_csv", None, "Labels for a Kaggle-layout --data_dir (default: "
