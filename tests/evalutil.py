@@ -23,6 +23,9 @@ KAGGLE_TIF = SHARED_DATA / "kaggle_tif"
 NO_SHARED = (f"real data not found at {SHARED_DATA} (the ../shared/data "
              f"folder beside the repository)")
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+# Ids (file names) that a hand-formatted CSV row would break.
+ODD_IDS = ["a,b", 'say "hi"', "two\nlines", "carriage\rreturn", "plain",
+           ",", '"', "tab\there"]
 
 
 def images(n, seed=0):
@@ -153,6 +156,7 @@ def write_edge_cases(folder, seed=0):
 
 
 def write_sample_submission(path, ids):
-  with open(path, "w") as f:
-    f.write("id,label\n" + "".join(f"{i},0\n" for i in ids))
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    csv.writer(f, lineterminator="\n").writerows(
+        [("id", "label")] + [(i, 0) for i in ids])
   return str(path)

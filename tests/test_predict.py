@@ -197,6 +197,20 @@ def test_unreadable_file_refused_or_skipped_and_listed(tmp_path, tiny_run):
   assert "badbadbad" in listed and "empty file" in listed
 
 
+def test_file_names_with_comma_quote_newline_round_trip(tmp_path, tiny_run):
+  ids = list(evalutil.ODD_IDS)
+  evalutil.write_tiffs(tmp_path / "data" / "test",
+                       evalutil.images(len(ids)), ids)
+  src = inputs.open_source(data_dir=str(tmp_path / "data"), split="test",
+                           progress=False)
+  out = str(tmp_path / "sub.csv")
+  order = list(reversed(ids))
+  predict.predict_submission([runs.model_file(tiny_run)], src, out,
+                             sample_ids=order, progress=False)
+  got_ids, probs = submission.read_submission(out)
+  assert got_ids == order and len(probs) == len(ids)
+
+
 def test_predict_submission_refuses_id_mismatch(tmp_path, tiny_run):
   ids = [f"{k:040x}" for k in range(5)]
   shards.write_arrays(evalutil.images(5), ids, [-1] * 5, str(tmp_path / "sh"),

@@ -1,5 +1,6 @@
 """Tests for hcd.eval.submission: ids, order, values, refusals, real ids."""
 
+import csv
 import os
 import random
 
@@ -127,3 +128,28 @@ def test_real_sample_submission_57458_ids(tmp_path):
     submission.write_submission(str(tmp_path / "x.csv"), ids + [ids[7]],
                                 np.append(probs, 0.5), expected)
   assert not (tmp_path / "x.csv").exists()
+
+
+def test_ids_with_comma_quote_newline_are_quoted_and_read_back(tmp_path):
+  odd = evalutil.ODD_IDS
+  probs = np.linspace(0.05, 0.95, len(odd))
+  expected = list(reversed(odd))
+  out = submission.write_submission(str(tmp_path / "s.csv"), odd, probs,
+                                    expected)
+  ids, back = submission.read_submission(out)
+  assert ids == expected
+  np.testing.assert_array_equal(back, probs[::-1])
+  summary = submission.validate_submission(out, expected)
+  assert summary["num_rows"] == len(odd)
+  with open(out, newline="", encoding="utf-8") as f:
+    rows = list(csv.reader(f))
+  assert rows[0] == ["id", "label"] and len(rows) == len(odd) + 1
+  assert all(len(r) == 2 for r in rows)
+  # Without a carriage return in any id, only the fields that need it are
+  # quoted: the common file stays the plain id,label text.
+  plain = submission.write_submission(str(tmp_path / "p.csv"), odd[:3],
+                                      probs[:3])
+  with open(plain, newline="", encoding="utf-8") as f:
+    text = f.read()
+  assert text == ('id,label\n"a,b",0.05\n"say ""hi""",'
+                  f'{probs[1]!r}\n"two\nlines",{probs[2]!r}\n')

@@ -15,9 +15,7 @@ Python work per batch is bookkeeping.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import os
 import time
 from typing import Sequence
@@ -164,11 +162,8 @@ def _cause(message: str) -> str:
 
 def write_skipped(path: str, skipped) -> str:
   """Writes the skipped images (id,path,reason) atomically; returns path."""
-  buf = io.StringIO()
-  w = csv.writer(buf, lineterminator="\n")
-  w.writerow(["id", "path", "reason"])
-  w.writerows([p.id, p.path, p.reason] for p in skipped)
-  fileio.atomic_write_text(path, buf.getvalue())
+  fileio.atomic_write_csv(path, [("id", "path", "reason")] + [
+      (p.id, p.path, p.reason) for p in skipped])
   return path
 
 

@@ -15,6 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
+from hcd import fileio
+
 HEADER = ("id", "label")
 
 
@@ -162,7 +164,8 @@ def write_submission(path: str, ids: Sequence[str], probs,
   """Validates, orders and atomically writes a submission CSV.
 
   Probabilities are written with `repr` (shortest exact float64 text), so
-  nothing is rounded.
+  nothing is rounded; an id holding a comma, quote or line break is quoted
+  (the csv module), so `read_submission` reads back exactly these rows.
 
   Args:
     path: the CSV to write (its directory is created).
@@ -177,19 +180,9 @@ def write_submission(path: str, ids: Sequence[str], probs,
     SubmissionError: invalid ids or probabilities; nothing is written.
   """
   ids, probs = order_like(ids, probs, expected)
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-      f.write("id,label\n")
-      f.writelines(f"{i},{float(p)!r}\n" for i, p in zip(ids, probs))
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fileio.atomic_write_csv(path, [HEADER] + [
+      (i, repr(float(p))) for i, p in zip(ids, probs)])
   return path
 
 
