@@ -252,6 +252,35 @@ def test_cli_predict_tiff_folder_with_sample_submission(tmp_path, tiny_run):
   assert not os.path.exists(f"{out}.2")
 
 
+def test_cli_predict_folder_with_planar_tiff(tmp_path, tiny_run):
+  """A planar TIFF is predicted from its own pixels; a refused one is named."""
+  folder = tmp_path / "data" / "test"
+  cases = evalutil.write_edge_cases(folder)
+  keep = {"plain.tif", "planar.tif", "orientation6.tif", "lzw.tif",
+          "transparent_rgba.tif"}
+  for name in set(cases) - keep:
+    os.remove(folder / name)
+  out = tmp_path / "s.csv"
+  args = (f"--workdir={tiny_run}", f"--data_dir={tmp_path / 'data'}",
+          f"--out={out}", "--noprogress")
+  r = _cli("predict", *args)
+  assert r.returncode == 1 and not out.exists()
+  assert f"{folder / 'transparent_rgba.tif'}: RGBA image with a non-opaque" \
+      in r.stderr
+  assert "failed after" not in r.stderr and "planar" not in r.stderr
+  r = _cli("predict", *args, "--skip_unreadable")
+  assert r.returncode == 0, r.stderr
+  ids, probs = submission.read_submission(str(out))
+  assert sorted(ids) == ["lzw", "orientation6", "plain", "planar"]
+  with open(f"{out}.skipped.csv", encoding="utf-8") as f:
+    assert "transparent_rgba" in f.read()
+  # The CLI scored the very pixels the shard writer stores for each file.
+  model = runs.load_model(runs.model_file(tiny_run))
+  want = predict.make_predict_fn([model])(np.stack(
+      [decode.read_image(str(folder / f"{i}.tif")) for i in ids])).numpy()
+  np.testing.assert_allclose(probs, want, atol=1e-6)
+
+
 def test_export_loads_without_hcd_in_safe_mode(tmp_path, tiny_run):
   info = export.export_model(runs.model_file(tiny_run), str(tmp_path / "exp"))
   want = np.asarray(info["check_outputs"])

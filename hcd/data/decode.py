@@ -47,6 +47,16 @@ class ImageError(ValueError):
   """An image that cannot be used; the message names the file and the fault."""
 
 
+def strip_name(message: str, name: str) -> str:
+  """An ImageError message without its leading "<name>: ".
+
+  For a row or line that names the file in its own column (scan.csv, the
+  manifest, the skipped list).
+  """
+  prefix = f"{name}: "
+  return message[len(prefix):] if message.startswith(prefix) else message
+
+
 def _sniff(data: bytes) -> str:
   if data[:4] in (b"II*\x00", b"MM\x00*"):
     return "tiff"

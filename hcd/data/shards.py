@@ -520,11 +520,13 @@ def _read_and_decode(path: str,
   try:
     raw = decode.decode_raw(data, path)
   except decode.ImageError as e:
-    raise decode.ImageError("unreadable", _strip(str(e), path)) from None
+    raise decode.ImageError("unreadable",
+                            decode.strip_name(str(e), path)) from None
   try:
     img = decode.validate(raw, path)
   except decode.ImageError as e:
-    raise decode.ImageError("bad_shape", _strip(str(e), path)) from None
+    raise decode.ImageError("bad_shape",
+                            decode.strip_name(str(e), path)) from None
   cache.learn(data, img)
   return img
 
@@ -544,10 +546,6 @@ def _read_file(path: str, chunk: int = 1 << 16) -> bytes:
     return b"".join(parts)
   finally:
     os.close(fd)
-
-
-def _strip(msg: str, path: str) -> str:
-  return msg[len(path) + 2:] if msg.startswith(path + ": ") else msg
 
 
 _blocks_written = 0

@@ -165,7 +165,8 @@ def _check_chunk(records) -> Checked:
     try:
       layout = cache.check(decode.read_bytes(r.path), r.path)
     except decode.ImageError as e:
-      found.problems.append(sources.Problem(r.id, r.path, str(e)))
+      found.problems.append(sources.Problem(
+          r.id, r.path, decode.strip_name(str(e), r.path)))
       continue
     if layout is not None:
       found.layouts[r.path] = layout
