@@ -281,6 +281,19 @@ def test_cli_predict_folder_with_planar_tiff(tmp_path, tiny_run):
   np.testing.assert_allclose(probs, want, atol=1e-6)
 
 
+def test_cli_predict_uses_the_kaggle_sample_submission(tmp_path, tiny_run):
+  ids = [f"{k:040x}" for k in range(6)]
+  evalutil.write_tiffs(tmp_path / "data" / "test", evalutil.images(6), ids)
+  sample = evalutil.write_sample_submission(
+      tmp_path / "data" / "sample_submission.csv", ids[::-1])
+  out = tmp_path / "s.csv"
+  r = _cli("predict", f"--workdir={tiny_run}",
+           f"--data_dir={tmp_path / 'data'}", f"--out={out}", "--noprogress")
+  assert r.returncode == 0, r.stderr
+  assert f"using {sample} for the submission's ids and order" in r.stderr
+  submission.validate_submission(str(out), ids[::-1])
+
+
 def test_export_loads_without_hcd_in_safe_mode(tmp_path, tiny_run):
   info = export.export_model(runs.model_file(tiny_run), str(tmp_path / "exp"))
   want = np.asarray(info["check_outputs"])

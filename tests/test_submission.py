@@ -3,6 +3,7 @@
 import csv
 import os
 import random
+import types
 
 import numpy as np
 import pytest
@@ -128,6 +129,28 @@ def test_real_sample_submission_57458_ids(tmp_path):
     submission.write_submission(str(tmp_path / "x.csv"), ids + [ids[7]],
                                 np.append(probs, 0.5), expected)
   assert not (tmp_path / "x.csv").exists()
+
+
+def test_kaggle_sample_submission_is_the_default_unless_given(tmp_path):
+  from hcd.cli import eval_flags  # pylint: disable=g-import-not-at-top
+
+  def resolve(**kw):
+    values = dict(sample_submission=None, data_dir=str(tmp_path),
+                  split="test")
+    values.update(kw)
+    return eval_flags.sample_submission_path(types.SimpleNamespace(**values))
+
+  (tmp_path / "test").mkdir()
+  assert resolve() == (None, False)  # No sample_submission.csv there.
+  sample = tmp_path / "sample_submission.csv"
+  sample.write_text("id,label\n")
+  assert resolve() == (str(sample), True)
+  assert resolve(sample_submission="mine.csv") == ("mine.csv", False)
+  assert resolve(sample_submission="") == (None, False)  # Opted out.
+  assert resolve(split="train") == (None, False)  # Lists test ids only.
+  assert resolve(data_dir=None) == (None, False)  # Shards.
+  (tmp_path / "test" / "0").mkdir()  # A class-folder layout.
+  assert resolve() == (None, False)
 
 
 def test_ids_with_comma_quote_newline_are_quoted_and_read_back(tmp_path):

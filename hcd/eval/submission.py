@@ -16,8 +16,12 @@ from typing import Sequence
 import numpy as np
 
 from hcd import fileio
+from hcd.data import sources
 
 HEADER = ("id", "label")
+SAMPLE_SUBMISSION_CSV = "sample_submission.csv"
+# The split a Kaggle sample submission lists the ids of.
+SAMPLE_SPLIT = "test"
 
 
 class SubmissionError(ValueError):
@@ -80,6 +84,27 @@ def read_sample_ids(path: str) -> list[str]:
     raise SubmissionError(f"{path}: {len(dup)} duplicate id(s): "
                           f"{_listing(dup)}")
   return ids
+
+
+def kaggle_sample_submission(data_dir: str | None, split: str) -> str | None:
+  """The sample submission a Kaggle-layout data directory ships, if any.
+
+  Args:
+    data_dir: the --data_dir predicted from (None: none).
+    split: the split predicted.
+
+  Returns:
+    `<data_dir>/sample_submission.csv` when it exists and the split is the
+    Kaggle layout's test split (the one that file lists); else None.
+  """
+  if not data_dir or split != SAMPLE_SPLIT:
+    return None
+  path = os.path.join(data_dir, SAMPLE_SUBMISSION_CSV)
+  if (not os.path.isfile(path) or
+      not os.path.isdir(os.path.join(data_dir, split)) or
+      sources.detect_layout(data_dir, split) != sources.LAYOUT_KAGGLE):
+    return None
+  return path
 
 
 def check_ids(ids: Sequence[str], expected: Sequence[str] | None) -> None:
