@@ -9,7 +9,7 @@ generator) under bench_out/predict/ and TFRecord shards of the same pixels:
 
   input  images/s of each input path alone (no model):
            shards        TFRecord blocks -> parse -> batches
-           tiff_decode   tf.data: read_file + hcd.data.decode.tf_decode_image
+           tiff_decode   tf.data: read_file + hcd.data.decode.tf_decode_images
                          (plain strips sliced under the check's proofs)
            tiff_check    the up-front imagecodecs pass over every file
            tiff_total    check + decode, as hcd_predict --data_dir runs them

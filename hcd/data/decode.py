@@ -7,13 +7,14 @@ name.
   * numpy (`decode_bytes`, `read_image`): imagecodecs, used by the scanner,
     the shard writer and the up-front check of prediction from a folder, in
     worker processes or threads that never need TensorFlow.
-  * graph (`tf_decode_image`): inside tf.data, for prediction and evaluation
-    straight from an image folder. A TIFF whose layout `TiffLayoutCache`
-    proved to be one plain strip of HWC pixels (see there) is sliced from the
-    file's bytes (`tf.strings.substr` + `tf.io.decode_raw`), after the graph
-    re-checks that proof on the bytes it read; every other file goes through
-    `decode_bytes` itself via `tf.numpy_function`. Both give `decode_bytes`'
-    pixels by construction, so no second decoder can disagree with the shards.
+  * graph (`tf_decode_images`): inside tf.data, for prediction and
+    evaluation straight from an image folder. A TIFF whose layout
+    `TiffLayoutCache` proved to be one plain strip of HWC pixels (see there)
+    is sliced from the file's bytes (`tf.strings.substr` + `tf.io.decode_raw`),
+    after the graph re-checks that proof on the bytes it read; every other
+    file goes through `decode_bytes` itself via `tf.numpy_function`. Both
+    give `decode_bytes`' pixels by construction, so no second decoder can
+    disagree with the shards.
 
 A TIFF Orientation tag is not applied: pixels are always returned in stored
 order, as imagecodecs' strip and tile reader gives them (the few TIFFs it
@@ -232,7 +233,7 @@ class TiffLayoutCache:
   takes the normal path (`decode_raw` + `validate`). `layout` returns the
   proof itself (size, offset, non-pixel bytes), which prediction carries into
   tf.data so the graph can slice the pixels instead of decoding them
-  (`tf_decode_image`).
+  (`tf_decode_images`).
   """
 
   def __init__(self, max_layouts: int = 4096):
@@ -248,7 +249,7 @@ class TiffLayoutCache:
 
     Returns:
       (file size, offset of the raw HWC pixels, every byte outside them) when
-      data has the size and non-pixel bytes of a learned file; `tf_decode_image`
+      data has the size and non-pixel bytes of a learned file; `tf_decode_images`
       re-checks this triple on the bytes tf.data reads. None otherwise.
     """
     n = len(data)
@@ -349,70 +350,75 @@ def _plain_strip_offset(data: bytes) -> int | None:
     return None
 
 
-def _numpy_decode(data, name) -> np.ndarray:
-  # numpy_function hands a scalar string over as bytes (or a 0-d array).
-  if isinstance(data, np.ndarray):
-    data = data.item()
-  if isinstance(name, np.ndarray):
-    name = name.item()
-  return decode_bytes(data, os.fsdecode(name))
+def _numpy_decode(contents: np.ndarray, names: np.ndarray) -> np.ndarray:
+  """decode_bytes over a batch (tf.numpy_function hands over object arrays).
+  """
+  out = np.empty((len(contents),) + IMAGE_SHAPE, np.uint8)
+  for k, (data, name) in enumerate(zip(contents, names)):
+    out[k] = decode_bytes(data, os.fsdecode(name))
+  return out
 
 
-def tf_decode_image(contents, name, layout=-1,
-                    layouts: Sequence[tuple[int, int, bytes]] = ()):
-  """Decodes one image file inside a TensorFlow graph, as `decode_bytes` does.
+def tf_decode_images(contents, names, layouts_of,
+                     layouts: Sequence[tuple[int, int, bytes]] = ()):
+  """Decodes a batch of image files inside a TensorFlow graph, as decode_bytes.
 
-  When `layout` names a proof from `TiffLayoutCache.layout` and the bytes
-  read still satisfy it (same size, same bytes outside the pixel run), the
-  pixels are that run of bytes, sliced in the graph: exactly what
-  `decode_bytes` returns for such a file. Anything else (no proof, or a file
-  that changed since it was checked) goes through `decode_bytes` itself via
-  `tf.numpy_function`.
+  A file whose `layouts_of` entry names a proof from `TiffLayoutCache.layout`
+  and whose bytes still satisfy it (same size, same bytes outside the pixel
+  run) gets that run of bytes, sliced in the graph: exactly what
+  `decode_bytes` returns for such a file. Every other file (no proof, or one
+  that changed since it was checked) goes through `decode_bytes` itself, via
+  one `tf.numpy_function` call for the batch. The whole batch is handled by
+  a few vectorised ops, not a few ops per file: per-op overhead, not bytes,
+  is what a per-file graph spends its time on.
 
   Args:
-    contents: scalar tf.string with the file bytes.
-    name: scalar tf.string (or str), the file's path, for error messages.
-    layout: scalar int, the index in `layouts` of this file's proof, or -1.
+    contents: tf.string [B], the files' bytes.
+    names: tf.string [B], their paths, for error messages.
+    layouts_of: int [B], each file's index in `layouts`, or -1.
     layouts: the distinct proofs, (size, pixel offset, non-pixel bytes).
 
   Returns:
-    uint8 tensor of static shape [96, 96, 3]. A file `decode_bytes` refuses
-    fails the graph at run time with its ImageError message (naming the
-    file) inside a tf.errors.OpError.
+    uint8 tensor [B, 96, 96, 3]. A file `decode_bytes` refuses fails the
+    graph at run time with its ImageError message (naming the file) inside
+    a tf.errors.OpError.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-  def by_decoder():
-    img = tf.numpy_function(_numpy_decode, [contents, name], tf.uint8,
-                            stateful=False)
-    return tf.ensure_shape(img, IMAGE_SHAPE)
-
-  if not layouts:
-    return by_decoder()
-  sizes = tf.constant([s for s, _, _ in layouts], tf.int32)
-  offsets = tf.constant([o for _, o, _ in layouts], tf.int32)
-  keys = tf.constant([k for _, _, k in layouts], tf.string)
-  k = tf.maximum(tf.cast(layout, tf.int32), 0)
-  size, off = tf.gather(sizes, k), tf.gather(offsets, k)
-
-  def same_outside():
-    # Only evaluated at the proven size, so every substr is in bounds.
-    outside = tf.strings.join([
-        tf.strings.substr(contents, 0, off),
-        tf.strings.substr(contents, off + _IMAGE_BYTES,
-                          size - off - _IMAGE_BYTES)])
-    return tf.equal(outside, tf.gather(keys, k))
-
-  proven = tf.cond(
-      tf.logical_and(layout >= 0, tf.strings.length(contents) == size),
-      same_outside, lambda: tf.constant(False))
-
-  def sliced():
+  contents = tf.convert_to_tensor(contents, tf.string)
+  names = tf.convert_to_tensor(names, tf.string)
+  layouts_of = tf.cast(layouts_of, tf.int32)
+  if layouts:
+    sizes = tf.constant([s for s, _, _ in layouts], tf.int32)
+    offsets = tf.constant([o for _, o, _ in layouts], tf.int32)
+    # The bytes before and after the pixel run, apart.
+    heads = tf.constant([k[:o] for _, o, k in layouts], tf.string)
+    tails = tf.constant([k[o:] for _, o, k in layouts], tf.string)
+    k = tf.maximum(layouts_of, 0)
+    off = tf.gather(offsets, k)
+    length = tf.strings.length(contents)
+    # Every substr start is clipped to the file's length (a start past the
+    # end is substr's only error; lengths are clipped by substr itself).
+    tail_at = tf.minimum(off + _IMAGE_BYTES, length)
+    proven = ((layouts_of >= 0) & (length == tf.gather(sizes, k)) &
+              (tf.strings.substr(contents, tf.zeros_like(off), off) ==
+               tf.gather(heads, k)) &
+              (tf.strings.substr(contents, tail_at, length) ==
+               tf.gather(tails, k)))
     pixels = tf.io.decode_raw(
-        tf.strings.substr(contents, off, _IMAGE_BYTES), tf.uint8)
-    return tf.reshape(pixels, IMAGE_SHAPE)
-
-  return tf.cond(proven, sliced, by_decoder)
+        tf.strings.substr(contents, tf.minimum(off, length),
+                          tf.fill(tf.shape(off), _IMAGE_BYTES)),
+        tf.uint8, fixed_length=_IMAGE_BYTES)
+    pixels = tf.reshape(pixels, (-1,) + IMAGE_SHAPE)
+  else:
+    proven = tf.zeros(tf.shape(contents), tf.bool)
+    pixels = tf.zeros(tf.concat([tf.shape(contents), IMAGE_SHAPE], 0),
+                      tf.uint8)
+  rest = tf.where(tf.logical_not(proven))
+  decoded = tf.numpy_function(
+      _numpy_decode, [tf.gather_nd(contents, rest), tf.gather_nd(names, rest)],
+      tf.uint8, stateful=False)
+  decoded = tf.ensure_shape(decoded, (None,) + IMAGE_SHAPE)
+  return tf.tensor_scatter_nd_update(pixels, rest, decoded)
 
 
 def encode_tiff(img: np.ndarray) -> bytes:
