@@ -6,7 +6,7 @@
 #   docker run --gpus all -v $DATA:/workspace/data:ro -v $WS:/workspace hcd hcd_train --flagfile=model1.flags
 #   docker run -v $DATA:/workspace/data:ro -v $WS:/workspace hcd tools/make_shards --data_dir=data --split=train --out_dir=shards
 #
-# The TensorFlow version of the base must stay 2.17.x: tensorflow-io 0.37.1 breaks with TF >= 2.18.
+# The TensorFlow version of the base must match setup.cfg's pin (tensorflow==2.17.1).
 ARG BASE_IMAGE=tensorflow/tensorflow:2.17.1-gpu
 FROM ${BASE_IMAGE}
 
@@ -29,7 +29,7 @@ COPY bench bench
 COPY docker/entrypoint.sh /usr/local/bin/hcd-entrypoint
 RUN python3 -m pip install --no-cache-dir --no-deps . \
     && chmod 0755 /usr/local/bin/hcd-entrypoint tools/* \
-    && python3 -c "import tensorflow as tf, tensorflow_io, hcd; print('tf', tf.__version__)"
+    && python3 -c "import tensorflow as tf, imagecodecs, hcd; print('tf', tf.__version__)"
 
 # Run as an unprivileged user; /workspace is where the user mounts data and outputs.
 RUN groupadd --gid 1000 hcd && useradd --uid 1000 --gid hcd --create-home --shell /bin/bash hcd \

@@ -9,7 +9,8 @@ generator) under bench_out/predict/ and TFRecord shards of the same pixels:
 
   input  images/s of each input path alone (no model):
            shards        TFRecord blocks -> parse -> batches
-           tiff_decode   tf.data: read_file + tensorflow-io decode_tiff
+           tiff_decode   tf.data: read_file + hcd.data.decode.tf_decode_images
+                         (plain strips sliced under the check's proofs)
            tiff_check    the up-front imagecodecs pass over every file
            tiff_total    check + decode, as hcd_predict --data_dir runs them
   model  images/s of the model on an in-memory uint8 batch (TTA 1 and 8):
@@ -96,12 +97,12 @@ def main():
   res = {"machine": f"{os.cpu_count()} CPU cores, "
                     f"{len(tf.config.list_physical_devices('GPU'))} GPU",
          "num_test": n, "batch_size": bs, "repeats": reps,
-         "tensorflow_io": decode.tensorflow_io_available(), "input": {},
-         "model": {}, "e2e": {}}
+         "input": {}, "model": {}, "e2e": {}}
 
   sh = lambda: _drain(inputs.shards_source(shard_dir, "test", bs).dataset)
   res["input"]["shards"] = _median_rate(sh, n, reps)
-  dec = lambda: _drain(inputs.records_dataset(records, bs))
+  layouts = inputs.check_images(records, progress=False).layouts
+  dec = lambda: _drain(inputs.records_dataset(records, bs, layouts))
   res["input"]["tiff_decode"] = _median_rate(dec, n, reps)
   chk = lambda: inputs.check_images(records, progress=False)
   res["input"]["tiff_check"] = _median_rate(chk, n, reps)
@@ -131,12 +132,13 @@ def main():
                                                      reps)
       for kind in ("shards", "tiff"):
         def e2e(kind=kind, fn=fn):
-          src = (inputs.shards_source(sub_shards, "test", bs)
-                 if kind == "shards" else
-                 inputs.Source(inputs.records_dataset(sub, bs), len(sub),
-                               "tiff"))
-          if kind == "tiff":
-            inputs.check_images(sub, progress=False)
+          if kind == "shards":
+            src = inputs.shards_source(sub_shards, "test", bs)
+          else:
+            checked = inputs.check_images(sub, progress=False)
+            src = inputs.Source(inputs.records_dataset(sub, bs,
+                                                       checked.layouts),
+                                len(sub), "tiff")
           predict.predict([model], src.dataset, progress=False,
                           predict_fn=fn)
         res["e2e"][name][f"{kind}_tta{tta}"] = _median_rate(

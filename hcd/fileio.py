@@ -6,7 +6,10 @@ an interrupted tool never leaves a half-written file under a final name.
 
 from __future__ import annotations
 
+import csv
+import io
 import os
+from typing import Iterable, Sequence
 
 
 def atomic_write_text(path: str, text: str, fsync: bool = True) -> None:
@@ -20,9 +23,39 @@ def atomic_write_text(path: str, text: str, fsync: bool = True) -> None:
       while gigabytes of shards are dirty can stall for seconds.
   """
   tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8", newline="") as f:
-    f.write(text)
-    if fsync:
-      f.flush()
-      os.fsync(f.fileno())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+      f.write(text)
+      if fsync:
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):  # Only when the write or rename failed.
+      os.remove(tmp)
+
+
+def atomic_write_csv(path: str, rows: Iterable[Sequence], fsync: bool = True
+                     ) -> None:
+  """Writes rows as CSV (the csv module, "\\n" lines), atomically.
+
+  A field is quoted where it has to be (a comma, a quote, a line break), so
+  `csv.reader` reads back exactly the rows written: ids are file names, and
+  a file name can hold any of these.
+
+  Args:
+    path: the final path.
+    rows: the header and data rows; fields are written with str(), so pass
+      floats as repr() text to keep them exact.
+    fsync: see `atomic_write_text`.
+  """
+  rows = [[str(f) for f in row] for row in rows]
+  # csv quotes a field that holds a character of the line terminator; with
+  # "\n" lines a bare "\r" would stay unquoted and end the row early for a
+  # reader, so a file holding one quotes every field.
+  bare_cr = any("\r" in f for row in rows for f in row)
+  buf = io.StringIO()
+  csv.writer(buf, lineterminator="\n",
+             quoting=csv.QUOTE_ALL if bare_cr else csv.QUOTE_MINIMAL
+             ).writerows(rows)
+  atomic_write_text(path, buf.getvalue(), fsync)

@@ -6,12 +6,14 @@ config.json, history.csv and metrics.json, as hcd_train writes them.
 """
 
 import csv
+import io
 import json
 import os
 import pathlib
 
 import keras
 import numpy as np
+import tifffile
 
 from hcd.data import decode
 
@@ -21,6 +23,9 @@ KAGGLE_TIF = SHARED_DATA / "kaggle_tif"
 NO_SHARED = (f"real data not found at {SHARED_DATA} (the ../shared/data "
              f"folder beside the repository)")
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+# Ids (file names) that a hand-formatted CSV row would break.
+ODD_IDS = ["a,b", 'say "hi"', "two\nlines", "carriage\rreturn", "plain",
+           ",", '"', "tab\there"]
 
 
 def images(n, seed=0):
@@ -83,7 +88,75 @@ def write_tiffs(folder, imgs, ids):
       f.write(decode.encode_tiff(img))
 
 
+def tiff(arr, **kw):
+  """tifffile.imwrite's bytes."""
+  buf = io.BytesIO()
+  tifffile.imwrite(buf, arr, **kw)
+  return buf.getvalue()
+
+
+# Tag 274 (Orientation) as tifffile's extratags: (code, dtype, count, value,
+# write once).
+def _orientation(value):
+  return [(274, "H", 1, value, True)]
+
+
+def edge_case_tiffs(seed=0):
+  """TIFF variants the decoder of record accepts or refuses.
+
+  Returns:
+    {file name: (bytes, pixels, refusal)}: pixels are the RGB pixels stored
+    (None when refused), refusal the words of the refusal (None when
+    accepted). Each accepted file holds different pixels, so a mix-up shows.
+  """
+  imgs = images(7, seed)
+  opaque = np.full((96, 96), 255, np.uint8)
+  return {
+      "plain.tif": (decode.encode_tiff(imgs[0]), imgs[0], None),
+      "planar.tif": (tiff(np.moveaxis(imgs[1], -1, 0), photometric="rgb",
+                          planarconfig="separate"), imgs[1], None),
+      "orientation3.tif": (tiff(imgs[2], photometric="rgb",
+                                 extratags=_orientation(3)), imgs[2], None),
+      "orientation6.tif": (tiff(imgs[3], photometric="rgb",
+                                 extratags=_orientation(6)), imgs[3], None),
+      "lzw.tif": (tiff(imgs[4], photometric="rgb", compression="lzw"),
+                  imgs[4], None),
+      "opaque_rgba.tif": (tiff(np.dstack([imgs[5], opaque]),
+                                photometric="rgb", extrasamples=[2]),
+                          imgs[5], None),
+      "tiled_bigendian.tif": (tiff(imgs[6], photometric="rgb",
+                                    tile=(32, 32), byteorder=">"),
+                              imgs[6], None),
+      "transparent_rgba.tif": (tiff(np.dstack([imgs[0], opaque // 2]),
+                                     photometric="rgb", extrasamples=[2]),
+                               None, "non-opaque alpha"),
+      # tifffile writes an HWC array with planarconfig="separate" as 96
+      # samples of a 96x3 image (tensorflow-io decoded it as [96, 3, 3]).
+      "planar_96_samples.tif": (tiff(imgs[3], photometric="rgb",
+                                     planarconfig="separate"),
+                                None, "shape (96, 3, 96)"),
+      "jpeg_orientation3.tif": (tiff(imgs[4], photometric="rgb",
+                                     compression="jpeg",
+                                     extratags=_orientation(3)),
+                                None, "Orientation tag 3"),
+      "gray.tif": (decode.encode_tiff(imgs[1][..., 0]), None, "grayscale"),
+      "deep.tif": (decode.encode_tiff(imgs[2].astype(np.uint16) * 257), None,
+                   "pixel type uint16"),
+  }
+
+
+def write_edge_cases(folder, seed=0):
+  """Writes `edge_case_tiffs` into folder. Returns their dict."""
+  cases = edge_case_tiffs(seed)
+  os.makedirs(folder, exist_ok=True)
+  for name, (data, _, _) in cases.items():
+    with open(os.path.join(folder, name), "wb") as f:
+      f.write(data)
+  return cases
+
+
 def write_sample_submission(path, ids):
-  with open(path, "w") as f:
-    f.write("id,label\n" + "".join(f"{i},0\n" for i in ids))
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    csv.writer(f, lineterminator="\n").writerows(
+        [("id", "label")] + [(i, 0) for i in ids])
   return str(path)

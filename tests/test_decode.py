@@ -116,9 +116,42 @@ def test_tiff_layout_cache_only_skips_identical_layouts(img):
   assert cache.lookup(lzw) is None
   assert cache.lookup(data[:-1]) is None
   # Planar (RRR...GGG...BBB) files are not raw HWC bytes: never learned.
-  planar = _tiff(other, photometric="rgb", planarconfig="separate")
+  planar = _tiff(np.moveaxis(other, -1, 0), photometric="rgb",
+                 planarconfig="separate")
   cache.learn(planar, decode.decode_bytes(planar))
   assert cache.lookup(planar) is None
+
+
+def test_planar_tiff_decodes_samples_last(img):
+  planar = _tiff(np.moveaxis(img, -1, 0), photometric="rgb",
+                 planarconfig="separate")
+  np.testing.assert_array_equal(decode.decode_bytes(planar), img)
+  rgba = np.dstack([img, np.full(img.shape[:2], 255, np.uint8)])
+  np.testing.assert_array_equal(decode.decode_bytes(_tiff(
+      np.moveaxis(rgba, -1, 0), photometric="rgb", planarconfig="separate",
+      extrasamples=[2])), img)
+  # An HWC array written planar is 96 samples of a 96x3 image, whatever its
+  # raw bytes look like: refused, not read as RGB.
+  wide = _tiff(img, photometric="rgb", planarconfig="separate")
+  assert decode.decode_raw(wide).shape == (96, 3, 96)
+  with pytest.raises(decode.ImageError, match=r"shape \(96, 3, 96\)"):
+    decode.decode_bytes(wide, "wide.tif")
+
+
+def test_orientation_tag_keeps_stored_order_or_is_refused(img):
+  for value in (3, 6, 8):
+    tagged = _tiff(img, photometric="rgb", extratags=[(274, "H", 1, value,
+                                                       True)])
+    np.testing.assert_array_equal(decode.decode_bytes(tagged), img)
+  # libtiff's RGBA interface (here for JPEG) would rotate the pixels:
+  # refused, naming the file and the remedy, never returned rotated.
+  jpeg = _tiff(img, photometric="rgb", compression="jpeg")
+  assert np.abs(decode.decode_bytes(jpeg).astype(int) - img).mean() < 40
+  rotated = _tiff(img, photometric="rgb", compression="jpeg",
+                  extratags=[(274, "H", 1, 3, True)])
+  with pytest.raises(decode.ImageError,
+                     match=r"^x.tif: Orientation tag 3 .*JPEG.*re-save"):
+    decode.decode_bytes(rotated, "x.tif")
 
 
 @needs_shared
@@ -169,15 +202,19 @@ def _tf_files():
 
 
 @needs_shared
-@pytest.mark.parametrize("use_tfio", [True, False])
-def test_tf_decode_image_matches_decode_bytes(use_tfio):
+@pytest.mark.parametrize("sliced", [True, False])
+def test_tf_decode_image_matches_decode_bytes(sliced):
+  """Both graph paths (proven plain strip sliced, or imagecodecs) agree."""
   tf = pytest.importorskip("tensorflow")
-  if use_tfio and not decode.tensorflow_io_available():
-    pytest.skip("tensorflow-io's decode_tiff does not load with this "
-                "TensorFlow")
   files = _tf_files()
-  ds = tf.data.Dataset.from_tensor_slices(files).map(tf.io.read_file).map(
-      lambda b: decode.tf_decode_image(b, use_tfio=use_tfio))
-  for f, got in zip(files, ds):
-    assert got.shape == (96, 96, 3) and got.dtype == tf.uint8
-    np.testing.assert_array_equal(got.numpy(), decode.read_image(f))
+  cache = decode.TiffLayoutCache()
+  proofs = [cache.check(Path(f).read_bytes(), f) for f in files]
+  # The 4 originals have a plain strip, the 2 LZW re-saves do not.
+  assert [p is not None for p in proofs] == [True] * 4 + [False] * 2
+  layouts = sorted({p for p in proofs if p is not None}) if sliced else []
+  index = [layouts.index(p) if p in layouts else -1 for p in proofs]
+  contents = [Path(f).read_bytes() for f in files]
+  got = decode.tf_decode_images(contents, files, index, layouts)
+  assert got.shape == (6, 96, 96, 3) and got.dtype == tf.uint8
+  for f, img in zip(files, got.numpy()):
+    np.testing.assert_array_equal(img, decode.read_image(f))

@@ -47,12 +47,15 @@ def test_entrypoint_is_exec_form_and_exists(dockerfile):
   assert "docker/entrypoint.sh /usr/local/bin/hcd-entrypoint" in copies
 
 
-def test_installs_hcd_and_tensorflow_io_pinned(dockerfile):
+def test_installs_hcd_with_the_pinned_stack(dockerfile):
   runs = " ".join(_instructions(dockerfile, "RUN"))
-  assert "pip install" in runs and "tensorflow_io" in runs
+  assert "pip install" in runs
+  assert "import tensorflow as tf, imagecodecs, hcd" in runs
   with open(os.path.join(ROOT, "setup.cfg"), encoding="utf-8") as f:
     cfg = f.read()
-  assert "tensorflow-io==0.37.1" in cfg and "tensorflow==2.17.1" in cfg
+  assert "tensorflow==2.17.1" in cfg and "imagecodecs==" in cfg
+  # imagecodecs is the one decoder: tensorflow-io is no longer installed.
+  assert "tensorflow-io" not in cfg and "tensorflow_io" not in runs
 
 
 def test_dockerignore_keeps_context_small():

@@ -13,6 +13,7 @@ from sklearn import metrics as skm
 from hcd.data import shards
 from hcd.eval import evaluate
 from hcd.eval import inputs
+from hcd.eval import predict
 from hcd.eval import runs
 
 import evalutil
@@ -64,6 +65,20 @@ def test_evaluate_writes_metrics_matching_sklearn(tmp_path, labelled):
   for name in ("roc.png", "confusion_matrix.png"):
     with open(os.path.join(out, name), "rb") as f:
       assert f.read(8) == PNG
+
+
+def test_predictions_csv_quotes_odd_ids(tmp_path):
+  n = len(evalutil.ODD_IDS)
+  preds = predict.Predictions(list(evalutil.ODD_IDS),
+                              np.linspace(0.1, 0.9, n),
+                              np.arange(n, dtype=np.int64) % 2)
+  path = evaluate.write_predictions_csv(str(tmp_path / "p.csv"), preds)
+  with open(path, newline="", encoding="utf-8") as f:
+    rows = list(csv.DictReader(f))
+  assert [r["id"] for r in rows] == evalutil.ODD_IDS
+  assert [int(r["label"]) for r in rows] == preds.labels.tolist()
+  np.testing.assert_array_equal([float(r["prob"]) for r in rows],
+                                preds.probs)
 
 
 def test_chosen_threshold(tmp_path, labelled):

@@ -45,14 +45,17 @@ def _predict(models, source, tta=1):
 @pytest.mark.skipif(not evalutil.KAGGLE_TIF.is_dir(), reason=evalutil.NO_SHARED)
 @pytest.mark.parametrize("split", ["test", "train", "lzw_resaved"])
 def test_real_tiffs_direct_match_shards(tmp_path, tiny, split):
-  """TIFFs decoded in tf.data (tensorflow-io) == shards of the same pixels."""
+  """TIFFs decoded in tf.data == shards of the same pixels."""
   root = str(evalutil.KAGGLE_TIF)
   folder = inputs.open_source(data_dir=root, split=split, batch_size=8,
                               progress=False)
-  assert "tensorflow-io" in folder.description
   records, _, _ = sources.list_records(root, split)
   want = {"test": 29, "train": 16, "lzw_resaved": 2}[split]
   assert folder.num_examples == len(records) == want
+  # Kaggle's originals are plain strips, sliced in the graph; the LZW
+  # re-saves go through imagecodecs.
+  sliced = 0 if split == "lzw_resaved" else want
+  assert f"imagecodecs: {sliced} plain TIFFs sliced" in folder.description
   # The graph decode gives exactly imagecodecs' pixels.
   imgs, ids, labels = inputs.take_arrays(folder)
   ref = np.stack([decode.read_image(r.path) for r in records])
@@ -79,10 +82,9 @@ def test_imagecodecs_fallback_gives_same_pixels(tmp_path):
   imgs = evalutil.images(6)
   ids = [f"im{k}" for k in range(6)]
   evalutil.write_tiffs(tmp_path / "test", imgs, ids)
-  for use_tfio in (True, False):
-    if use_tfio and not decode.tensorflow_io_available():
-      continue
-    src = inputs.folder_source(str(tmp_path), "test", 4, use_tfio=use_tfio,
+  # check=False: no layout proofs, every file decoded by imagecodecs.
+  for check in (True, False):
+    src = inputs.folder_source(str(tmp_path), "test", 4, check=check,
                                progress=False)
     got, got_ids, labels = inputs.take_arrays(src)
     np.testing.assert_array_equal(got, imgs)
@@ -195,6 +197,20 @@ def test_unreadable_file_refused_or_skipped_and_listed(tmp_path, tiny_run):
   assert "badbadbad" in listed and "empty file" in listed
 
 
+def test_file_names_with_comma_quote_newline_round_trip(tmp_path, tiny_run):
+  ids = list(evalutil.ODD_IDS)
+  evalutil.write_tiffs(tmp_path / "data" / "test",
+                       evalutil.images(len(ids)), ids)
+  src = inputs.open_source(data_dir=str(tmp_path / "data"), split="test",
+                           progress=False)
+  out = str(tmp_path / "sub.csv")
+  order = list(reversed(ids))
+  predict.predict_submission([runs.model_file(tiny_run)], src, out,
+                             sample_ids=order, progress=False)
+  got_ids, probs = submission.read_submission(out)
+  assert got_ids == order and len(probs) == len(ids)
+
+
 def test_predict_submission_refuses_id_mismatch(tmp_path, tiny_run):
   ids = [f"{k:040x}" for k in range(5)]
   shards.write_arrays(evalutil.images(5), ids, [-1] * 5, str(tmp_path / "sh"),
@@ -234,6 +250,48 @@ def test_cli_predict_tiff_folder_with_sample_submission(tmp_path, tiny_run):
   assert r.returncode == 1
   assert "no_such_run: run directory does not exist" in r.stderr
   assert not os.path.exists(f"{out}.2")
+
+
+def test_cli_predict_folder_with_planar_tiff(tmp_path, tiny_run):
+  """A planar TIFF is predicted from its own pixels; a refused one is named."""
+  folder = tmp_path / "data" / "test"
+  cases = evalutil.write_edge_cases(folder)
+  keep = {"plain.tif", "planar.tif", "orientation6.tif", "lzw.tif",
+          "transparent_rgba.tif"}
+  for name in set(cases) - keep:
+    os.remove(folder / name)
+  out = tmp_path / "s.csv"
+  args = (f"--workdir={tiny_run}", f"--data_dir={tmp_path / 'data'}",
+          f"--out={out}", "--noprogress")
+  r = _cli("predict", *args)
+  assert r.returncode == 1 and not out.exists()
+  assert f"{folder / 'transparent_rgba.tif'}: RGBA image with a non-opaque" \
+      in r.stderr
+  assert "failed after" not in r.stderr and "planar" not in r.stderr
+  r = _cli("predict", *args, "--skip_unreadable")
+  assert r.returncode == 0, r.stderr
+  ids, probs = submission.read_submission(str(out))
+  assert sorted(ids) == ["lzw", "orientation6", "plain", "planar"]
+  with open(f"{out}.skipped.csv", encoding="utf-8") as f:
+    assert "transparent_rgba" in f.read()
+  # The CLI scored the very pixels the shard writer stores for each file.
+  model = runs.load_model(runs.model_file(tiny_run))
+  want = predict.make_predict_fn([model])(np.stack(
+      [decode.read_image(str(folder / f"{i}.tif")) for i in ids])).numpy()
+  np.testing.assert_allclose(probs, want, atol=1e-6)
+
+
+def test_cli_predict_uses_the_kaggle_sample_submission(tmp_path, tiny_run):
+  ids = [f"{k:040x}" for k in range(6)]
+  evalutil.write_tiffs(tmp_path / "data" / "test", evalutil.images(6), ids)
+  sample = evalutil.write_sample_submission(
+      tmp_path / "data" / "sample_submission.csv", ids[::-1])
+  out = tmp_path / "s.csv"
+  r = _cli("predict", f"--workdir={tiny_run}",
+           f"--data_dir={tmp_path / 'data'}", f"--out={out}", "--noprogress")
+  assert r.returncode == 0, r.stderr
+  assert f"using {sample} for the submission's ids and order" in r.stderr
+  submission.validate_submission(str(out), ids[::-1])
 
 
 def test_export_loads_without_hcd_in_safe_mode(tmp_path, tiny_run):

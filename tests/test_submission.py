@@ -1,7 +1,9 @@
 """Tests for hcd.eval.submission: ids, order, values, refusals, real ids."""
 
+import csv
 import os
 import random
+import types
 
 import numpy as np
 import pytest
@@ -127,3 +129,50 @@ def test_real_sample_submission_57458_ids(tmp_path):
     submission.write_submission(str(tmp_path / "x.csv"), ids + [ids[7]],
                                 np.append(probs, 0.5), expected)
   assert not (tmp_path / "x.csv").exists()
+
+
+def test_kaggle_sample_submission_is_the_default_unless_given(tmp_path):
+  from hcd.cli import eval_flags  # pylint: disable=g-import-not-at-top
+
+  def resolve(**kw):
+    values = dict(sample_submission=None, data_dir=str(tmp_path),
+                  split="test")
+    values.update(kw)
+    return eval_flags.sample_submission_path(types.SimpleNamespace(**values))
+
+  (tmp_path / "test").mkdir()
+  assert resolve() == (None, False)  # No sample_submission.csv there.
+  sample = tmp_path / "sample_submission.csv"
+  sample.write_text("id,label\n")
+  assert resolve() == (str(sample), True)
+  assert resolve(sample_submission="mine.csv") == ("mine.csv", False)
+  assert resolve(sample_submission="") == (None, False)  # Opted out.
+  assert resolve(split="train") == (None, False)  # Lists test ids only.
+  assert resolve(data_dir=None) == (None, False)  # Shards.
+  (tmp_path / "test" / "0").mkdir()  # A class-folder layout.
+  assert resolve() == (None, False)
+
+
+def test_ids_with_comma_quote_newline_are_quoted_and_read_back(tmp_path):
+  odd = evalutil.ODD_IDS
+  probs = np.linspace(0.05, 0.95, len(odd))
+  expected = list(reversed(odd))
+  out = submission.write_submission(str(tmp_path / "s.csv"), odd, probs,
+                                    expected)
+  ids, back = submission.read_submission(out)
+  assert ids == expected
+  np.testing.assert_array_equal(back, probs[::-1])
+  summary = submission.validate_submission(out, expected)
+  assert summary["num_rows"] == len(odd)
+  with open(out, newline="", encoding="utf-8") as f:
+    rows = list(csv.reader(f))
+  assert rows[0] == ["id", "label"] and len(rows) == len(odd) + 1
+  assert all(len(r) == 2 for r in rows)
+  # Without a carriage return in any id, only the fields that need it are
+  # quoted: the common file stays the plain id,label text.
+  plain = submission.write_submission(str(tmp_path / "p.csv"), odd[:3],
+                                      probs[:3])
+  with open(plain, newline="", encoding="utf-8") as f:
+    text = f.read()
+  assert text == ('id,label\n"a,b",0.05\n"say ""hi""",'
+                  f'{probs[1]!r}\n"two\nlines",{probs[2]!r}\n')

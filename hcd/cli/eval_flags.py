@@ -36,8 +36,10 @@ def _define_input_flags(split_default: str | None,
   flags.DEFINE_string(
       "data_dir", None, "Image folder instead of shards: the Kaggle layout "
       "(<data_dir>/<split>/<id>.tif), a class-folder layout "
-      "(<data_dir>/<split>/<0|1>/*) or a plain folder of TIFFs. TIFFs are "
-      "decoded in tf.data by tensorflow-io.")
+      "(<data_dir>/<split>/<0|1>/*) or a plain folder of TIFFs. Every file "
+      "is checked first and decoded to exactly the pixels tools/make_shards "
+      "stores (imagecodecs; plain TIFF strips are sliced in tf.data); a "
+      "file it refuses is named.")
   flags.DEFINE_string("split", split_default, split_help)
   flags.DEFINE_string(
       "labels_csv", None, "Labels for a Kaggle-layout --data_dir (default: "
@@ -80,7 +82,10 @@ def define_predict_flags() -> None:
   flags.DEFINE_string(
       "sample_submission", None, "Kaggle's sample_submission.csv: the output "
       "has exactly its ids, in its order; missing, extra or duplicate ids "
-      "are refused.")
+      "are refused. Default: <data_dir>/sample_submission.csv when "
+      "predicting the test split of a Kaggle-layout --data_dir that has one "
+      "(said in the log); --sample_submission= (empty) writes the predicted "
+      "ids in input order instead.")
   flags.DEFINE_float(
       "skipped_prob", 0.5, "With --skip_unreadable and --sample_submission: "
       "the probability written for skipped images (Kaggle needs every row).")
@@ -126,6 +131,26 @@ def show_in_help(doc: str | None) -> None:
   main = sys.modules.get("__main__")
   if main is not None and doc and not getattr(main, "__doc__", None):
     main.__doc__ = doc
+
+
+def sample_submission_path(values) -> tuple[str | None, bool]:
+  """The sample submission hcd_predict orders its output by.
+
+  An explicit --sample_submission wins; an empty one means none. Unset, a
+  Kaggle-layout --data_dir's own sample_submission.csv is used for its test
+  split (hcd.eval.submission.kaggle_sample_submission).
+
+  Args:
+    values: the parsed absl FlagValues of hcd_predict.
+
+  Returns:
+    (path or None, whether the path is the default rather than given).
+  """
+  from hcd.eval import submission  # pylint: disable=g-import-not-at-top
+  if values.sample_submission is not None:
+    return values.sample_submission or None, False
+  path = submission.kaggle_sample_submission(values.data_dir, values.split)
+  return path, path is not None
 
 
 def model_paths(values) -> list[str]:

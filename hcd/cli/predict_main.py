@@ -3,7 +3,8 @@
   hcd_predict --workdir=runs/resnet --shards_dir=shards --split=test
       --tta=8 --sample_submission=data/sample_submission.csv
       --out=submissions/resnet_tta8.csv
-  hcd_predict --workdir=runs/resnet --data_dir=data --split=test ...  # TIFFs
+  hcd_predict --workdir=runs/resnet --data_dir=data --split=test ...  # TIFFs,
+      # ids and order of data/sample_submission.csv when it exists
   hcd_predict --workdir=runs/a --ensemble=runs/b,runs/c ...           # mean
   hcd_predict --workdir=runs/resnet --export_dir=export/resnet        # export
 """
@@ -44,8 +45,12 @@ def main(argv):
     if not FLAGS.out:
       raise app.UsageError("--out (the submission CSV) is required")
     predict.tta_transforms(FLAGS.tta)  # Fail before reading any data.
-    sample_ids = (submission.read_sample_ids(FLAGS.sample_submission)
-                  if FLAGS.sample_submission else None)
+    sample, defaulted = eval_flags.sample_submission_path(FLAGS)
+    if defaulted:
+      logging.info("using %s for the submission's ids and order (the data "
+                   "directory's own; --sample_submission chooses another)",
+                   sample)
+    sample_ids = submission.read_sample_ids(sample) if sample else None
     shards_dir = FLAGS.shards_dir
     if not shards_dir and not FLAGS.data_dir and FLAGS.workdir:
       shards_dir = runs.read_config(FLAGS.workdir).get("shards_dir")

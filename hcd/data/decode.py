@@ -1,18 +1,39 @@
-"""Image decoding: the one module that knows imagecodecs and tensorflow-io.
+"""Image decoding: the decoder of record, and its form inside tf.data.
 
-Two paths:
-  * numpy (`decode_bytes`, `read_image`): imagecodecs, used by the scanner and
-    the shard writer in worker processes that never import TensorFlow.
-  * graph (`tf_decode_tiff`): inside tf.data for prediction straight from a
-    TIFF folder. tensorflow-io's `decode_tiff` when it loads (it is abandoned
-    upstream and breaks with TF >= 2.18), else an imagecodecs fallback through
-    `tf.numpy_function`, so tensorflow-io can be dropped by editing this file.
+imagecodecs is the decoder of record (tifffile reads the tags that say how
+a TIFF's decoded axes are laid out): every path that turns an image file into
+pixels gives exactly the pixels `decode_bytes` gives, or refuses the file by
+name.
+  * numpy (`decode_bytes`, `read_image`): imagecodecs, used by the scanner,
+    the shard writer and the up-front check of prediction from a folder, in
+    worker processes or threads that never need TensorFlow.
+  * graph (`tf_decode_images`): inside tf.data, for prediction and
+    evaluation straight from an image folder. A TIFF whose layout
+    `TiffLayoutCache` proved to be one plain strip of HWC pixels (see there)
+    is sliced from the file's bytes (`tf.strings.substr` + `tf.io.decode_raw`),
+    after the graph re-checks that proof on the bytes it read; every other
+    file goes through `decode_bytes` itself via `tf.numpy_function`. Both
+    give `decode_bytes`' pixels by construction, so no second decoder can
+    disagree with the shards.
+
+A TIFF Orientation tag is not applied: pixels are always returned in stored
+order, as imagecodecs' strip and tile reader gives them (the few TIFFs it
+would rotate, JPEG, YCbCr or CMYK ones with an Orientation tag, are refused).
+A Kaggle id is the SHA-1 of the stored pixel bytes, the scanner hashes and the
+shard writer stores those bytes, and prediction's dihedral TTA averages over
+orientations anyway; so one order, the stored one, is used everywhere.
+
+Planar-configuration TIFFs are returned with their samples last like all
+others (`_tiff_as_stored`); LZW and other compressed TIFFs, and RGBA with an
+opaque alpha channel (dropped), are decoded; a non-opaque alpha channel,
+grayscale, anything but 3 samples of 8 bits, or another size is refused
+(`validate`), naming the file.
 """
 
 from __future__ import annotations
 
-import functools
 import os
+from typing import Sequence
 
 import imagecodecs
 import numpy as np
@@ -25,6 +46,16 @@ IMAGE_EXTS = TIFF_EXTS + (".png", ".jpg", ".jpeg")
 
 class ImageError(ValueError):
   """An image that cannot be used; the message names the file and the fault."""
+
+
+def strip_name(message: str, name: str) -> str:
+  """An ImageError message without its leading "<name>: ".
+
+  For a row or line that names the file in its own column (scan.csv, the
+  manifest, the skipped list).
+  """
+  prefix = f"{name}: "
+  return message[len(prefix):] if message.startswith(prefix) else message
 
 
 def _sniff(data: bytes) -> str:
@@ -56,6 +87,8 @@ def decode_bytes(data: bytes, name: str = "<bytes>") -> np.ndarray:
 def decode_raw(data: bytes, name: str = "<bytes>") -> np.ndarray:
   """Decodes TIFF/JPEG/PNG bytes as stored, without checking shape or type.
 
+  Axes are always (height, width[, samples]), planar TIFFs included.
+
   The quality scanner uses this to report what a bad image actually is.
 
   Args:
@@ -73,16 +106,58 @@ def decode_raw(data: bytes, name: str = "<bytes>") -> np.ndarray:
   kind = _sniff(data)
   try:
     if kind == "tiff":
-      return imagecodecs.tiff_decode(data)
+      return _tiff_as_stored(imagecodecs.tiff_decode(data), data, name)
     if kind == "jpeg":
       return imagecodecs.jpeg8_decode(data)
     if kind == "png":
       return imagecodecs.png_decode(data)
+  except ImageError:
+    raise
   except Exception as e:  # imagecodecs raises several codec-specific types.
     raise ImageError(f"{name}: cannot decode {kind}: "
                      f"{type(e).__name__}: {e}") from None
   raise ImageError(f"{name}: not a TIFF, JPEG or PNG file "
                    f"(first bytes {data[:8]!r})")
+
+
+# TIFF pages that libtiff converts to RGB through its RGBA interface, which
+# imagecodecs reads with the Orientation tag applied (compression 6 and 7:
+# JPEG; photometric 5 and 6: CMYK, YCbCr).
+_RGBA_INTERFACE_COMPRESSIONS = (6, 7)
+_RGBA_INTERFACE_PHOTOMETRICS = (5, 6)
+
+
+def _tiff_as_stored(img: np.ndarray, data: bytes, name: str) -> np.ndarray:
+  """imagecodecs' TIFF pixels, in stored order with the samples last.
+
+  imagecodecs returns a PlanarConfiguration=2 ("separate") TIFF sample-major,
+  (samples, height, width), and drops axes of length 1, so its shape alone
+  cannot tell a planar 96-sample image 3 pixels wide from a 96x96 RGB image:
+  tifffile reads the tags that can. It also applies an Orientation tag to the
+  pages it converts through libtiff's RGBA interface (JPEG, YCbCr, CMYK) and
+  to no other: such a page with an Orientation tag is refused rather than
+  given in another order than every other file.
+
+  Raises:
+    ImageError: an Orientation tag on a page read through the RGBA interface.
+  """
+  import io  # pylint: disable=g-import-not-at-top
+  import tifffile  # pylint: disable=g-import-not-at-top
+  with tifffile.TiffFile(io.BytesIO(data)) as tif:
+    page = tif.pages.first
+    planar = page.planarconfig == 2 and page.samplesperpixel > 1
+    orientation = page.tags.valueof(274, 1)
+    converted = (page.compression in _RGBA_INTERFACE_COMPRESSIONS or
+                 page.photometric in _RGBA_INTERFACE_PHOTOMETRICS)
+  if orientation != 1 and converted:
+    raise ImageError(
+        f"{name}: Orientation tag {int(orientation)} on a TIFF the decoder "
+        f"would rotate ({page.compression.name} compression, "
+        f"{page.photometric.name} colour), while every other file keeps its "
+        f"stored order; re-save it without the Orientation tag")
+  if planar and img.ndim == 3 and img.shape[0] == page.samplesperpixel:
+    return np.moveaxis(img, 0, -1)
+  return img
 
 
 def validate(img: np.ndarray, name: str) -> np.ndarray:
@@ -108,18 +183,32 @@ def validate(img: np.ndarray, name: str) -> np.ndarray:
   return np.ascontiguousarray(img)
 
 
+def read_bytes(path: str) -> bytes:
+  """Reads a whole image file.
+
+  Args:
+    path: the file.
+
+  Returns:
+    Its bytes.
+
+  Raises:
+    ImageError: the file cannot be read, naming the path.
+  """
+  try:
+    with open(path, "rb") as f:
+      return f.read()
+  except OSError as e:
+    raise ImageError(f"{path}: cannot read: {e.strerror}") from None
+
+
 def read_image(path: str) -> np.ndarray:
   """Reads and decodes one image file; see `decode_bytes`.
 
   Raises:
     ImageError: unreadable or invalid file, naming the path.
   """
-  try:
-    with open(path, "rb") as f:
-      data = f.read()
-  except OSError as e:
-    raise ImageError(f"{path}: cannot read: {e.strerror}") from None
-  return decode_bytes(data, path)
+  return decode_bytes(read_bytes(path), path)
 
 
 _IMAGE_BYTES = IMAGE_SHAPE[0] * IMAGE_SHAPE[1] * IMAGE_SHAPE[2]
@@ -141,7 +230,10 @@ class TiffLayoutCache:
   and byte-identical non-pixel bytes decodes to its strip's bytes. `lookup`
   checks that (a ~300-byte comparison) instead of running the decoder, which
   is ~13 us of the scanner's ~60 us per image. Anything else returns None and
-  takes the normal path (`decode_raw` + `validate`).
+  takes the normal path (`decode_raw` + `validate`). `layout` returns the
+  proof itself (size, offset, non-pixel bytes), which prediction carries into
+  tf.data so the graph can slice the pixels instead of decoding them
+  (`tf_decode_images`).
   """
 
   def __init__(self, max_layouts: int = 4096):
@@ -149,17 +241,33 @@ class TiffLayoutCache:
     self._count = 0
     self._max = max_layouts
 
+  def layout(self, data) -> tuple[int, int, bytes] | None:
+    """The proof that data is a known plain layout, or None.
+
+    Args:
+      data: the file's bytes (bytes, bytearray or memoryview).
+
+    Returns:
+      (file size, offset of the raw HWC pixels, every byte outside them) when
+      data has the size and non-pixel bytes of a learned file; `tf_decode_images`
+      re-checks this triple on the bytes tf.data reads. None otherwise.
+    """
+    n = len(data)
+    for (size, off), keys in self._known.items():
+      if n == size:
+        key = _outside(data, off)
+        if key in keys:
+          return size, off, key
+    return None
+
   def pixel_offset(self, data) -> int | None:
     """Where data's raw HWC pixels start if it has a known layout, or None.
 
     Args:
       data: the file's bytes (bytes, bytearray or memoryview).
     """
-    n = len(data)
-    for (size, off), keys in self._known.items():
-      if n == size and _outside(data, off) in keys:
-        return off
-    return None
+    known = self.layout(data)
+    return None if known is None else known[1]
 
   def lookup(self, data) -> np.ndarray | None:
     """The pixels (a read-only view of data) if data has a known layout."""
@@ -184,6 +292,30 @@ class TiffLayoutCache:
     if key not in keys:
       keys.add(key)
       self._count += 1
+
+  def check(self, data: bytes, name: str) -> tuple[int, int, bytes] | None:
+    """Validates data as `decode_bytes` does; returns its layout if plain.
+
+    A known layout needs no decode (its pixels are its strip's bytes, so it
+    is a valid 96x96 RGB uint8 image); anything else is decoded, validated
+    and learned.
+
+    Args:
+      data: the file's bytes.
+      name: the file name used in error messages.
+
+    Returns:
+      `layout(data)` after learning: the proof for the in-graph fast path,
+      or None when the file must go through the decoder.
+
+    Raises:
+      ImageError: the file is refused by `decode_bytes`.
+    """
+    known = self.layout(data)
+    if known is None:
+      self.learn(data, decode_bytes(data, name))
+      known = self.layout(data)
+    return known
 
 
 def _plain_strip_offset(data: bytes) -> int | None:
@@ -218,58 +350,75 @@ def _plain_strip_offset(data: bytes) -> int | None:
     return None
 
 
-@functools.lru_cache(maxsize=1)
-def tensorflow_io_available() -> bool:
-  """True when tensorflow-io's TIFF op loads with the installed TensorFlow."""
-  if os.environ.get("HCD_DISABLE_TFIO"):
-    return False
-  try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    import tensorflow_io as tfio  # pylint: disable=g-import-not-at-top
-    # Ops fail at first use, not at import, when the .so mismatches TF.
-    tfio.experimental.image.decode_tiff(
-        tf.constant(encode_tiff(np.zeros((2, 2, 3), np.uint8))))
-    return True
-  except Exception:  # pylint: disable=broad-except
-    return False
+def _numpy_decode(contents: np.ndarray, names: np.ndarray) -> np.ndarray:
+  """decode_bytes over a batch (tf.numpy_function hands over object arrays).
+  """
+  out = np.empty((len(contents),) + IMAGE_SHAPE, np.uint8)
+  for k, (data, name) in enumerate(zip(contents, names)):
+    out[k] = decode_bytes(data, os.fsdecode(name))
+  return out
 
 
-def _numpy_decode(data) -> np.ndarray:
-  # numpy_function hands a scalar string over as a 0-d object array.
-  if isinstance(data, np.ndarray):
-    data = data.item()
-  return decode_bytes(data)
+def tf_decode_images(contents, names, layouts_of,
+                     layouts: Sequence[tuple[int, int, bytes]] = ()):
+  """Decodes a batch of image files inside a TensorFlow graph, as decode_bytes.
 
-
-def tf_decode_image(contents, use_tfio: bool | None = None):
-  """Decodes one encoded image inside a TensorFlow graph to uint8 [96,96,3].
-
-  TIFF goes through tensorflow-io's `decode_tiff` (RGBA: the alpha channel is
-  dropped) when available; anything else, or TIFF without tensorflow-io, goes
-  through imagecodecs via `tf.numpy_function`.
+  A file whose `layouts_of` entry names a proof from `TiffLayoutCache.layout`
+  and whose bytes still satisfy it (same size, same bytes outside the pixel
+  run) gets that run of bytes, sliced in the graph: exactly what
+  `decode_bytes` returns for such a file. Every other file (no proof, or one
+  that changed since it was checked) goes through `decode_bytes` itself, via
+  one `tf.numpy_function` call for the batch. The whole batch is handled by
+  a few vectorised ops, not a few ops per file: per-op overhead, not bytes,
+  is what a per-file graph spends its time on.
 
   Args:
-    contents: scalar tf.string with the file bytes.
-    use_tfio: force the tensorflow-io path on/off; None picks automatically.
+    contents: tf.string [B], the files' bytes.
+    names: tf.string [B], their paths, for error messages.
+    layouts_of: int [B], each file's index in `layouts`, or -1.
+    layouts: the distinct proofs, (size, pixel offset, non-pixel bytes).
 
   Returns:
-    uint8 tensor of static shape [96, 96, 3].
+    uint8 tensor [B, 96, 96, 3]. A file `decode_bytes` refuses fails the
+    graph at run time with its ImageError message (naming the file) inside
+    a tf.errors.OpError.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  if use_tfio is None:
-    use_tfio = tensorflow_io_available()
-  fallback = lambda: tf.numpy_function(_numpy_decode, [contents], tf.uint8)
-  if use_tfio:
-    import tensorflow_io as tfio  # pylint: disable=g-import-not-at-top
-    is_tiff = tf.strings.substr(contents, 0, 4) == b"II*\x00"
-    img = tf.cond(
-        is_tiff,
-        lambda: tfio.experimental.image.decode_tiff(contents)[..., :3],
-        fallback)
+  contents = tf.convert_to_tensor(contents, tf.string)
+  names = tf.convert_to_tensor(names, tf.string)
+  layouts_of = tf.cast(layouts_of, tf.int32)
+  if layouts:
+    sizes = tf.constant([s for s, _, _ in layouts], tf.int32)
+    offsets = tf.constant([o for _, o, _ in layouts], tf.int32)
+    # The bytes before and after the pixel run, apart.
+    heads = tf.constant([k[:o] for _, o, k in layouts], tf.string)
+    tails = tf.constant([k[o:] for _, o, k in layouts], tf.string)
+    k = tf.maximum(layouts_of, 0)
+    off = tf.gather(offsets, k)
+    length = tf.strings.length(contents)
+    # Every substr start is clipped to the file's length (a start past the
+    # end is substr's only error; lengths are clipped by substr itself).
+    tail_at = tf.minimum(off + _IMAGE_BYTES, length)
+    proven = ((layouts_of >= 0) & (length == tf.gather(sizes, k)) &
+              (tf.strings.substr(contents, tf.zeros_like(off), off) ==
+               tf.gather(heads, k)) &
+              (tf.strings.substr(contents, tail_at, length) ==
+               tf.gather(tails, k)))
+    pixels = tf.io.decode_raw(
+        tf.strings.substr(contents, tf.minimum(off, length),
+                          tf.fill(tf.shape(off), _IMAGE_BYTES)),
+        tf.uint8, fixed_length=_IMAGE_BYTES)
+    pixels = tf.reshape(pixels, (-1,) + IMAGE_SHAPE)
   else:
-    img = fallback()
-  img = tf.ensure_shape(img, IMAGE_SHAPE)
-  return img
+    proven = tf.zeros(tf.shape(contents), tf.bool)
+    pixels = tf.zeros(tf.concat([tf.shape(contents), IMAGE_SHAPE], 0),
+                      tf.uint8)
+  rest = tf.where(tf.logical_not(proven))
+  decoded = tf.numpy_function(
+      _numpy_decode, [tf.gather_nd(contents, rest), tf.gather_nd(names, rest)],
+      tf.uint8, stateful=False)
+  decoded = tf.ensure_shape(decoded, (None,) + IMAGE_SHAPE)
+  return tf.tensor_scatter_nd_update(pixels, rest, decoded)
 
 
 def encode_tiff(img: np.ndarray) -> bytes:

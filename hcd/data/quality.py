@@ -81,12 +81,6 @@ def _per_channel(row_sums: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(planes).sum(axis=2, dtype=np.float64)
 
 
-def _error_text(e: Exception, path: str) -> str:
-  """The message without the leading "<path>: " (the row names the path)."""
-  msg = str(e)
-  return msg[len(path) + 2:] if msg.startswith(path + ": ") else msg
-
-
 class _ChunkScanner:
   """Scans one chunk of images into numpy arrays."""
 
@@ -160,7 +154,7 @@ class _ChunkScanner:
     except decode.ImageError as e:
       self.status[k] = _UNREADABLE
       self.shape[k] = -1
-      self.errors[k] = _error_text(e, path)
+      self.errors[k] = decode.strip_name(str(e), path)
       return None
     s = img.shape  # A 2-D image has one channel.
     self.shape[k] = (s[0] if s else 0, s[1] if len(s) > 1 else 1,
@@ -171,7 +165,7 @@ class _ChunkScanner:
       valid = decode.validate(img, path)
     except decode.ImageError as e:
       self.status[k] = _BAD_SHAPE
-      self.errors[k] = _error_text(e, path)
+      self.errors[k] = decode.strip_name(str(e), path)
       return None
     self._tiff.learn(data, valid)
     return valid

@@ -498,23 +498,37 @@ def _gc_paused():
       gc.enable()
 
 
-def _read_and_decode(path: str) -> np.ndarray:
+def _read_and_decode(path: str,
+                     cache: decode.TiffLayoutCache) -> np.ndarray:
   """decode.read_image, with the fault classed as the scan report does.
+
+  A TIFF laid out like one this shard already decoded is not decoded again:
+  its pixels are its strip's bytes (see decode.TiffLayoutCache), which
+  skips the decoder for nearly every Kaggle file.
 
   Raises:
     decode.ImageError: with args (scan flag, message without the path).
   """
   try:
-    raw = decode.decode_raw(_read_file(path), path)
+    data = _read_file(path)
   except OSError as e:
     raise decode.ImageError("unreadable", f"cannot read: {e.strerror}"
                             ) from None
-  except decode.ImageError as e:
-    raise decode.ImageError("unreadable", _strip(str(e), path)) from None
+  known = cache.lookup(data)
+  if known is not None:
+    return known
   try:
-    return decode.validate(raw, path)
+    raw = decode.decode_raw(data, path)
   except decode.ImageError as e:
-    raise decode.ImageError("bad_shape", _strip(str(e), path)) from None
+    raise decode.ImageError("unreadable",
+                            decode.strip_name(str(e), path)) from None
+  try:
+    img = decode.validate(raw, path)
+  except decode.ImageError as e:
+    raise decode.ImageError("bad_shape",
+                            decode.strip_name(str(e), path)) from None
+  cache.learn(data, img)
+  return img
 
 
 def _read_file(path: str, chunk: int = 1 << 16) -> bytes:
@@ -532,10 +546,6 @@ def _read_file(path: str, chunk: int = 1 << 16) -> bytes:
     return b"".join(parts)
   finally:
     os.close(fd)
-
-
-def _strip(msg: str, path: str) -> str:
-  return msg[len(path) + 2:] if msg.startswith(path + ": ") else msg
 
 
 _blocks_written = 0
@@ -573,6 +583,7 @@ def _write_shard_task(task: _ShardTask,
   invalid: list[dict] = []
   counts: collections.Counter = collections.Counter()
   writer = RecordWriter(f"{task.path}.tmp-{os.getpid()}")
+  layouts = decode.TiffLayoutCache()
 
   def flush():
     n = len(ids)
@@ -609,7 +620,7 @@ def _write_shard_task(task: _ShardTask,
     with _gc_paused():
       for path, rid, label in task.members:
         try:
-          img = _read_and_decode(path)
+          img = _read_and_decode(path, layouts)
         except decode.ImageError as e:
           invalid.append({"id": rid, "path": path,
                           "reason": f"{e.args[0]}: {e.args[1]}"})

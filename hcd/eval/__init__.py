@@ -2,7 +2,7 @@
 
   runs.py        reading run directories; loading saved models (safe mode)
   inputs.py      tf.data input for prediction: shards, or image folders
-                 decoded in the graph (tensorflow-io decode_tiff)
+                 decoded in tf.data to the shard writer's pixels
   predict.py     batched prediction with dihedral TTA and run ensembles
   submission.py  the Kaggle submission: id order, validation, atomic write
   evaluate.py    metrics.json + ROC / confusion-matrix PNGs for a model

@@ -50,11 +50,11 @@ def parse_threshold(value) -> float | str:
 
 
 def write_predictions_csv(path: str, preds: predict_lib.Predictions) -> str:
-  """Writes id,label,prob atomically."""
-  lines = ["id,label,prob\n"] + [
-      f"{i},{int(l)},{float(p)!r}\n"
-      for i, l, p in zip(preds.ids, preds.labels, preds.probs)]
-  fileio.atomic_write_text(path, "".join(lines))
+  """Writes id,label,prob atomically (ids quoted where needed); returns path.
+  """
+  fileio.atomic_write_csv(path, [("id", "label", "prob")] + [
+      (i, int(l), repr(float(p)))
+      for i, l, p in zip(preds.ids, preds.labels, preds.probs)])
   return path
 
 

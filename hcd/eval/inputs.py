@@ -7,15 +7,18 @@ Both sources yield the same batches, dicts of
 
 Shards are read as blocks of up to 256 raw images (no decode). An image
 folder (Kaggle `test/`, a class-folder split, or a plain folder of TIFFs) is
-read file by file inside tf.data and decoded in the graph by
-`hcd.data.decode.tf_decode_image` (tensorflow-io `decode_tiff`, alpha
-dropped; imagecodecs fallback), so no sharding step is needed to predict.
+read file by file inside tf.data and decoded a batch at a time in the graph
+by `hcd.data.decode.tf_decode_images`, so no sharding step is needed to
+predict, and the pixels are exactly those the shard writer stores for the
+same files.
 
-A decode error inside tf.data would stop prediction without naming the file,
-so folder images are checked first with imagecodecs in a thread pool
-(`check_images`, ~30k images/s per core on Kaggle TIFFs, well above model
-speed). Unreadable files are then refused with their names, or skipped and
-listed when the caller allows it.
+Every folder image is first checked with the decoder of record (imagecodecs,
+`check_images`, in a thread pool): a file it refuses is refused by name, or
+skipped and listed when the caller allows it, before tf.data starts. The
+check also records, per file, the proof that its TIFF layout is one plain
+strip of pixels (`decode.TiffLayoutCache`); tf.data then slices those pixels
+from the file instead of decoding it (re-checking the proof on the bytes it
+reads), and runs imagecodecs through `tf.numpy_function` for the rest.
 """
 
 from __future__ import annotations
@@ -140,19 +143,40 @@ def folder_records(data_dir: str, split: str,
   return records
 
 
-def _check_chunk(records) -> list[sources.Problem]:
-  problems = []
+@dataclasses.dataclass
+class Checked:
+  """What the up-front check found.
+
+  Attributes:
+    problems: one Problem per image the decoder of record refuses, in record
+      order.
+    layouts: path -> the proof (`decode.TiffLayoutCache.layout`) that the
+      file is one plain strip of pixels, for the files that have one.
+  """
+  problems: list
+  layouts: dict
+
+
+def _check_chunk(records) -> Checked:
+  # One cache per chunk: the cache is not thread-safe, and Kaggle files
+  # share a few layouts, so each chunk decodes only its first file of each.
+  cache = decode.TiffLayoutCache()
+  found = Checked([], {})
   for r in records:
     try:
-      decode.read_image(r.path)
+      layout = cache.check(decode.read_bytes(r.path), r.path)
     except decode.ImageError as e:
-      problems.append(sources.Problem(r.id, r.path, str(e)))
-  return problems
+      found.problems.append(sources.Problem(
+          r.id, r.path, decode.strip_name(str(e), r.path)))
+      continue
+    if layout is not None:
+      found.layouts[r.path] = layout
+  return found
 
 
 def check_images(records: Sequence[sources.Record], workers: int | None = None,
-                 progress: bool = True) -> list[sources.Problem]:
-  """Decodes every image once with imagecodecs and returns the failures.
+                 progress: bool = True) -> Checked:
+  """Checks every image once with the decoder of record (imagecodecs).
 
   imagecodecs and file reads release the GIL, so threads scale with cores.
 
@@ -162,58 +186,75 @@ def check_images(records: Sequence[sources.Record], workers: int | None = None,
     progress: show a tqdm bar.
 
   Returns:
-    One Problem per unreadable or invalid image, in record order.
+    The unreadable or invalid images, and the plain-layout proofs of the
+    others (see `Checked`).
   """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   chunks = [records[i:i + CHECK_CHUNK]
             for i in range(0, len(records), CHECK_CHUNK)]
-  problems: list[sources.Problem] = []
+  checked = Checked([], {})
   with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count()) as ex, \
       tqdm(total=len(records), unit="img", desc="check images",
            disable=not progress, leave=False) as bar:
     for chunk, found in zip(chunks, ex.map(_check_chunk, chunks)):
-      problems += found
+      checked.problems += found.problems
+      checked.layouts.update(found.layouts)
       bar.update(len(chunk))
-  return problems
+  return checked
 
 
 def records_dataset(records: Sequence[sources.Record], batch_size: int,
-                    use_tfio: bool | None = None):
+                    layouts: dict | None = None):
   """Batches of images read and decoded inside tf.data.
 
   Args:
     records: the images (paths, ids, labels).
     batch_size: images per batch.
-    use_tfio: force tensorflow-io on/off (None: use it when it loads).
+    layouts: `Checked.layouts` of these records: files with a proof are
+      sliced in the graph, the others (or all, when None) decoded by
+      imagecodecs. Both give `decode.read_image`'s pixels.
 
   Returns:
     tf.data.Dataset of {"image", "id", "label"} batches, in record order.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  # The distinct proofs (Kaggle files share a few) go into the graph once;
+  # each record carries the index of its own, or -1.
+  index: dict = {}
+  layout_of = [-1] * len(records)
+  for k, r in enumerate(records):
+    proof = (layouts or {}).get(r.path)
+    if proof is not None:
+      layout_of[k] = index.setdefault(proof, len(index))
   table = {
       "path": np.array([r.path for r in records], dtype=object),
       "id": np.array([r.id for r in records], dtype=object),
       "label": np.array([r.label for r in records], dtype=np.int64),
+      "layout": np.array(layout_of, dtype=np.int32),
   }
-  if use_tfio is None:
-    use_tfio = decode.tensorflow_io_available()
+  proofs = list(index)
 
-  def load(row):
-    image = decode.tf_decode_image(tf.io.read_file(row["path"]),
-                                   use_tfio=use_tfio)
-    return {"image": image, "id": row["id"], "label": row["label"]}
+  def read(row):
+    return dict(row, contents=tf.io.read_file(row["path"]))
 
+  def decode_batch(batch):
+    images = decode.tf_decode_images(batch["contents"], batch["path"],
+                                     batch["layout"], proofs)
+    return {"image": images, "id": batch["id"], "label": batch["label"]}
+
+  # Files are read one by one, but decoded a batch at a time: a few
+  # vectorised ops per batch instead of a dozen per file.
   ds = tf.data.Dataset.from_tensor_slices(table)
-  ds = ds.map(load, num_parallel_calls=_parallelism())
-  ds = ds.batch(batch_size).prefetch(PREFETCH)
+  ds = ds.map(read, num_parallel_calls=_parallelism())
+  ds = ds.batch(batch_size).map(decode_batch, num_parallel_calls=2)
+  ds = ds.prefetch(PREFETCH)
   return ds.with_options(_fixed_options())
 
 
 def folder_source(data_dir: str, split: str, batch_size: int,
                   labels_csv: str | None = None,
                   skip_unreadable: bool = False, check: bool = True,
-                  progress: bool = True,
-                  use_tfio: bool | None = None) -> Source:
+                  progress: bool = True) -> Source:
   """Batches of an image folder decoded in the graph, unreadables handled.
 
   Args:
@@ -224,10 +265,10 @@ def folder_source(data_dir: str, split: str, batch_size: int,
       the train split).
     skip_unreadable: leave unreadable images out (listed in
       `Source.skipped`) instead of refusing.
-    check: decode every file once up front (see `check_images`); without it
-      a bad file fails inside tf.data.
+    check: check every file once up front (see `check_images`); without it
+      every file is decoded by imagecodecs in tf.data, and a bad file fails
+      there (the error still names it).
     progress: show progress bars.
-    use_tfio: force tensorflow-io on/off.
 
   Returns:
     A Source.
@@ -235,10 +276,12 @@ def folder_source(data_dir: str, split: str, batch_size: int,
   Raises:
     sources.DataError: no folder or images, or label problems.
     InputError: unreadable images and not `skip_unreadable`; the message
-      lists them.
+      lists them, one line per file.
   """
   records = folder_records(data_dir, split, labels_csv)
-  problems = check_images(records, progress=progress) if check else []
+  checked = (check_images(records, progress=progress) if check
+             else Checked([], {}))
+  problems = checked.problems
   if problems and not skip_unreadable:
     raise InputError(
         f"{len(problems)} of {len(records)} images under {data_dir} cannot "
@@ -250,18 +293,12 @@ def folder_source(data_dir: str, split: str, batch_size: int,
     raise InputError(f"{data_dir}: no readable images left")
   where = os.path.join(data_dir, split) if os.path.isdir(
       os.path.join(data_dir, split)) else data_dir
-  tfio_on = use_tfio if use_tfio is not None else (
-      decode.tensorflow_io_available())
-  tiffs = sum(r.path.lower().endswith(decode.TIFF_EXTS) for r in records)
-  if not tiffs or not tfio_on:
-    decoder = "imagecodecs"
-  elif tiffs == len(records):
-    decoder = "tensorflow-io decode_tiff"
-  else:
-    decoder = "tensorflow-io decode_tiff for TIFFs, imagecodecs for others"
-  return Source(records_dataset(records, batch_size, use_tfio), len(records),
-                f"folder {where} ({len(records)} images, {decoder})",
-                problems)
+  sliced = sum(r.path in checked.layouts for r in records)
+  return Source(records_dataset(records, batch_size, checked.layouts),
+                len(records),
+                f"folder {where} ({len(records)} images, imagecodecs: "
+                f"{sliced} plain TIFFs sliced in tf.data, "
+                f"{len(records) - sliced} decoded)", problems)
 
 
 def open_source(shards_dir: str | None = None, data_dir: str | None = None,

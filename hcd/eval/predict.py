@@ -15,9 +15,7 @@ Python work per batch is bookkeeping.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import os
 import time
 from typing import Sequence
@@ -121,8 +119,9 @@ def predict(models: Sequence, dataset, tta: int = 1,
 
   Raises:
     ValueError: bad tta or no models.
-    RuntimeError: the input pipeline failed (e.g. an image tensorflow-io
-      cannot decode); the message says how to find the file.
+    RuntimeError: the input pipeline failed (e.g. a file that changed after
+      it was checked); the message names the file when the decoder refused
+      one.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
@@ -140,21 +139,31 @@ def predict(models: Sequence, dataset, tta: int = 1,
         bar.update(len(p))
     except tf.errors.OpError as e:
       raise RuntimeError(
-          f"input pipeline failed after {len(ids)} images: {e.message}\n"
-          f"(a file that imagecodecs reads but tensorflow-io does not? set "
-          f"HCD_DISABLE_TFIO=1 to decode with imagecodecs)") from None
+          f"input pipeline failed after {len(ids)} images: "
+          f"{_cause(e.message)} (a file that changed or vanished after the "
+          f"up-front check? rerun; --skip_unreadable leaves out files that "
+          f"cannot be decoded)") from None
   if not probs:
     return Predictions([], np.zeros(0), np.zeros(0, np.int64))
   return Predictions(ids, np.concatenate(probs), np.concatenate(labels))
 
 
+def _cause(message: str) -> str:
+  """The decoder's one-line error inside a tf.data error, else its first line.
+
+  `tf.numpy_function` wraps a Python exception as "...: ImageError: <path>:
+  <fault>" followed by a traceback; the ImageError line names the file.
+  """
+  for line in message.splitlines():
+    if "ImageError: " in line:
+      return line.split("ImageError: ", 1)[1]
+  return message.strip().splitlines()[0] if message.strip() else message
+
+
 def write_skipped(path: str, skipped) -> str:
   """Writes the skipped images (id,path,reason) atomically; returns path."""
-  buf = io.StringIO()
-  w = csv.writer(buf, lineterminator="\n")
-  w.writerow(["id", "path", "reason"])
-  w.writerows([p.id, p.path, p.reason] for p in skipped)
-  fileio.atomic_write_text(path, buf.getvalue())
+  fileio.atomic_write_csv(path, [("id", "path", "reason")] + [
+      (p.id, p.path, p.reason) for p in skipped])
   return path
 
 

@@ -15,7 +15,13 @@ from typing import Sequence
 
 import numpy as np
 
+from hcd import fileio
+from hcd.data import sources
+
 HEADER = ("id", "label")
+SAMPLE_SUBMISSION_CSV = "sample_submission.csv"
+# The split a Kaggle sample submission lists the ids of.
+SAMPLE_SPLIT = "test"
 
 
 class SubmissionError(ValueError):
@@ -78,6 +84,27 @@ def read_sample_ids(path: str) -> list[str]:
     raise SubmissionError(f"{path}: {len(dup)} duplicate id(s): "
                           f"{_listing(dup)}")
   return ids
+
+
+def kaggle_sample_submission(data_dir: str | None, split: str) -> str | None:
+  """The sample submission a Kaggle-layout data directory ships, if any.
+
+  Args:
+    data_dir: the --data_dir predicted from (None: none).
+    split: the split predicted.
+
+  Returns:
+    `<data_dir>/sample_submission.csv` when it exists and the split is the
+    Kaggle layout's test split (the one that file lists); else None.
+  """
+  if not data_dir or split != SAMPLE_SPLIT:
+    return None
+  path = os.path.join(data_dir, SAMPLE_SUBMISSION_CSV)
+  if (not os.path.isfile(path) or
+      not os.path.isdir(os.path.join(data_dir, split)) or
+      sources.detect_layout(data_dir, split) != sources.LAYOUT_KAGGLE):
+    return None
+  return path
 
 
 def check_ids(ids: Sequence[str], expected: Sequence[str] | None) -> None:
@@ -162,7 +189,8 @@ def write_submission(path: str, ids: Sequence[str], probs,
   """Validates, orders and atomically writes a submission CSV.
 
   Probabilities are written with `repr` (shortest exact float64 text), so
-  nothing is rounded.
+  nothing is rounded; an id holding a comma, quote or line break is quoted
+  (the csv module), so `read_submission` reads back exactly these rows.
 
   Args:
     path: the CSV to write (its directory is created).
@@ -177,19 +205,9 @@ def write_submission(path: str, ids: Sequence[str], probs,
     SubmissionError: invalid ids or probabilities; nothing is written.
   """
   ids, probs = order_like(ids, probs, expected)
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-      f.write("id,label\n")
-      f.writelines(f"{i},{float(p)!r}\n" for i, p in zip(ids, probs))
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fileio.atomic_write_csv(path, [HEADER] + [
+      (i, repr(float(p))) for i, p in zip(ids, probs)])
   return path
 
 
