@@ -294,6 +294,31 @@ def test_cli_predict_uses_the_kaggle_sample_submission(tmp_path, tiny_run):
   submission.validate_submission(str(out), ids[::-1])
 
 
+def test_cli_ensemble_pattern_takes_every_fold_run(tmp_path):
+  """--ensemble='runs/fold*' averages every matching run's best.keras."""
+  folds = [evalutil.make_run(str(tmp_path / "cv" / f"fold{k}"),
+                             evalutil.tiny_model(seed=k)) for k in range(3)]
+  ids = [f"{k:040x}" for k in range(5)]
+  evalutil.write_tiffs(tmp_path / "data" / "test", evalutil.images(5), ids)
+  out = tmp_path / "s.csv"
+  r = _cli("predict", f"--ensemble={tmp_path / 'cv' / 'fold*'}",
+           f"--data_dir={tmp_path / 'data'}", f"--out={out}", "--noprogress",
+           "--sample_submission=")
+  assert r.returncode == 0, r.stderr
+  got_ids, probs = submission.read_submission(str(out))
+  models = [runs.load_model(runs.model_file(f)) for f in folds]
+  images = np.stack([decode.read_image(str(tmp_path / "data" / "test" /
+                                           f"{i}.tif")) for i in got_ids])
+  want = np.mean([predict.make_predict_fn([m])(images).numpy()
+                  for m in models], axis=0)
+  np.testing.assert_allclose(probs, want, atol=1e-6)
+  assert np.ptp([predict.make_predict_fn([m])(images).numpy()[0]
+                 for m in models]) > 0  # The three folds differ.
+  r = _cli("predict", f"--ensemble={tmp_path / 'nope*'}",
+           f"--data_dir={tmp_path / 'data'}", f"--out={out}.2")
+  assert r.returncode == 1 and "matches no run directory" in r.stderr
+
+
 def test_export_loads_without_hcd_in_safe_mode(tmp_path, tiny_run):
   info = export.export_model(runs.model_file(tiny_run), str(tmp_path / "exp"))
   want = np.asarray(info["check_outputs"])

@@ -25,7 +25,9 @@ def _define_model_flags() -> None:
                     "AUC) or final (model.keras, last epoch).")
   flags.DEFINE_list(
       "ensemble", [], "More runs (directories) or .keras files whose "
-      "probabilities are averaged with --workdir's.")
+      "probabilities are averaged with --workdir's; a shell-style pattern "
+      "takes every match, e.g. --ensemble='runs/cv/fold*' for the runs of a "
+      "K-fold experiment (hcd_train --num_folds).")
 
 
 def _define_input_flags(split_default: str | None,
@@ -165,9 +167,17 @@ def model_paths(values) -> list[str]:
   Raises:
     hcd.eval.runs.RunError: a run or model file that does not exist.
   """
+  import glob  # pylint: disable=g-import-not-at-top
   from hcd.eval import runs  # pylint: disable=g-import-not-at-top
   run_dirs = [values.workdir] if values.workdir else []
   files = [values.model_path] if values.model_path else []
-  for e in values.ensemble:
-    (files if e.endswith(".keras") else run_dirs).append(e)
+  for entry in values.ensemble:
+    matches = [entry]
+    if glob.has_magic(entry):
+      matches = sorted(glob.glob(entry))
+      if not matches:
+        raise runs.RunError(f"--ensemble={entry}: the pattern matches no "
+                            f"run directory or .keras file")
+    for e in matches:
+      (files if e.endswith(".keras") else run_dirs).append(e)
   return runs.resolve_model_paths(run_dirs, files, values.model)
