@@ -14,6 +14,7 @@ import tifffile
 
 from hcd.data import decode
 from hcd.data import quality
+from hcd.data import screening
 from hcd.data import sources
 from hcd.data import synthetic
 
@@ -138,7 +139,7 @@ def test_statistics_match_numpy(bad_dir):
                                px.mean(axis=0), rtol=0, atol=1e-9)
     np.testing.assert_allclose(row[["std_r", "std_g", "std_b"]].tolist(),
                                px.std(axis=0), rtol=0, atol=1e-9)
-    background = (img.min(axis=-1) >= quality.BACKGROUND_MIN).mean()
+    background = (img.min(axis=-1) >= screening.BACKGROUND_MIN).mean()
     assert row["background_frac"] == pytest.approx(background, abs=1e-12)
     assert not row["dark"] and not row["bright"]
 
@@ -225,7 +226,7 @@ def test_workspace_md_documents_every_column():
     text = f.read()
   section = text[text.index("## Scan report"):]
   section = section[:section.index("\n## ", 3)]
-  for c in quality.COLUMNS + quality.FLAGS:
+  for c in quality.COLUMNS + screening.FLAGS:
     assert c in section, c
 
 

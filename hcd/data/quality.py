@@ -23,7 +23,6 @@ import datetime
 import hashlib
 import json
 import os
-import re
 import time
 from typing import Sequence
 
@@ -32,24 +31,19 @@ import numpy as np
 import hcd
 from hcd.data import decode
 from hcd.data import parallel
+from hcd.data import screening
 from hcd.fileio import atomic_write_text
 from hcd.data.features import IMAGE_SHAPE
 
 SCHEMA_VERSION = 1
 SCAN_CSV = "scan.csv"
 SUMMARY_JSON = "scan_summary.json"
-FLAGS = ("unreadable", "bad_shape", "dark", "bright", "sha1_mismatch",
-         "duplicate")
 COLUMNS = ("id", "path", "label", "ok", "error", "height", "width", "channels",
            "dtype", "min", "max", "mean_r", "mean_g", "mean_b", "std_r",
            "std_g", "std_b", "background_frac", "sha1", "sha1_match",
            "duplicate_of", "dark", "bright", "flags", "reasons")
-DARK_MAX = 10
-BRIGHT_MIN = 245
-BACKGROUND_MIN = 220
 CHUNK_SIZE = 2000
 
-_SHA1_ID = re.compile(r"[0-9a-f]{40}")
 _PIXELS = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
 _IMAGE_BYTES = _PIXELS * IMAGE_SHAPE[2]
 _BATCH = 64  # Images per vectorised statistics step.
@@ -79,12 +73,6 @@ def _per_channel(row_sums: np.ndarray) -> np.ndarray:
   # ~8x slower); a BLAS matmul would start threads in every worker.
   planes = row_sums.reshape(len(row_sums), -1, 3).transpose(0, 2, 1)
   return np.ascontiguousarray(planes).sum(axis=2, dtype=np.float64)
-
-
-def _error_text(e: Exception, path: str) -> str:
-  """The message without the leading "<path>: " (the row names the path)."""
-  msg = str(e)
-  return msg[len(path) + 2:] if msg.startswith(path + ": ") else msg
 
 
 class _ChunkScanner:
@@ -133,9 +121,7 @@ class _ChunkScanner:
     try:
       data = self._read(path)
     except OSError as e:
-      self.status[k] = _UNREADABLE
-      self.shape[k] = -1
-      self.errors[k] = f"cannot read: {e.strerror or e}"
+      self._fail(k, screening.read_fault(e))
       return
     slot = len(self._slots)
     off = self._tiff.pixel_offset(data)
@@ -154,25 +140,33 @@ class _ChunkScanner:
     if len(self._slots) == _BATCH:
       self.flush()
 
-  def _decode(self, k: int, data: bytes, path: str) -> np.ndarray | None:
-    try:
-      img = decode.decode_raw(data, path)
-    except decode.ImageError as e:
-      self.status[k] = _UNREADABLE
+  def _fail(self, k: int, fault: screening.Fault) -> None:
+    """Records why image k cannot be used."""
+    self.status[k] = (_BAD_SHAPE if fault.flag == screening.BAD_SHAPE else
+                      _UNREADABLE)
+    self.errors[k] = fault.detail
+    if fault.shape is None:
       self.shape[k] = -1
-      self.errors[k] = _error_text(e, path)
-      return None
-    s = img.shape  # A 2-D image has one channel.
+      self.dtypes.pop(k, None)
+    else:
+      self._describe(k, fault.shape, fault.dtype)
+
+  def _describe(self, k: int, shape: tuple, dtype: str) -> None:
+    """Records what image k decoded to."""
+    s = shape  # A 2-D image has one channel.
     self.shape[k] = (s[0] if s else 0, s[1] if len(s) > 1 else 1,
                      s[2] if len(s) > 2 else 1)
-    if img.dtype != np.uint8:
-      self.dtypes[k] = str(img.dtype)
+    if dtype != "uint8":
+      self.dtypes[k] = dtype
+
+  def _decode(self, k: int, data: bytes, path: str) -> np.ndarray | None:
     try:
-      valid = decode.validate(img, path)
-    except decode.ImageError as e:
-      self.status[k] = _BAD_SHAPE
-      self.errors[k] = _error_text(e, path)
+      raw = screening.decode_raw(data, path)
+      valid = screening.validate(raw, path)
+    except screening.Fault as e:
+      self._fail(k, e)
       return None
+    self._describe(k, raw.shape, str(raw.dtype))
     self._tiff.learn(data, valid)
     return valid
 
@@ -217,7 +211,7 @@ def _chunk_columns(ids, paths, labels, s: _ChunkScanner, dark_max: int,
   std = np.sqrt(np.maximum(_PIXELS * s.sumsq - s.sum**2, 0.0)) / _PIXELS
   mean[~ok] = np.nan
   std[~ok] = np.nan
-  checkable = ok & np.array([_SHA1_ID.fullmatch(i) is not None for i in ids],
+  checkable = ok & np.array([screening.is_kaggle_id(i) for i in ids],
                             dtype=bool)
   match = np.array([h == i for h, i in zip(s.sha1, ids)], dtype=bool)
   cols = {
@@ -237,8 +231,8 @@ def _chunk_columns(ids, paths, labels, s: _ChunkScanner, dark_max: int,
       "sha1_match": np.where(checkable, match.astype(np.int8), -1).astype(
           np.int8),
       "duplicate_of": np.full(n, "", dtype=object),
-      "dark": ok & (s.max < dark_max),
-      "bright": ok & (s.min > bright_min),
+      "dark": ok & screening.is_dark(s.max, dark_max),
+      "bright": ok & screening.is_bright(s.min, bright_min),
       "flags": np.full(n, "", dtype=object),
       "reasons": np.full(n, "", dtype=object),
   }
@@ -252,22 +246,22 @@ def _set_flags(cols: dict, rows, dark_max: int, bright_min: int) -> None:
   for k in rows:
     names, reasons = [], []
     if not cols["ok"][k]:
-      name = "bad_shape" if cols["dtype"][k] else "unreadable"
+      name = screening.BAD_SHAPE if cols["dtype"][k] else screening.UNREADABLE
       names.append(name)
-      reasons.append(f"{name}: {cols['error'][k]}")
+      reasons.append(screening.reason(name, cols["error"][k]))
     if cols["dark"][k]:
-      names.append("dark")
-      reasons.append(f"dark: max {cols['max'][k]} < {dark_max}")
+      names.append(screening.DARK)
+      reasons.append(screening.dark_reason(cols["max"][k], dark_max))
     if cols["bright"][k]:
-      names.append("bright")
-      reasons.append(f"bright: min {cols['min'][k]} > {bright_min}")
+      names.append(screening.BRIGHT)
+      reasons.append(screening.bright_reason(cols["min"][k], bright_min))
     if cols["sha1_match"][k] == 0:
-      names.append("sha1_mismatch")
-      reasons.append(f"sha1_mismatch: pixels hash to "
-                     f"{cols['sha1'][k].decode()}")
+      names.append(screening.SHA1_MISMATCH)
+      reasons.append(screening.sha1_mismatch_reason(
+          cols["sha1"][k].decode()))
     if cols["duplicate_of"][k]:
-      names.append("duplicate")
-      reasons.append(f"duplicate: same pixels as {cols['duplicate_of'][k]}")
+      names.append(screening.DUPLICATE)
+      reasons.append(screening.duplicate_reason(cols["duplicate_of"][k]))
     cols["flags"][k] = ";".join(names)
     cols["reasons"][k] = "; ".join(reasons)
 
@@ -357,9 +351,8 @@ def _scan_chunk(task) -> tuple[dict, list[str]]:
       scanner.add(k, path)
     except Exception as e:  # pylint: disable=broad-except
       # Whatever else goes wrong with one file is its row's error too.
-      scanner.status[k] = _UNREADABLE
-      scanner.shape[k] = -1
-      scanner.errors[k] = f"unexpected {type(e).__name__}: {e}"
+      scanner._fail(k, screening.Fault(  # pylint: disable=protected-access
+          screening.UNREADABLE, f"unexpected {type(e).__name__}: {e}"))
   scanner.flush()
   cols = _chunk_columns(ids, paths, labels, scanner, dark_max, bright_min)
   return _pack(cols), _format_rows(cols)
@@ -367,17 +360,17 @@ def _scan_chunk(task) -> tuple[dict, list[str]]:
 
 def _mark_duplicates(cols: dict, lines: list[str], dark_max: int,
                      bright_min: int) -> None:
-  """Marks every later image with the pixels of an earlier one, in place."""
+  """Marks the duplicates among the readable images, in place.
+
+  The rule (which copy is canonical) is `screening.duplicate_of`'s.
+  """
   ok_rows = np.nonzero(cols["ok"])[0]
-  sha = cols["sha1"][ok_rows]
-  _, first, counts = np.unique(sha, return_index=True, return_counts=True)
-  if (counts == 1).all():
+  dups = screening.duplicate_of(cols["id"][ok_rows], cols["sha1"][ok_rows])
+  if not dups:
     return
-  first_id = {sha[f]: cols["id"][ok_rows[f]] for f in first}
-  later = [k for k, h in zip(ok_rows.tolist(), sha.tolist())
-           if first_id[h] != cols["id"][k]]
-  for k in later:
-    cols["duplicate_of"][k] = first_id[cols["sha1"][k]]
+  later = sorted(ok_rows[d] for d in dups)
+  for d, c in dups.items():
+    cols["duplicate_of"][ok_rows[d]] = cols["id"][ok_rows[c]]
   _set_flags(cols, later, dark_max, bright_min)
   for k, line in zip(later, _format_rows(cols, np.asarray(later))):
     lines[k] = line
@@ -420,8 +413,9 @@ class ScanResult:
 
 
 def run_scan(records: Sequence, workers: int | None = None,
-             dark_max: int = DARK_MAX, bright_min: int = BRIGHT_MIN,
-             background_min: int = BACKGROUND_MIN,
+             dark_max: int = screening.DARK_MAX,
+             bright_min: int = screening.BRIGHT_MIN,
+             background_min: int = screening.BACKGROUND_MIN,
              chunk_size: int = CHUNK_SIZE, progress: bool = True
              ) -> ScanResult:
   """Scans images in parallel; see `scan` (this skips building a DataFrame).
@@ -460,9 +454,10 @@ def run_scan(records: Sequence, workers: int | None = None,
 
 
 def scan(records: Sequence, workers: int | None = None,
-         dark_max: int = DARK_MAX, bright_min: int = BRIGHT_MIN,
-         background_min: int = BACKGROUND_MIN, chunk_size: int = CHUNK_SIZE,
-         progress: bool = True):
+         dark_max: int = screening.DARK_MAX,
+         bright_min: int = screening.BRIGHT_MIN,
+         background_min: int = screening.BACKGROUND_MIN,
+         chunk_size: int = CHUNK_SIZE, progress: bool = True):
   """Scans images in parallel into a report DataFrame.
 
   Args:
@@ -487,8 +482,8 @@ def scan(records: Sequence, workers: int | None = None,
 
 def _summarize(cols: dict, dark_max: int, bright_min: int,
                background_min: int, max_examples: int = 20) -> dict:
-  flag_counts = {f: 0 for f in FLAGS}
-  examples = {f: [] for f in FLAGS}
+  flag_counts = {f: 0 for f in screening.FLAGS}
+  examples = {f: [] for f in screening.FLAGS}
   flagged = np.nonzero(cols["flags"] != "")[0]
   for k in flagged:
     for f in cols["flags"][k].split(";"):
