@@ -1,4 +1,4 @@
-"""Atomic file writes shared by every tool (TensorFlow-free).
+"""File helpers shared by every tool: atomic writes, sizes (TensorFlow-free).
 
 Every artifact is written under a temporary name and renamed into place, so
 an interrupted tool never leaves a half-written file under a final name.
@@ -26,3 +26,11 @@ def atomic_write_text(path: str, text: str, fsync: bool = True) -> None:
       f.flush()
       os.fsync(f.fileno())
   os.replace(tmp, path)
+
+
+def file_size(path: str) -> int:
+  """Returns a file's size in bytes, or -1 if it is missing or unreadable."""
+  try:
+    return os.path.getsize(path)
+  except OSError:
+    return -1

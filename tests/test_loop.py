@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from hcd.data import shards
+from hcd.data import manifest as manifest_lib
 from hcd.train import artifacts
 from hcd.train import loop
 from hcd.train import runtime
@@ -96,9 +96,9 @@ def test_run_directory_contract(shards_dir, tmp_path):
   assert 1 <= metrics["best_epoch"] <= 2 and metrics["epochs"] == 2
 
   model = keras.saving.load_model(run.model, safe_mode=True)
-  manifest = shards.load_manifest(shards_dir, "train")
+  manifest = manifest_lib.load_manifest(shards_dir, "train")
   images, ids, _ = zip(*[
-      (im, i, l) for path in shards.shard_paths(shards_dir, manifest)
+      (im, i, l) for path in manifest_lib.shard_paths(shards_dir, manifest)
       for rec in tf.data.TFRecordDataset(path).as_numpy_iterator()
       for im, i, l in zip(*loop.features.parse_block_numpy(rec))])
   index = {i: k for k, i in enumerate(ids)}
@@ -171,6 +171,6 @@ def test_config_errors_are_clear(shards_dir, tmp_path):
   with pytest.raises(ConfigError, match="val_fraction"):
     loop.train_and_evaluate(_config(shards_dir, tmp_path, val_fraction=1.5),
                             strategy=_strategy())
-  with pytest.raises(shards.ManifestError, match="hcd-train.manifest.json"):
+  with pytest.raises(manifest_lib.ManifestError, match="hcd-train.manifest.json"):
     loop.train_and_evaluate(_config(str(tmp_path / "none"), tmp_path),
                             strategy=_strategy())

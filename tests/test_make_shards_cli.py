@@ -127,8 +127,8 @@ def test_kill_9_then_resume(workspace, tmp_path):
 def test_writer_never_imports_tensorflow(workspace, tmp_path):
   code = (
       "import sys\n"
-      "from hcd.data import shards\n"
-      f"r = shards.make_split({str(workspace)!r}, 'train', "
+      "from hcd.data import writer\n"
+      f"r = writer.make_split({str(workspace)!r}, 'train', "
       f"{str(tmp_path)!r}, workers=2, num_shards=2, progress=False)\n"
       "assert r['written'] == 2, r\n"
       "assert 'tensorflow' not in sys.modules\n")

@@ -1,4 +1,4 @@
-"""Ordered process-pool map for the data tools (TensorFlow-free).
+"""Process pools and loop helpers for the data tools (TensorFlow-free).
 
 Workers are forked, so they start in milliseconds and inherit the parent's
 imports; forking a process that has loaded TensorFlow (pytest, a notebook)
@@ -8,6 +8,8 @@ used instead and the workers start clean.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import multiprocessing
 import sys
 from typing import Callable, Iterable, Iterator, Sequence
@@ -40,3 +42,20 @@ def imap(fn: Callable, tasks: Sequence, workers: int) -> Iterator:
 def chunks(items: Sequence, size: int) -> Iterable[Sequence]:
   """Splits a sequence into consecutive slices of at most `size` items."""
   return [items[s:s + size] for s in range(0, len(items), size)]
+
+
+@contextlib.contextmanager
+def gc_paused():
+  """Pauses the cyclic garbage collector (the code inside makes no cycles).
+
+  With hundreds of thousands of live records, ids and tuples, every
+  collection re-walks all of them (and, after `import tensorflow`, all of
+  TensorFlow's objects): 10-20% of the time in the data tools' loops.
+  """
+  was_enabled = gc.isenabled()
+  gc.disable()
+  try:
+    yield
+  finally:
+    if was_enabled:
+      gc.enable()
