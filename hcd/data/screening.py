@@ -13,7 +13,8 @@ word its reason the same way:
   sha1_mismatch  a Kaggle id (40 lowercase hex digits) that is not the SHA-1
                  of the pixel bytes: the file is not the image its name (and
                  so its label) claims
-  duplicate      the same pixels as an earlier image of the split
+  duplicate      the same pixels as another image of the split that is the
+                 canonical copy (see `duplicate_of`)
 
 A pixel is near-white background when all its channels are >=
 BACKGROUND_MIN (220). Reasons read `<flag>: <detail>`, e.g.
@@ -260,7 +261,10 @@ def duplicate_of(ids: Sequence[str], digests: Sequence) -> dict[int, int]:
   """Finds the duplicates among images by the SHA-1 of their pixels.
 
   Within a group of images with identical pixels, the canonical image is the
-  first in the given order; every other member is a duplicate of it.
+  one whose id IS the SHA-1 of its pixels (the genuine Kaggle file); if none
+  is, the first in the given order. Every other member is a duplicate of the
+  canonical one, so a genuine file is never dropped for a copy of it filed
+  under another id, whichever sorts first.
 
   Args:
     ids: the images' ids, in record order.
@@ -286,6 +290,8 @@ def duplicate_of(ids: Sequence[str], digests: Sequence) -> dict[int, int]:
     if e - s < 2:
       continue
     members = order[s:e].tolist()  # In record order (a stable sort).
-    canonical = members[0]
+    digest = sorted_digests[s]
+    hex_digest = digest.decode() if isinstance(digest, bytes) else str(digest)
+    canonical = next((k for k in members if ids[k] == hex_digest), members[0])
     out.update((k, canonical) for k in members if k != canonical)
   return out
