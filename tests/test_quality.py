@@ -165,6 +165,23 @@ def test_parallel_scan_equals_serial_scan(bad_dir):
       two.dataframe())
 
 
+def test_clean_rows_format_like_every_other_row(bad_dir, tmp_path):
+  # Most rows take a one-format fast path; it must write what the general,
+  # field-by-field formatter writes. Quotes and commas take the general one.
+  records, _, good = bad_dir
+  quoted = str(tmp_path / 'pa"tch,1.tif')
+  _write(quoted, synthetic.tiff_bytes(good[3]))
+  records = records + [sources.Record('pa"tch,1', quoted, 1)]
+  result = quality.run_scan(records, workers=1, progress=False)
+  rows = np.arange(len(records))
+  general = quality._format_general(  # pylint: disable=protected-access
+      result.columns, rows)
+  assert result.lines == general
+  clean = quality._clean_rows(  # pylint: disable=protected-access
+      result.columns, rows)
+  assert clean.sum() == len(good) and not clean[-1]
+
+
 def test_report_round_trip_and_exclusions(bad_dir, tmp_path):
   records, expect, _ = bad_dir
   result = quality.run_scan(records, workers=1, progress=False)
