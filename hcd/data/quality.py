@@ -7,13 +7,20 @@ bytes against a Kaggle id; exact duplicates. One bad file never stops the
 scan: its row says what is wrong. The report format is in WORKSPACE.md
 ("Scan report"); `load_exclusions` is how tools/make_shards consumes it.
 
-Speed (220k images in seconds on 2 cores) comes from keeping the per-file
-Python work to read + SHA-1 (+ decode, skipped for files laid out like one
-already decoded, see `decode.TiffLayoutCache`), computing the statistics
-vectorised over batches of images, and formatting the CSV rows in the
-workers. A worker gets a chunk of records and returns numpy columns and CSV
-lines; the parent only joins them and settles duplicates, which need the
-whole split. This module and its workers never import TensorFlow.
+What is wrong with an image, and how the reason reads, is decided by
+`hcd.data.screening`, shared with the shard writer.
+
+Speed (~45 CPU-us an image, of which SHA-1 ~15 and reading ~7) comes from
+keeping the per-file Python work to read + SHA-1 (+ decode, skipped for files
+laid out like one already decoded, see `decode.TiffLayoutCache`), reading
+each file straight into its slot of a batch buffer where its pixels stay
+(`_Buffers`: no copy), computing the statistics vectorised over batches of
+32 images with contiguous numpy operations only, and formatting the CSV rows
+in the workers (one %-format for a clean row). A worker gets a chunk of
+records and returns numpy columns and CSV lines; the parent, which learns the
+TIFF layout once before forking, only joins them and settles duplicates,
+which need the whole split. This module and its workers never import
+TensorFlow.
 """
 
 from __future__ import annotations
@@ -274,6 +281,29 @@ class _ChunkScanner:
         axis=1, dtype=np.uint8)
     self.background[idx] = rows[:, ::3].sum(axis=1)
     self._slots.clear()
+
+
+def _learn_layout(paths: Sequence[str], tries: int = 8) -> None:
+  """Learns the split's TIFF layout here, before the workers are forked.
+
+  Forked workers inherit it (and the imports the decoder and the layout
+  check make, ~50 ms of CPU each) instead of each paying for them.
+
+  Args:
+    paths: image files; the first of `tries` that decodes is learned.
+    tries: files to try before giving up (not every split is TIFF).
+  """
+  tiff = _worker_buffers().tiff
+  for path in paths[:tries]:
+    try:
+      data = screening.read_file(path)
+      if tiff.pixel_offset(data) is not None:
+        return
+      tiff.learn(data, screening.validate(screening.decode_raw(data, path),
+                                          path))
+      return
+    except (OSError, screening.Fault):
+      continue
 
 
 def _read_rest(fd: int, slot) -> bytes:
@@ -569,37 +599,42 @@ def run_scan(records: Sequence, workers: int | None = None,
   t0 = time.perf_counter()
   workers = workers or os.cpu_count() or 1
   n = len(records)
-  size = max(1, min(chunk_size, -(-n // (4 * workers))))
-  tasks = []
-  for s in range(0, n, size):
-    part = records[s:s + size]
-    tasks.append(([r.id for r in part], [r.path for r in part],
-                  [r.label for r in part], dark_max, bright_min,
-                  background_min))
-  parts, lines = [], []
-  bar = None
-  if progress:  # tqdm's import alone is a visible share of a short scan.
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm(total=n, unit="img", desc="scan_quality", smoothing=0.1)
-  try:
-    for cols, chunk_lines in parallel.imap(_scan_chunk, tasks, workers):
-      parts.append(cols)
-      lines += chunk_lines
+  # No cycles are made here or in the (forked) workers, which inherit the
+  # paused collector: it would only re-walk every live row again and again.
+  with parallel.gc_paused():
+    size = max(1, min(chunk_size, -(-n // (4 * workers))))
+    tasks = []
+    for s in range(0, n, size):
+      part = records[s:s + size]
+      tasks.append(([r.id for r in part], [r.path for r in part],
+                    [r.label for r in part], dark_max, bright_min,
+                    background_min))
+    if workers > 1 and n > 1:
+      _learn_layout([r.path for r in records[:8]])
+    parts, lines = [], []
+    bar = None
+    if progress:  # tqdm's import alone is a visible share of a short scan.
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      bar = tqdm(total=n, unit="img", desc="scan_quality", smoothing=0.1)
+    try:
+      for cols, chunk_lines in parallel.imap(_scan_chunk, tasks, workers):
+        parts.append(cols)
+        lines += chunk_lines
+        if bar is not None:
+          bar.update(len(chunk_lines))
+    finally:
       if bar is not None:
-        bar.update(len(chunk_lines))
-  finally:
-    if bar is not None:
-      bar.close()
-  if not parts:
-    parts = [_pack(_chunk_columns([], [], [], _ChunkScanner(
-        0, background_min), dark_max, bright_min))]
-  cols = _unpack(parts, records)
-  _mark_duplicates(cols, lines, dark_max, bright_min)
-  seconds = time.perf_counter() - t0
-  summary = _summarize(cols, dark_max, bright_min, background_min)
-  summary.update(scan_time_s=round(seconds, 3), workers=workers,
-                 images_per_s=round(n / seconds, 1) if seconds else None)
-  return ScanResult(cols, lines, summary)
+        bar.close()
+    if not parts:
+      parts = [_pack(_chunk_columns([], [], [], _ChunkScanner(
+          0, background_min), dark_max, bright_min))]
+    cols = _unpack(parts, records)
+    _mark_duplicates(cols, lines, dark_max, bright_min)
+    seconds = time.perf_counter() - t0
+    summary = _summarize(cols, dark_max, bright_min, background_min)
+    summary.update(scan_time_s=round(seconds, 3), workers=workers,
+                   images_per_s=round(n / seconds, 1) if seconds else None)
+    return ScanResult(cols, lines, summary)
 
 
 def scan(records: Sequence, workers: int | None = None,
