@@ -1,4 +1,4 @@
-"""Shard verification: reread a split's shards with TensorFlow, check the manifest.
+"""Shard verification: reread shards with TensorFlow, check the manifest.
 
 `verify_split` trusts nothing the writer (`hcd.data.writer`) computed: it
 rereads every shard with TensorFlow's own TFRecord reader (both CRCs of each

@@ -550,7 +550,8 @@ def make_split(data_dir: str, split: str, out_dir: str,
                num_shards: int | None = None, labels_csv: str | None = None,
                skip_invalid: bool = False,
                dark_max: int = screening.DARK_MAX,
-               bright_min: int = screening.BRIGHT_MIN, dark_bright: str = "auto",
+               bright_min: int = screening.BRIGHT_MIN,
+               dark_bright: str = "auto",
                overwrite: bool = False, progress: bool = True,
                block_size: int = features.BLOCK_SIZE) -> dict:
   """Converts one split of a data directory to verified-format shards.
