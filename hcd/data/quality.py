@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import csv
 import datetime
-import hashlib
 import itertools
 import json
 import os
@@ -162,7 +161,7 @@ class _ChunkScanner:
     batch = self._slots  # Chunk indices of the images in the batch.
     digests = self.sha1
     pixel_offset = b.tiff.pixel_offset
-    sha1 = hashlib.sha1
+    pixel_sha1 = screening.pixel_sha1
     os_open, os_readv, os_close = os.open, os.readv, os.close
     read_only = os.O_RDONLY
     for k, path in enumerate(paths):
@@ -185,7 +184,7 @@ class _ChunkScanner:
         if (off is None or off != b.offset) and not self._place(
             k, j, data, off, path):
           continue
-        digests[k] = sha1(b.pixel_views[j]).hexdigest()
+        digests[k] = pixel_sha1(b.pixel_views[j])
         batch.append(k)
         if j + 1 == _BATCH:
           self.flush()
