@@ -8,6 +8,7 @@ used instead and the workers start clean.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import gc
 import multiprocessing
@@ -35,8 +36,19 @@ def imap(fn: Callable, tasks: Sequence, workers: int) -> Iterator:
   if workers <= 1 or len(tasks) <= 1:
     yield from map(fn, tasks)
     return
-  with pool_context().Pool(min(workers, len(tasks))) as pool:
-    yield from pool.imap(fn, tasks)
+  # Not multiprocessing.Pool: its worker-handler thread waits on the result
+  # pipe without reading it, so it spins whenever a result is in transit
+  # (0.15-0.25 s of the parent's CPU per 100k scanned images, taken from
+  # the workers on a 2-core machine). The executor's manager thread reads
+  # what it waits for.
+  pool = concurrent.futures.ProcessPoolExecutor(
+      min(workers, len(tasks)), mp_context=pool_context())
+  try:
+    yield from pool.map(fn, tasks)
+  finally:
+    # On an early exit (an error, Ctrl-C), tasks not started are dropped and
+    # the running ones finish (each is short) before the workers exit.
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def chunks(items: Sequence, size: int) -> Iterable[Sequence]:
