@@ -36,7 +36,14 @@ def atomic_write_text(path: str, text: str | Iterable[str],
 
 
 def file_size(path: str) -> int:
-  """Returns a file's size in bytes, or -1 if it is missing or unreadable."""
+  """Returns a file's size in bytes.
+
+  Args:
+    path: the file.
+
+  Returns:
+    Its size, or -1 if it is missing or unreadable.
+  """
   try:
     return os.path.getsize(path)
   except OSError:

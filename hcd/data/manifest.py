@@ -48,13 +48,29 @@ def shard_name(split: str, index: int, num_shards: int) -> str:
 
 
 def manifest_path(shards_dir: str, split: str) -> str:
-  """Returns the manifest path of a split inside `shards_dir`."""
+  """Returns the manifest path of a split inside `shards_dir`.
+
+  Args:
+    shards_dir: the shards directory.
+    split: split name.
+
+  Returns:
+    `<shards_dir>/hcd-<split>.manifest.json`.
+  """
   return os.path.join(shards_dir,
                       f"{DATASET_NAME}-{split}{_MANIFEST_SUFFIX}")
 
 
 def state_dir(shards_dir: str, split: str) -> str:
-  """Returns the hidden directory holding a split's lock and shard sidecars."""
+  """Returns the hidden directory holding a split's lock and shard sidecars.
+
+  Args:
+    shards_dir: the shards directory.
+    split: split name.
+
+  Returns:
+    `<shards_dir>/.hcd-<split>.state`.
+  """
   return os.path.join(shards_dir, f".{DATASET_NAME}-{split}.state")
 
 
@@ -108,12 +124,27 @@ def load_manifest(shards_dir: str, split: str) -> dict:
 
 
 def shard_paths(shards_dir: str, manifest: dict) -> list[str]:
-  """Returns the full paths of a manifest's shards, in order."""
+  """Returns the full paths of a manifest's shards, in order.
+
+  Args:
+    shards_dir: the shards directory.
+    manifest: a loaded manifest (`load_manifest`).
+
+  Returns:
+    One path per shard entry.
+  """
   return [os.path.join(shards_dir, e["file"]) for e in manifest["shards"]]
 
 
 def manifest_splits(shards_dir: str) -> list[str]:
-  """Lists the splits that have a manifest in `shards_dir` (sorted)."""
+  """Lists the splits that have a manifest in `shards_dir`.
+
+  Args:
+    shards_dir: the shards directory (missing: no splits).
+
+  Returns:
+    Split names, sorted.
+  """
   pre = f"{DATASET_NAME}-"
   if not os.path.isdir(shards_dir):
     return []

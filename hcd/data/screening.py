@@ -77,47 +77,110 @@ class Fault(ValueError):
 
 
 def reason(flag: str, detail: str) -> str:
-  """Words a flag's reason: "<flag>: <detail>"."""
+  """Words a flag's reason.
+
+  Args:
+    flag: one of FLAGS.
+    detail: what is wrong.
+
+  Returns:
+    "<flag>: <detail>".
+  """
   return f"{flag}: {detail}"
 
 
 def dark_reason(image_max: int, dark_max: int = DARK_MAX) -> str:
-  """The reason of a dark image, e.g. "dark: max 7 < 10"."""
+  """The reason of a dark image.
+
+  Args:
+    image_max: the image's max over all pixels and channels.
+    dark_max: the threshold it is below.
+
+  Returns:
+    e.g. "dark: max 7 < 10".
+  """
   return reason(DARK, f"max {image_max} < {dark_max}")
 
 
 def bright_reason(image_min: int, bright_min: int = BRIGHT_MIN) -> str:
-  """The reason of a bright image, e.g. "bright: min 250 > 245"."""
+  """The reason of a bright image.
+
+  Args:
+    image_min: the image's min over all pixels and channels.
+    bright_min: the threshold it is above.
+
+  Returns:
+    e.g. "bright: min 250 > 245".
+  """
   return reason(BRIGHT, f"min {image_min} > {bright_min}")
 
 
 def sha1_mismatch_reason(digest: str) -> str:
-  """The reason of an id that is not its pixels' SHA-1 (`digest`)."""
+  """The reason of an id that is not its pixels' SHA-1.
+
+  Args:
+    digest: the hex SHA-1 of the pixels.
+
+  Returns:
+    "sha1_mismatch: pixels hash to <digest>".
+  """
   return reason(SHA1_MISMATCH, f"pixels hash to {digest}")
 
 
 def duplicate_reason(canonical_id: str) -> str:
-  """The reason of a duplicate of the image `canonical_id`."""
+  """The reason of a duplicate.
+
+  Args:
+    canonical_id: the id of the image it duplicates (`duplicate_of`).
+
+  Returns:
+    "duplicate: same pixels as <canonical_id>".
+  """
   return reason(DUPLICATE, f"same pixels as {canonical_id}")
 
 
 def is_dark(image_max, dark_max: int = DARK_MAX):
-  """Whether an image (or each of an array of images) is dark, by its max."""
+  """Whether an image (or each of an array of images) is dark.
+
+  Args:
+    image_max: max over all pixels and channels (a number or an array).
+    dark_max: dark below this.
+
+  Returns:
+    bool, or a bool array.
+  """
   return image_max < dark_max
 
 
 def is_bright(image_min, bright_min: int = BRIGHT_MIN):
-  """Whether an image (or each of an array of images) is bright, by its min."""
+  """Whether an image (or each of an array of images) is bright.
+
+  Args:
+    image_min: min over all pixels and channels (a number or an array).
+    bright_min: bright above this.
+
+  Returns:
+    bool, or a bool array.
+  """
   return image_min > bright_min
 
 
 def dark_bright_reason(image_min: int, image_max: int,
                        dark_max: int = DARK_MAX,
                        bright_min: int = BRIGHT_MIN) -> str | None:
-  """The dark or bright reason of one image, or None if it is neither.
+  """The dark or bright reason of one image.
 
   An image can only be both with dark_max > bright_min; it is then reported
   dark.
+
+  Args:
+    image_min: its min over all pixels and channels.
+    image_max: its max.
+    dark_max: see `is_dark`.
+    bright_min: see `is_bright`.
+
+  Returns:
+    The reason, or None if the image is neither.
   """
   if is_dark(image_max, dark_max):
     return dark_reason(image_max, dark_max)
@@ -127,20 +190,37 @@ def dark_bright_reason(image_min: int, image_max: int,
 
 
 def is_kaggle_id(image_id: str) -> bool:
-  """Whether an id looks like Kaggle's, 40 lowercase hex digits (a SHA-1)."""
+  """Whether an id looks like Kaggle's: 40 lowercase hex digits (a SHA-1).
+
+  Args:
+    image_id: the id.
+
+  Returns:
+    True for a Kaggle id (then checked against its pixels).
+  """
   return _KAGGLE_ID.fullmatch(image_id) is not None
 
 
 def pixel_sha1(pixels) -> str:
-  """The hex SHA-1 of raw pixel bytes (a C-contiguous array or buffer).
+  """The hex SHA-1 of raw pixel bytes: a Kaggle image's id.
 
   Equal to `hashlib.sha1(pixels.tobytes()).hexdigest()` without the copy.
+
+  Args:
+    pixels: a C-contiguous uint8 array or a buffer.
+
+  Returns:
+    40 lowercase hex digits.
   """
   return hashlib.sha1(pixels).hexdigest()
 
 
 def sha1_matches(image_id: str, digest: str) -> bool | None:
   """Whether an id is the SHA-1 `digest` of its pixels.
+
+  Args:
+    image_id: the id.
+    digest: the hex SHA-1 of its pixels (`pixel_sha1`).
 
   Returns:
     None for ids that are not Kaggle ids (class folders: "<label>/<stem>"),
@@ -172,7 +252,14 @@ def _without_path(msg: str, path: str) -> str:
 
 
 def read_fault(e: OSError) -> Fault:
-  """The fault of a file that cannot be read (missing, permissions, ...)."""
+  """The fault of a file that cannot be read (missing, permissions, ...).
+
+  Args:
+    e: what reading raised.
+
+  Returns:
+    An UNREADABLE Fault, "cannot read: <why>".
+  """
   return Fault(UNREADABLE, f"cannot read: {e.strerror or e}")
 
 
@@ -220,6 +307,13 @@ def read_file(path: str, chunk: int = 1 << 16) -> bytes:
 
   os.open + os.read skip the fstat/lseek/isatty calls of open(): per-file
   system calls are a visible share of 100k+ reads of 28 KB files.
+
+  Args:
+    path: the file.
+    chunk: bytes per read.
+
+  Returns:
+    Its contents.
 
   Raises:
     OSError: the file cannot be read.

@@ -43,6 +43,13 @@ _F1, _F2, _F3 = 0x0A, 0x12, 0x1A
 def sha256_file(path: str, chunk: int = 1 << 22) -> str:
   """Returns the hex sha256 of a file, read in 4 MiB chunks.
 
+  Args:
+    path: the file.
+    chunk: bytes per read.
+
+  Returns:
+    The hex digest.
+
   Raises:
     OSError: the file cannot be read.
   """

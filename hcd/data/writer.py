@@ -72,13 +72,28 @@ class ShardError(ValueError):
 
 
 def one_line(msg) -> str:
-  """Joins a possibly multi-line message into one line (for CLI errors)."""
+  """Joins a possibly multi-line message into one line (for CLI errors).
+
+  Args:
+    msg: an exception or text.
+
+  Returns:
+    The first line, then the others joined by "; ".
+  """
   parts = [p.strip() for p in str(msg).splitlines() if p.strip()]
   return " ".join(parts[:1] + ["; ".join(parts[1:])]) if parts else ""
 
 
 def id_hash(ids: Sequence[str], seed: int = 0) -> np.ndarray:
-  """Stable 64-bit hash per id (independent of Python's hash seed)."""
+  """Stable 64-bit hash per id (independent of Python's hash seed).
+
+  Args:
+    ids: image ids.
+    seed: salts the hash.
+
+  Returns:
+    uint64 array, one hash per id.
+  """
   out = np.empty(len(ids), np.uint64)
   salt = str(seed).encode()
   for k, i in enumerate(ids):
@@ -217,7 +232,18 @@ def write_shard(path: str, images: np.ndarray, ids: Sequence[str],
 def build_manifest(split: str, shard_entries: list[dict], source: dict,
                    excluded: list[dict] | None = None,
                    block_size: int = features.BLOCK_SIZE) -> dict:
-  """Assembles a manifest dict (see WORKSPACE.md) from shard entries."""
+  """Assembles a manifest dict (see WORKSPACE.md) from shard entries.
+
+  Args:
+    split: split name.
+    shard_entries: one entry per shard (`write_shard`), in order.
+    source: the manifest's "source" entry.
+    excluded: images left out, {"id", "path", "reason"} each.
+    block_size: images per record.
+
+  Returns:
+    The manifest, with totals over the entries.
+  """
   totals: dict[str, int] = {}
   for e in shard_entries:
     for k, v in e["label_counts"].items():
@@ -242,7 +268,15 @@ def build_manifest(split: str, shard_entries: list[dict], source: dict,
 
 
 def write_manifest(shards_dir: str, manifest: dict) -> str:
-  """Writes a split's manifest atomically; returns its path."""
+  """Writes a split's manifest atomically.
+
+  Args:
+    shards_dir: the shards directory.
+    manifest: the manifest (its "split" names the file).
+
+  Returns:
+    The manifest's path.
+  """
   path = manifest_path(shards_dir, manifest["split"])
   atomic_write_text(path, json.dumps(manifest, indent=1) + "\n")
   return path
