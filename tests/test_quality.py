@@ -312,3 +312,15 @@ def test_scan_tool_refuses_a_bad_data_dir(tmp_path):
   err = p.stderr.strip()
   assert len(err.splitlines()) == 1 and bad in err, err
   assert not os.path.exists(tmp_path / "o" / "scan.csv")
+
+
+def test_duplicate_rule_keeps_the_genuine_copy():
+  a, b = "a" * 40, "b" * 40  # Pixel digests.
+  # The image whose id is its digest is canonical wherever it sits.
+  ids = ["0" * 40, "x", a, "y", b]
+  assert screening.duplicate_of(ids, [a, b, a, b, b]) == {0: 2, 1: 4, 3: 4}
+  # No genuine id in a group: the first in record order is canonical.
+  assert screening.duplicate_of(["p", "q", "r"], [a, a, a]) == {1: 0, 2: 0}
+  digests = np.array([a, b, a], dtype="S40")  # The scanner's column type.
+  assert screening.duplicate_of(["q", b, a], digests) == {0: 2}
+  assert screening.duplicate_of(["p", "q"], [a, b]) == {}
