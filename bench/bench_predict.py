@@ -79,8 +79,9 @@ def main():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from hcd import models  # pylint: disable=g-import-not-at-top
   from hcd.data import decode  # pylint: disable=g-import-not-at-top
-  from hcd.data import shards  # pylint: disable=g-import-not-at-top
+  from hcd.data import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
   from hcd.data import synthetic  # pylint: disable=g-import-not-at-top
+  from hcd.data import writer  # pylint: disable=g-import-not-at-top
   from hcd.eval import inputs  # pylint: disable=g-import-not-at-top
   from hcd.eval import predict  # pylint: disable=g-import-not-at-top
 
@@ -88,9 +89,9 @@ def main():
   shard_dir = os.path.join(args.out_dir, f"shards{args.num_test}")
   synthetic.write_workspace(data, 0, args.num_test, seed=0, progress=True)
   records = inputs.folder_records(data, "test")
-  if not os.path.exists(shards.manifest_path(shard_dir, "test")):
+  if not os.path.exists(manifest_lib.manifest_path(shard_dir, "test")):
     imgs = np.stack([decode.read_image(r.path) for r in records])
-    shards.write_arrays(imgs, [r.id for r in records], [-1] * len(records),
+    writer.write_arrays(imgs, [r.id for r in records], [-1] * len(records),
                         shard_dir, "test", num_shards=4)
     del imgs
   n, bs, reps = len(records), args.batch_size, args.repeats
@@ -114,8 +115,8 @@ def main():
                                 for r in records[:bs]]))
   sub = records[:args.e2e_images]
   sub_shards = os.path.join(args.out_dir, f"shards_e2e{len(sub)}")
-  if not os.path.exists(shards.manifest_path(sub_shards, "test")):
-    shards.write_arrays(np.stack([decode.read_image(r.path) for r in sub]),
+  if not os.path.exists(manifest_lib.manifest_path(sub_shards, "test")):
+    writer.write_arrays(np.stack([decode.read_image(r.path) for r in sub]),
                         [r.id for r in sub], [-1] * len(sub), sub_shards,
                         "test", num_shards=2)
   for name in args.models.split(","):

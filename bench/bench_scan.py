@@ -18,7 +18,10 @@ in one run, alternating so that load from other processes hits both alike.
             listing, labels join, the scan, scan.csv and scan_summary.json.
 
 The two must flag the same images (checked). Results go to
-bench_out/bench_scan.json and are printed as a markdown table.
+bench_out/bench_scan.json and are printed as a markdown table, then as one
+JSON line per size, `{"bench_scan": {...}}`, with both median timings, the
+ratio, the CPU time per image and the 1-minute load average around the runs
+(the ratio depends on what else the machine runs: report it with the load).
 """
 
 import json
@@ -185,6 +188,20 @@ def markdown(results: dict) -> str:
   return "\n".join(lines)
 
 
+def json_line(run: dict) -> str:
+  """One JSON line: the medians of both methods, their ratio and the load."""
+  return json.dumps({"bench_scan": {
+      "images": run["images"], "repeats": run["repeats"],
+      "notebook_s": round(run["median_s"]["notebook"], 3),
+      "scan_quality_s": round(run["median_s"]["scan"], 3),
+      "ratio": round(run["ratio"], 2),
+      "notebook_runs_s": [round(t, 3) for t in run["seconds"]["notebook"]],
+      "scan_quality_runs_s": [round(t, 3) for t in run["seconds"]["scan"]],
+      "cpu_us_per_img": {k: round(v, 1)
+                         for k, v in run["cpu_us_per_img"].items()},
+      "load_avg_1m": run["load_avg_1m"], "workers": _WORKERS.value}})
+
+
 def main(argv):
   del argv
   os.makedirs(_OUT.value, exist_ok=True)
@@ -204,6 +221,8 @@ def main(argv):
   with open(os.path.join(_OUT.value, "bench_scan.json"), "w") as f:
     json.dump(results, f, indent=1)
   print("\n" + markdown(results))
+  for run in results["runs"].values():
+    print(json_line(run), flush=True)
   if _CLEANUP.value:
     for w in workspaces:
       shutil.rmtree(w, ignore_errors=True)

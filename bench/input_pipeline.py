@@ -39,7 +39,7 @@ import pandas as pd  # pylint: disable=g-import-not-at-top
 import tensorflow as tf
 
 from hcd.data import pipeline
-from hcd.data import shards
+from hcd.data import manifest as manifest_lib
 
 
 def idg_loader(data_dir, batch_size, exclude=()):
@@ -102,7 +102,7 @@ def main():
 
   plan = pipeline.make_plan(args.shards_dir, args.split, balance="none",
                             split_spec=pipeline.SplitSpec(val_fraction=0.0))
-  manifest = shards.load_manifest(args.shards_dir, args.split)
+  manifest = manifest_lib.load_manifest(args.shards_dir, args.split)
   idg_it, idg_n = idg_loader(args.data_dir, args.batch_size,
                              [e["id"] for e in manifest["excluded"]])
   if idg_n != plan.train.num_examples:

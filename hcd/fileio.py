@@ -1,4 +1,4 @@
-"""Atomic file writes shared by every tool (TensorFlow-free).
+"""File helpers shared by every tool: atomic writes, sizes (TensorFlow-free).
 
 Every artifact is written under a temporary name and renamed into place, so
 an interrupted tool never leaves a half-written file under a final name.
@@ -12,12 +12,14 @@ import os
 from typing import Iterable, Sequence
 
 
-def atomic_write_text(path: str, text: str, fsync: bool = True) -> None:
+def atomic_write_text(path: str, text: str | Iterable[str],
+                      fsync: bool = True) -> None:
   """Writes text under a temporary name, then renames it into place.
 
   Args:
     path: the final path.
-    text: the contents.
+    text: the contents: one string, or strings written one after another
+      (a large file need not be joined into one string first).
     fsync: flush to disk before the rename. Shard sidecars skip it: a rename
       is atomic against a killed process without it, and on ext4 an fsync
       while gigabytes of shards are dirty can stall for seconds.
@@ -25,7 +27,11 @@ def atomic_write_text(path: str, text: str, fsync: bool = True) -> None:
   tmp = f"{path}.tmp-{os.getpid()}"
   try:
     with open(tmp, "w", encoding="utf-8", newline="") as f:
-      f.write(text)
+      if isinstance(text, str):
+        f.write(text)
+      else:
+        for piece in text:
+          f.write(piece)
       if fsync:
         f.flush()
         os.fsync(f.fileno())
@@ -59,3 +65,18 @@ def atomic_write_csv(path: str, rows: Iterable[Sequence], fsync: bool = True
              quoting=csv.QUOTE_ALL if bare_cr else csv.QUOTE_MINIMAL
              ).writerows(rows)
   atomic_write_text(path, buf.getvalue(), fsync)
+
+
+def file_size(path: str) -> int:
+  """Returns a file's size in bytes.
+
+  Args:
+    path: the file.
+
+  Returns:
+    Its size, or -1 if it is missing or unreadable.
+  """
+  try:
+    return os.path.getsize(path)
+  except OSError:
+    return -1

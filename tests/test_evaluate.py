@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from hcd.data import shards
+from hcd.data import writer
 from hcd.eval import evaluate
 from hcd.eval import inputs
 from hcd.eval import predict
@@ -30,8 +30,8 @@ def labelled(tmp_path_factory):
   imgs = evalutil.images(40, seed=5) // 2
   imgs[labels == 1] += 100
   ids = [f"{k:040x}" for k in range(40)]
-  shards.write_arrays(imgs, ids, labels, str(d / "sh"), "valid", 2)
-  shards.write_arrays(imgs[:4], ids[:4], [-1] * 4, str(d / "sh"), "test", 1)
+  writer.write_arrays(imgs, ids, labels, str(d / "sh"), "valid", 2)
+  writer.write_arrays(imgs[:4], ids[:4], [-1] * 4, str(d / "sh"), "test", 1)
   run = evalutil.make_run(str(d / "run"), evalutil.invariant_model(seed=1))
   del rng
   return str(d / "sh"), run
@@ -109,7 +109,7 @@ def test_run_validation_subset_is_the_pipelines(tmp_path):
   from hcd.data import pipeline  # pylint: disable=g-import-not-at-top
   ids = [f"{k:040x}" for k in range(60)]
   labels = np.arange(60) % 2
-  shards.write_arrays(evalutil.images(60), ids, labels, str(tmp_path), "train",
+  writer.write_arrays(evalutil.images(60), ids, labels, str(tmp_path), "train",
                       3)
   config = {"val_fraction": 0.3, "split_seed": 7, "shards_dir": str(tmp_path)}
   src = inputs.run_validation_source(config, str(tmp_path), 8)

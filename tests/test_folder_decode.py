@@ -124,7 +124,7 @@ def test_file_changed_after_check_is_decoded_not_sliced(tmp_path):
 
 def test_shards_and_folder_hold_the_same_pixels(tmp_path):
   """End to end: make_split's shards == prediction's folder pixels."""
-  from hcd.data import shards  # pylint: disable=g-import-not-at-top
+  from hcd.data import writer  # pylint: disable=g-import-not-at-top
   cases = evalutil.write_edge_cases(tmp_path / "data" / "test")
   # A second file of plain.tif's layout, other pixels: the shard writer's
   # layout cache and the graph's slice both take the fast path for it.
@@ -132,7 +132,7 @@ def test_shards_and_folder_hold_the_same_pixels(tmp_path):
   (tmp_path / "data" / "test" / "plain2.tif").write_bytes(
       decode.encode_tiff(again))
   refused = {n[:-4] for n, (_, px, _) in cases.items() if px is None}
-  r = shards.make_split(str(tmp_path / "data"), "test", str(tmp_path / "sh"),
+  r = writer.make_split(str(tmp_path / "data"), "test", str(tmp_path / "sh"),
                         workers=1, skip_invalid=True, progress=False)
   assert {x["id"] for x in r["manifest"]["excluded"]} == refused
   sharded = _pixels_by_path(inputs.shards_source(str(tmp_path / "sh"),

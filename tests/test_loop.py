@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from hcd.data import shards
+from hcd.data import manifest as manifest_lib
+from hcd.data import writer
 from hcd.train import artifacts
 from hcd.train import loop
 from hcd.train import runtime
@@ -96,9 +97,9 @@ def test_run_directory_contract(shards_dir, tmp_path):
   assert 1 <= metrics["best_epoch"] <= 2 and metrics["epochs"] == 2
 
   model = keras.saving.load_model(run.model, safe_mode=True)
-  manifest = shards.load_manifest(shards_dir, "train")
+  manifest = manifest_lib.load_manifest(shards_dir, "train")
   images, ids, _ = zip(*[
-      (im, i, l) for path in shards.shard_paths(shards_dir, manifest)
+      (im, i, l) for path in manifest_lib.shard_paths(shards_dir, manifest)
       for rec in tf.data.TFRecordDataset(path).as_numpy_iterator()
       for im, i, l in zip(*loop.features.parse_block_numpy(rec))])
   index = {i: k for k, i in enumerate(ids)}
@@ -171,7 +172,7 @@ def test_config_errors_are_clear(shards_dir, tmp_path):
   with pytest.raises(ConfigError, match="val_fraction"):
     loop.train_and_evaluate(_config(shards_dir, tmp_path, val_fraction=1.5),
                             strategy=_strategy())
-  with pytest.raises(shards.ManifestError, match="hcd-train.manifest.json"):
+  with pytest.raises(manifest_lib.ManifestError, match="hcd-train.manifest.json"):
     loop.train_and_evaluate(_config(str(tmp_path / "none"), tmp_path),
                             strategy=_strategy())
 
@@ -208,7 +209,7 @@ def test_tightly_clustered_model_is_ranked_by_its_exact_auc(tmp_path):
   images = rng.integers(0, 150, (200, 96, 96, 3), dtype=np.uint8)
   images[labels == 1] += 100
   ids = [f"{k:040x}" for k in range(200)]
-  shards.write_arrays(images, ids, labels, str(tmp_path), "train", 2)
+  writer.write_arrays(images, ids, labels, str(tmp_path), "train", 2)
   config = _config(str(tmp_path), "/unused", val_fraction=0.5)
   strategy = _strategy()
   plan = loop.pipeline.run_plan(config)
@@ -297,7 +298,7 @@ def test_fold_run_validates_on_its_fold(shards_dir, tmp_path):
     folds.append({r["id"] for r in _read_csv(workdir / "val_predictions.csv")})
     cfg = json.load(open(workdir / "config.json"))
     assert (cfg["num_folds"], cfg["fold"]) == (2, fold)
-  manifest = shards.load_manifest(shards_dir, "train")
+  manifest = manifest_lib.load_manifest(shards_dir, "train")
   assert not folds[0] & folds[1]
   assert len(folds[0] | folds[1]) == manifest["num_examples"]
 

@@ -4,6 +4,7 @@ These run the real command-line tools in subprocesses on small synthetic
 workspaces (tools/make_synthetic, tools/scan_quality).
 """
 
+import csv
 import json
 import os
 import pathlib
@@ -127,11 +128,56 @@ def test_kill_9_then_resume(workspace, tmp_path):
 def test_writer_never_imports_tensorflow(workspace, tmp_path):
   code = (
       "import sys\n"
-      "from hcd.data import shards\n"
-      f"r = shards.make_split({str(workspace)!r}, 'train', "
+      "from hcd.data import writer\n"
+      f"r = writer.make_split({str(workspace)!r}, 'train', "
       f"{str(tmp_path)!r}, workers=2, num_shards=2, progress=False)\n"
       "assert r['written'] == 2, r\n"
       "assert 'tensorflow' not in sys.modules\n")
   p = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
                      capture_output=True, text=True, timeout=120, check=False)
   assert p.returncode == 0, p.stderr
+
+
+def test_copy_under_a_wrong_id_never_drops_the_genuine_file(tmp_path):
+  """A genuine file and a copy under a wrong id that sorts first.
+
+  The genuine file (id = SHA-1 of its pixels) must be kept and the copy
+  excluded as sha1_mismatch and duplicate, whichever sorts first; flagging
+  the genuine file as the duplicate dropped both.
+  """
+  from hcd.data import synthetic  # pylint: disable=g-import-not-at-top
+  data = tmp_path / "data"
+  (data / "train").mkdir(parents=True)
+  images, labels = synthetic.make_images(8, seed=5)
+  rows = []
+  for img, label in zip(images, labels):
+    i = synthetic.image_id(img)
+    (data / "train" / f"{i}.tif").write_bytes(synthetic.tiff_bytes(img))
+    rows.append(f"{i},{label}")
+  genuine = synthetic.image_id(images[3])
+  copy = "0" * 40  # Not the SHA-1 of any pixels, and sorts before any id.
+  assert copy < genuine
+  (data / "train" / f"{copy}.tif").write_bytes(
+      synthetic.tiff_bytes(images[3]))
+  rows.append(f"{copy},{labels[3]}")
+  (data / "train_labels.csv").write_text("id,label\n" + "\n".join(rows) + "\n")
+
+  scans, out = tmp_path / "scan", tmp_path / "shards"
+  run("scan_quality", f"--data_dir={data}", "--split=train",
+      f"--out_dir={scans}", "--workers=1", check=0)
+  with open(scans / "scan.csv", newline="") as f:
+    report = {r["id"]: r for r in csv.DictReader(f)}
+  assert report[genuine]["flags"] == "", report[genuine]
+  assert report[copy]["flags"] == "sha1_mismatch;duplicate"
+  assert report[copy]["duplicate_of"] == genuine
+
+  run("make_shards", f"--data_dir={data}", "--split=train",
+      f"--out_dir={out}", "--workers=1", f"--scan_dir={scans}", check=0)
+  manifest = json.loads((out / "hcd-train.manifest.json").read_text())
+  assert manifest["excluded"] == [{
+      "id": copy, "path": str(data / "train" / f"{copy}.tif"),
+      "reason": (f"scan: sha1_mismatch: pixels hash to {genuine}; "
+                 f"duplicate: same pixels as {genuine}")}]
+  assert manifest["num_examples"] == 8  # The genuine file is in a shard.
+  p = run("make_shards", "--verify", f"--out_dir={out}", check=0)
+  assert "8 images" in p.stdout

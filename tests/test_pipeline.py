@@ -1,4 +1,4 @@
-"""Tests of hcd.data.pipeline on tiny shards written with shards.write_arrays.
+"""Tests of hcd.data.pipeline on tiny shards written with writer.write_arrays.
 
 Image ids are the SHA-1 of the pixels (as Kaggle's are), so every image the
 pipeline emits can be traced back to its id and checked against the subset
@@ -12,8 +12,9 @@ import pytest
 import tensorflow as tf
 
 from hcd.data import features
+from hcd.data import manifest as manifest_lib
 from hcd.data import pipeline
-from hcd.data import shards
+from hcd.data import writer
 
 
 def _sha1(img):
@@ -32,7 +33,7 @@ def write(tmp_path, n=300, seed=0, split="train", num_shards=3, block_size=32,
           name="shards", pos_frac=0.4):
   images, ids, labels = make_images(n, seed, pos_frac)
   out = str(tmp_path / name)
-  shards.write_arrays(images, ids, labels, out, split, num_shards,
+  writer.write_arrays(images, ids, labels, out, split, num_shards,
                       block_size=block_size)
   return out, dict(zip(ids, labels.tolist()))
 
@@ -83,7 +84,7 @@ def test_split_is_stable_by_id(data, tmp_path):
   images, ids, labels = make_images(300, seed=0)
   more_images, more_ids, more_labels = make_images(100, seed=1)
   other = str(tmp_path / "other")
-  shards.write_arrays(np.concatenate([images, more_images]), ids + more_ids,
+  writer.write_arrays(np.concatenate([images, more_images]), ids + more_ids,
                       np.concatenate([labels, more_labels]), other, "train",
                       num_shards=5, block_size=17)
   val2 = set(subset_ids(pipeline.plan_subset(other, "train", "val", spec))[0])
@@ -241,11 +242,11 @@ def test_separate_val_split_and_no_validation(tmp_path):
 
 
 def test_missing_manifest_and_unlabelled_shards_are_clear_errors(tmp_path):
-  with pytest.raises(shards.ManifestError, match="hcd-train.manifest.json"):
+  with pytest.raises(manifest_lib.ManifestError, match="hcd-train.manifest.json"):
     pipeline.make_plan(str(tmp_path / "nowhere"))
   images, ids, _ = make_images(20)
   out = str(tmp_path / "test_shards")
-  shards.write_arrays(images, ids, [-1] * 20, out, "train", 1)
+  writer.write_arrays(images, ids, [-1] * 20, out, "train", 1)
   with pytest.raises(pipeline.PipelineError, match="unlabelled"):
     pipeline.make_plan(out)
   with pytest.raises(pipeline.PipelineError, match="unknown balance"):

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from hcd.data import decode
-from hcd.data import shards
 from hcd.data import sources
+from hcd.data import writer
 from hcd.eval import export
 from hcd.eval import inputs
 from hcd.eval import predict
@@ -64,7 +64,7 @@ def test_real_tiffs_direct_match_shards(tmp_path, tiny, split):
   if split == "train":  # Labels joined from train_labels.csv.
     assert sorted(set(labels.tolist())) == [0, 1]
   # Predictions from the folder match predictions from shards.
-  shards.write_arrays(ref, ids, [r.label for r in records],
+  writer.write_arrays(ref, ids, [r.label for r in records],
                       str(tmp_path / "sh"), split, num_shards=2)
   sharded = inputs.open_source(shards_dir=str(tmp_path / "sh"), split=split,
                                batch_size=5)
@@ -213,7 +213,7 @@ def test_file_names_with_comma_quote_newline_round_trip(tmp_path, tiny_run):
 
 def test_predict_submission_refuses_id_mismatch(tmp_path, tiny_run):
   ids = [f"{k:040x}" for k in range(5)]
-  shards.write_arrays(evalutil.images(5), ids, [-1] * 5, str(tmp_path / "sh"),
+  writer.write_arrays(evalutil.images(5), ids, [-1] * 5, str(tmp_path / "sh"),
                       "test", 1)
   src = inputs.open_source(shards_dir=str(tmp_path / "sh"), split="test")
   out = tmp_path / "sub.csv"

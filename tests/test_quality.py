@@ -14,6 +14,7 @@ import tifffile
 
 from hcd.data import decode
 from hcd.data import quality
+from hcd.data import screening
 from hcd.data import sources
 from hcd.data import synthetic
 
@@ -138,7 +139,7 @@ def test_statistics_match_numpy(bad_dir):
                                px.mean(axis=0), rtol=0, atol=1e-9)
     np.testing.assert_allclose(row[["std_r", "std_g", "std_b"]].tolist(),
                                px.std(axis=0), rtol=0, atol=1e-9)
-    background = (img.min(axis=-1) >= quality.BACKGROUND_MIN).mean()
+    background = (img.min(axis=-1) >= screening.BACKGROUND_MIN).mean()
     assert row["background_frac"] == pytest.approx(background, abs=1e-12)
     assert not row["dark"] and not row["bright"]
 
@@ -162,6 +163,23 @@ def test_parallel_scan_equals_serial_scan(bad_dir):
   assert one.lines == two.lines
   assert quality.to_csv_text(one.dataframe()) == quality.to_csv_text(
       two.dataframe())
+
+
+def test_clean_rows_format_like_every_other_row(bad_dir, tmp_path):
+  # Most rows take a one-format fast path; it must write what the general,
+  # field-by-field formatter writes. Quotes and commas take the general one.
+  records, _, good = bad_dir
+  quoted = str(tmp_path / 'pa"tch,1.tif')
+  _write(quoted, synthetic.tiff_bytes(good[3]))
+  records = records + [sources.Record('pa"tch,1', quoted, 1)]
+  result = quality.run_scan(records, workers=1, progress=False)
+  rows = np.arange(len(records))
+  general = quality._format_general(  # pylint: disable=protected-access
+      result.columns, rows)
+  assert result.lines == general
+  clean = quality._clean_rows(  # pylint: disable=protected-access
+      result.columns, rows)
+  assert clean.sum() == len(good) and not clean[-1]
 
 
 def test_report_round_trip_and_exclusions(bad_dir, tmp_path):
@@ -225,7 +243,7 @@ def test_workspace_md_documents_every_column():
     text = f.read()
   section = text[text.index("## Scan report"):]
   section = section[:section.index("\n## ", 3)]
-  for c in quality.COLUMNS + quality.FLAGS:
+  for c in quality.COLUMNS + screening.FLAGS:
     assert c in section, c
 
 
@@ -294,3 +312,15 @@ def test_scan_tool_refuses_a_bad_data_dir(tmp_path):
   err = p.stderr.strip()
   assert len(err.splitlines()) == 1 and bad in err, err
   assert not os.path.exists(tmp_path / "o" / "scan.csv")
+
+
+def test_duplicate_rule_keeps_the_genuine_copy():
+  a, b = "a" * 40, "b" * 40  # Pixel digests.
+  # The image whose id is its digest is canonical wherever it sits.
+  ids = ["0" * 40, "x", a, "y", b]
+  assert screening.duplicate_of(ids, [a, b, a, b, b]) == {0: 2, 1: 4, 3: 4}
+  # No genuine id in a group: the first in record order is canonical.
+  assert screening.duplicate_of(["p", "q", "r"], [a, a, a]) == {1: 0, 2: 0}
+  digests = np.array([a, b, a], dtype="S40")  # The scanner's column type.
+  assert screening.duplicate_of(["q", b, a], digests) == {0: 2}
+  assert screening.duplicate_of(["p", "q"], [a, b]) == {}

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from hcd.data import shards
+from hcd.data import writer
 from hcd.eval import eda
 from hcd.eval import report
 from hcd.eval import runs
@@ -123,7 +123,7 @@ def test_eda_figures_from_folder_shards_and_scan(tmp_path):
   for k in ("label_frequency", "samples", "flagged"):
     with open(out[k], "rb") as f:
       assert f.read(8) == PNG
-  shards.write_arrays(imgs, ids, labels, str(tmp_path / "sh"), "train", 2)
+  writer.write_arrays(imgs, ids, labels, str(tmp_path / "sh"), "train", 2)
   out2 = eda.make_eda(str(tmp_path / "eda2"), shards_dir=str(tmp_path / "sh"))
   assert out2["label_counts"] == {"0": 6, "1": 6} and out2["flagged"] is None
   with pytest.raises(eda.EdaError, match="missing column"):

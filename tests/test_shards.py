@@ -1,4 +1,5 @@
-"""Tests of hcd.data.shards: assignment, encoding, make_split, verify.
+"""Tests of the shards: manifest, tfrecord encoding, writer (assignment,
+make_split) and verify.
 
 Workspaces are tiny TIFF folders made here with numpy + decode.encode_tiff,
 ids being the SHA-1 of the pixels as Kaggle's are; shards are read back with
@@ -18,7 +19,10 @@ import tensorflow as tf
 
 from hcd.data import decode
 from hcd.data import features
-from hcd.data import shards
+from hcd.data import manifest as manifest_lib
+from hcd.data import tfrecord
+from hcd.data import verify
+from hcd.data import writer
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / (
     "data")
@@ -65,9 +69,9 @@ def add_image(root, img, label, split="train", name=None, raw=None):
 
 def read_shards(out_dir, split):
   """Reads a split back with TensorFlow: (manifest, [(ids, images, labels)])."""
-  manifest = shards.load_manifest(str(out_dir), split)
+  manifest = manifest_lib.load_manifest(str(out_dir), split)
   per_shard = []
-  for path in shards.shard_paths(str(out_dir), manifest):
+  for path in manifest_lib.shard_paths(str(out_dir), manifest):
     ids, images, labels = [], [], []
     for rec in tf.data.TFRecordDataset(path).as_numpy_iterator():
       im, i, lab = features.parse_block_numpy(rec)
@@ -81,41 +85,41 @@ def read_shards(out_dir, split):
 def make(data, out, **kw):
   kw.setdefault("workers", 1)
   kw.setdefault("progress", False)
-  return shards.make_split(str(data), kw.pop("split", "train"), str(out), **kw)
+  return writer.make_split(str(data), kw.pop("split", "train"), str(out), **kw)
 
 
 # --- naming, sizing, assignment ----------------------------------------------
 
 
 def test_shard_names_follow_tfds():
-  assert shards.shard_name("train", 3, 32) == (
+  assert manifest_lib.shard_name("train", 3, 32) == (
       "hcd-train.tfrecord-00003-of-00032")
-  assert shards.manifest_path("/s", "test") == "/s/hcd-test.manifest.json"
+  assert manifest_lib.manifest_path("/s", "test") == "/s/hcd-test.manifest.json"
 
 
 @pytest.mark.parametrize("n", [1, 5000, 7300, 100_000, 220_025, 1_000_000])
 def test_default_num_shards_gives_100_to_200_mb(n):
   counts = {"0": n - n // 2, "1": n // 2} if n > 1 else None
-  k = shards.default_num_shards(n, counts)
+  k = writer.default_num_shards(n, counts)
   size = n * features.IMAGE_BYTES / k
   if k == 1:
-    assert size <= shards.MAX_SHARD_BYTES
+    assert size <= writer.MAX_SHARD_BYTES
   else:
     assert 100e6 <= size <= 200e6, (k, size)
 
 
 def test_default_num_shards_caps_at_smaller_class():
-  assert shards.default_num_shards(100_000, {"0": 99_993, "1": 7}) == 7
-  assert shards.default_num_shards(100_000) == 14  # Unlabelled: no cap.
+  assert writer.default_num_shards(100_000, {"0": 99_993, "1": 7}) == 7
+  assert writer.default_num_shards(100_000) == 14  # Unlabelled: no cap.
 
 
 def test_assignment_deterministic_stratified_and_hash_ordered():
   rng = np.random.default_rng(1)
   ids = [f"{k:040x}" for k in rng.integers(0, 2**62, 1000)]
   labels = (rng.random(1000) < 0.4).astype(int)
-  members = shards.shard_members(ids, labels, 7)
+  members = writer.shard_members(ids, labels, 7)
   perm = rng.permutation(1000)
-  again = shards.shard_members([ids[p] for p in perm], labels[perm], 7)
+  again = writer.shard_members([ids[p] for p in perm], labels[perm], 7)
   as_ids = [[ids[i] for i in m] for m in members]
   assert as_ids == [[ids[perm[i]] for i in m] for m in again]
   sizes = [len(m) for m in members]
@@ -124,10 +128,10 @@ def test_assignment_deterministic_stratified_and_hash_ordered():
   for m in members:
     # Each shard gets its share of both classes, within one image.
     assert abs(labels[m].sum() - n1 / 7) <= 1
-    h = shards.id_hash([ids[i] for i in m])
+    h = writer.id_hash([ids[i] for i in m])
     assert np.all(np.diff(h.astype(np.float64)) > 0)  # Interleaved by hash.
   np.testing.assert_array_equal(
-      shards.assign_shards(ids, labels, 7)[np.concatenate(members)],
+      writer.assign_shards(ids, labels, 7)[np.concatenate(members)],
       np.repeat(np.arange(7), sizes))
 
 
@@ -139,7 +143,7 @@ def test_encoded_block_equals_tensorflow_example():
   images = rng.integers(0, 256, (5,) + features.IMAGE_SHAPE, dtype=np.uint8)
   ids = ["a" * 40, "0/patch1", "é-unicode", "x", "1/" + "z" * 200]
   labels = [0, 1, -1, 1, 0]
-  ours = shards.encode_block_head(images.nbytes, ids, labels) + (
+  ours = tfrecord.encode_block_head(images.nbytes, ids, labels) + (
       images.tobytes())
   theirs = features.serialize_block(images, ids, labels)
   assert tf.train.Example.FromString(ours) == tf.train.Example.FromString(
@@ -149,34 +153,34 @@ def test_encoded_block_equals_tensorflow_example():
   assert [b.decode() for b in got["id"].numpy()] == ids
   assert got["label"].numpy().tolist() == labels
   with pytest.raises(ValueError):
-    shards.encode_block_head(images.nbytes - 1, ids, labels)
+    tfrecord.encode_block_head(images.nbytes - 1, ids, labels)
 
 
 def test_record_writer_framing_read_by_tensorflow(tmp_path):
   path = str(tmp_path / "f.tfrecord")
   payloads = [b"", b"abc", os.urandom(70_000)]
-  w = shards.RecordWriter(path)
+  w = tfrecord.RecordWriter(path)
   w.write(b"")
   w.write(b"a", np.frombuffer(b"bc", np.uint8))
   w.write(payloads[2][:1000], np.frombuffer(payloads[2][1000:], np.uint8))
   size, sha = w.close()
-  assert size == os.path.getsize(path) and sha == shards.sha256_file(path)
+  assert size == os.path.getsize(path) and sha == tfrecord.sha256_file(path)
   # TensorFlow checks both CRCs of every record while reading.
   assert list(tf.data.TFRecordDataset(path).as_numpy_iterator()) == payloads
   ref = str(tmp_path / "ref.tfrecord")
   with tf.io.TFRecordWriter(ref) as tw:
     for p in payloads:
       tw.write(p)
-  assert shards.sha256_file(ref) == sha
+  assert tfrecord.sha256_file(ref) == sha
 
 
 def test_tensorflow_fallback_writes_identical_shards(tmp_path, monkeypatch):
   rng = np.random.default_rng(3)
   images = rng.integers(0, 256, (10,) + features.IMAGE_SHAPE, dtype=np.uint8)
   ids, labels = [f"i{k}" for k in range(10)], [k % 2 for k in range(10)]
-  fast = shards.write_shard(str(tmp_path / "fast"), images, ids, labels, 4)
-  monkeypatch.setattr(shards, "google_crc32c", None)
-  slow = shards.write_shard(str(tmp_path / "slow"), images, ids, labels, 4)
+  fast = writer.write_shard(str(tmp_path / "fast"), images, ids, labels, 4)
+  monkeypatch.setattr(tfrecord, "google_crc32c", None)
+  slow = writer.write_shard(str(tmp_path / "slow"), images, ids, labels, 4)
   assert fast["sha256"] == slow["sha256"] and fast["num_records"] == 3
   assert {f.name for f in tmp_path.iterdir()} == {"fast", "slow"}
 
@@ -194,11 +198,11 @@ def test_round_trip_manifest_and_both_classes(tmp_path):
   seen = {}
   for e, (ids, images, labels) in zip(manifest["shards"], per_shard):
     path = tmp_path / "out" / e["file"]
-    assert e["sha256"] == shards.sha256_file(path)
+    assert e["sha256"] == tfrecord.sha256_file(path)
     assert e["bytes"] == path.stat().st_size
     assert e["num_examples"] == len(ids) == len(images)
     assert e["num_records"] == -(-len(ids) // 5)
-    assert e["label_counts"] == shards.label_counts(labels)
+    assert e["label_counts"] == manifest_lib.label_counts(labels)
     assert set(labels.tolist()) == {0, 1}
     for i, img, lab in zip(ids, images, labels):
       seen[i] = (img, lab)
@@ -243,7 +247,7 @@ def test_invalid_images_refused_then_excluded_with_reasons(tmp_path):
       "16bit": add_image(root, good.astype(np.uint16) * 200, 0),
       "mismatch": add_image(root, None, 1, name=_sha1(other), raw=full),
   }
-  with pytest.raises(shards.ShardError, match=r"6 invalid image\(s\)"):
+  with pytest.raises(writer.ShardError, match=r"6 invalid image\(s\)"):
     make(root, tmp_path / "out")
   assert not (tmp_path / "out" / "hcd-train.manifest.json").exists()
   assert not [f for f in os.listdir(tmp_path / "out") if "tfrecord" in f]
@@ -303,7 +307,7 @@ def test_scan_report_exclusions(tmp_path):
   assert r["manifest"]["num_examples"] == 12
   # A report of other data is refused rather than silently ignored.
   make_kaggle(tmp_path / "other", n=6, n_pos=3, seed=9)
-  with pytest.raises(shards.ShardError, match="not in"):
+  with pytest.raises(writer.ShardError, match="not in"):
     make(tmp_path / "other", tmp_path / "out2", scan_dir=str(tmp_path / "scan"))
 
 
@@ -357,13 +361,13 @@ def test_rerun_is_a_no_op_and_new_shard_count_replaces_old(tmp_path):
   assert r["written"] == 2
   assert sorted(f for f in os.listdir(out) if "tfrecord" in f) == [
       "hcd-train.tfrecord-00000-of-00002", "hcd-train.tfrecord-00001-of-00002"]
-  assert shards.verify(str(out), progress=False)[0]["num_examples"] == 30
+  assert verify.verify(str(out), progress=False)[0]["num_examples"] == 30
 
 
 def test_resume_after_crash_keeps_finished_shards(tmp_path, monkeypatch):
   make_kaggle(tmp_path / "data", n=30, n_pos=10)
   out = tmp_path / "out"
-  real = shards._write_shard_task  # pylint: disable=protected-access
+  real = writer._write_shard_task  # pylint: disable=protected-access
   calls = []
 
   def crash_on_second(task, on_progress=None):
@@ -374,7 +378,7 @@ def test_resume_after_crash_keeps_finished_shards(tmp_path, monkeypatch):
       raise KeyboardInterrupt
     return real(task, on_progress)
 
-  monkeypatch.setattr(shards, "_write_shard_task", crash_on_second)
+  monkeypatch.setattr(writer, "_write_shard_task", crash_on_second)
   with pytest.raises(KeyboardInterrupt):
     make(tmp_path / "data", out, num_shards=3)
   monkeypatch.undo()
@@ -388,7 +392,7 @@ def test_resume_after_crash_keeps_finished_shards(tmp_path, monkeypatch):
   assert (first.stat().st_ino, first.stat().st_mtime_ns) == (
       st.st_ino, st.st_mtime_ns)
   assert not [f for f in os.listdir(out) if ".tmp-" in f]
-  assert shards.verify(str(out), "train", progress=False)[0][
+  assert verify.verify(str(out), "train", progress=False)[0][
       "num_examples"] == 30
 
 
@@ -402,13 +406,13 @@ def test_changed_input_rewrites_affected_shards(tmp_path):
 
 def test_refusals(tmp_path):
   make_kaggle(tmp_path / "data", n=10, n_pos=3)
-  with pytest.raises(shards.ShardError, match="class 1"):
+  with pytest.raises(writer.ShardError, match="class 1"):
     make(tmp_path / "data", tmp_path / "out", num_shards=4)
-  with pytest.raises(shards.ShardError, match="split name"):
+  with pytest.raises(writer.ShardError, match="split name"):
     make(tmp_path / "data", tmp_path / "out", split="../x")
-  lock = shards._split_lock  # pylint: disable=protected-access
+  lock = writer._split_lock  # pylint: disable=protected-access
   with lock(str(tmp_path / "out"), "train"):
-    with pytest.raises(shards.ShardError, match="another make_shards"):
+    with pytest.raises(writer.ShardError, match="another make_shards"):
       make(tmp_path / "data", tmp_path / "out")
 
 
@@ -430,7 +434,7 @@ def _edit_manifest(out, fn):
 
 
 def test_verify_passes_on_good_shards(made):
-  (r,) = shards.verify(str(made), progress=False)
+  (r,) = verify.verify(str(made), progress=False)
   assert (r["split"], r["num_shards"], r["num_examples"]) == ("train", 2, 24)
 
 
@@ -439,14 +443,14 @@ def test_verify_catches_a_flipped_byte(made):
   raw = bytearray(shard.read_bytes())
   raw[len(raw) // 2] ^= 1
   shard.write_bytes(bytes(raw))
-  with pytest.raises(shards.ShardError, match=f"{shard}: sha256"):
-    shards.verify(str(made), "train", progress=False)
+  with pytest.raises(writer.ShardError, match=f"{shard}: sha256"):
+    verify.verify(str(made), "train", progress=False)
   # With a manifest that agrees with the damage, TensorFlow's CRC check
   # still names the shard.
   _edit_manifest(made, lambda m: m["shards"][1].update(
-      sha256=shards.sha256_file(shard)))
-  with pytest.raises(shards.ShardError, match=f"{shard}: unreadable TFRecord"):
-    shards.verify(str(made), "train", progress=False)
+      sha256=tfrecord.sha256_file(shard)))
+  with pytest.raises(writer.ShardError, match=f"{shard}: unreadable TFRecord"):
+    verify.verify(str(made), "train", progress=False)
 
 
 def test_verify_catches_count_mismatch(made):
@@ -456,32 +460,32 @@ def test_verify_catches_count_mismatch(made):
     m["num_examples"] += 1
     m["label_counts"]["0"] += 1
   _edit_manifest(made, bump)
-  with pytest.raises(shards.ShardError,
+  with pytest.raises(writer.ShardError,
                      match="hcd-train.tfrecord-00000-of-00002: holds"):
-    shards.verify(str(made), progress=False)
+    verify.verify(str(made), progress=False)
   _edit_manifest(made, lambda m: m.update(num_examples=5))
-  with pytest.raises(shards.ManifestError, match="add up to"):
-    shards.verify(str(made), progress=False)
+  with pytest.raises(manifest_lib.ManifestError, match="add up to"):
+    verify.verify(str(made), progress=False)
 
 
 def test_verify_catches_missing_truncated_and_duplicates(made, tmp_path):
   shard = made / "hcd-train.tfrecord-00000-of-00002"
   shard.write_bytes(shard.read_bytes()[:-10])
-  with pytest.raises(shards.ShardError, match="truncated"):
-    shards.verify(str(made), progress=False)
+  with pytest.raises(writer.ShardError, match="truncated"):
+    verify.verify(str(made), progress=False)
   shard.unlink()
-  with pytest.raises(shards.ShardError, match="missing"):
-    shards.verify(str(made), progress=False)
-  with pytest.raises(shards.ManifestError, match="no hcd-"):
-    shards.verify(str(tmp_path / "nothing"), progress=False)
+  with pytest.raises(writer.ShardError, match="missing"):
+    verify.verify(str(made), progress=False)
+  with pytest.raises(manifest_lib.ManifestError, match="no hcd-"):
+    verify.verify(str(tmp_path / "nothing"), progress=False)
   # The same images twice: duplicate ids across shards.
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (4,) + features.IMAGE_SHAPE, dtype=np.uint8)
   for k in (1, 2):  # Duplicates inside one block, and across shards.
-    shards.write_arrays(np.concatenate([images, images]), list("abcdabcd"),
+    writer.write_arrays(np.concatenate([images, images]), list("abcdabcd"),
                         [0, 1] * 4, str(tmp_path / f"dup{k}"), "train", k)
-    with pytest.raises(shards.ShardError, match="also in"):
-      shards.verify(str(tmp_path / f"dup{k}"), progress=False)
+    with pytest.raises(writer.ShardError, match="also in"):
+      verify.verify(str(tmp_path / f"dup{k}"), progress=False)
 
 
 def test_verify_catches_an_excluded_id_in_a_shard(made):
@@ -489,9 +493,9 @@ def test_verify_catches_an_excluded_id_in_a_shard(made):
   leaked = per_shard[1][0][3]
   _edit_manifest(made, lambda m: m["excluded"].append(
       {"id": leaked, "path": "x", "reason": "dark: max 1 < 10"}))
-  with pytest.raises(shards.ShardError, match=f"id {leaked} is listed as "
+  with pytest.raises(writer.ShardError, match=f"id {leaked} is listed as "
                      f"excluded but is in shard hcd-train.tfrecord-00001"):
-    shards.verify(str(made), progress=False)
+    verify.verify(str(made), progress=False)
 
 
 # --- real data ----------------------------------------------------------------

@@ -22,7 +22,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Imported after flag parsing so --help stays fast.
-  from hcd.data import shards  # pylint: disable=g-import-not-at-top
+  from hcd.data import manifest  # pylint: disable=g-import-not-at-top
   from hcd.data import sources  # pylint: disable=g-import-not-at-top
   from hcd.eval import evaluate  # pylint: disable=g-import-not-at-top
   from hcd.eval import inputs  # pylint: disable=g-import-not-at-top
@@ -54,7 +54,7 @@ def main(argv):
                  source.description, FLAGS.tta)
     result = evaluate.evaluate(model_paths, source, out_dir, FLAGS.tta,
                                threshold, FLAGS.progress, FLAGS.jit_compile)
-  except (runs.RunError, inputs.InputError, shards.ManifestError,
+  except (runs.RunError, inputs.InputError, manifest.ManifestError,
           sources.DataError, ValueError, RuntimeError) as e:
     # (hcd.data.pipeline.PipelineError is a ValueError.)
     print(f"hcd_evaluate: error: {e}", file=sys.stderr)

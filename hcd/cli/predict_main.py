@@ -26,7 +26,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Imported after flag parsing so --help stays fast.
-  from hcd.data import shards  # pylint: disable=g-import-not-at-top
+  from hcd.data import manifest  # pylint: disable=g-import-not-at-top
   from hcd.data import sources  # pylint: disable=g-import-not-at-top
   from hcd.eval import export  # pylint: disable=g-import-not-at-top
   from hcd.eval import inputs  # pylint: disable=g-import-not-at-top
@@ -66,7 +66,7 @@ def main(argv):
     summary = predict.predict_submission(
         model_paths, source, FLAGS.out, FLAGS.tta, sample_ids,
         FLAGS.skipped_prob, FLAGS.progress, FLAGS.jit_compile)
-  except (runs.RunError, inputs.InputError, shards.ManifestError,
+  except (runs.RunError, inputs.InputError, manifest.ManifestError,
           sources.DataError, submission.SubmissionError, export.ExportError,
           ValueError, RuntimeError) as e:
     print(f"hcd_predict: error: {e}", file=sys.stderr)

@@ -29,7 +29,7 @@ def main(argv):
     raise app.UsageError("give --workdirs to compare runs and/or --data_dir, "
                          "--shards_dir, --scan_dir for EDA figures")
   # Imported after flag parsing so --help stays fast.
-  from hcd.data import shards  # pylint: disable=g-import-not-at-top
+  from hcd.data import manifest  # pylint: disable=g-import-not-at-top
   from hcd.data import sources  # pylint: disable=g-import-not-at-top
   from hcd.eval import eda  # pylint: disable=g-import-not-at-top
   from hcd.eval import report  # pylint: disable=g-import-not-at-top
@@ -51,7 +51,7 @@ def main(argv):
           "label_frequency", "samples", "flagged") and v]
       print(f"hcd_report: EDA figures {written}; label counts "
             f"{figs['label_counts']}; flagged images {figs['num_flagged']}")
-  except (runs.RunError, eda.EdaError, shards.ManifestError,
+  except (runs.RunError, eda.EdaError, manifest.ManifestError,
           sources.DataError, ValueError) as e:
     print(f"hcd_report: error: {e}", file=sys.stderr)
     return 1

@@ -23,8 +23,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Imported after flag parsing so that --help does not load TensorFlow.
+  from hcd.data import manifest  # pylint: disable=g-import-not-at-top
   from hcd.data import pipeline  # pylint: disable=g-import-not-at-top
-  from hcd.data import shards  # pylint: disable=g-import-not-at-top
   from hcd.data import sources  # pylint: disable=g-import-not-at-top
   from hcd.train import loop  # pylint: disable=g-import-not-at-top
   from hcd.train import config as config_lib  # pylint: disable=g-import-not-at-top
@@ -35,8 +35,8 @@ def main(argv):
     config = train_flags.config_from_flags(FLAGS)
     loop.train_and_evaluate(config, strategy=None,
                             flags_text=train_flags.resolved_flags_text(FLAGS))
-  except (config_lib.ConfigError, shards.ManifestError, pipeline.PipelineError,
-          sources.DataError) as e:
+  except (config_lib.ConfigError, manifest.ManifestError,
+          pipeline.PipelineError, sources.DataError) as e:
     logging.error("%s", e)
     print(f"hcd_train: error: {e}", file=sys.stderr)
     sys.exit(2)

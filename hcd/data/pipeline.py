@@ -48,7 +48,7 @@ import numpy as np
 import tensorflow as tf
 
 from hcd.data import features
-from hcd.data import shards
+from hcd.data import manifest as manifest_lib
 from hcd.train.config import BALANCE_MODES
 
 _HASH_BUCKETS = 1 << 62
@@ -283,15 +283,15 @@ def plan_subset(shards_dir: str, split: str, role: str,
     The SubsetPlan, with exact counts.
 
   Raises:
-    shards.ManifestError: missing or bad manifest (names the path).
+    manifest_lib.ManifestError: missing or bad manifest (names the path).
     PipelineError: unknown balance mode, unlabelled images, empty subset.
   """
   if balance not in BALANCE_MODES:
     raise PipelineError(f"unknown balance mode {balance!r}; known: "
                         f"{list(BALANCE_MODES)}")
-  manifest = shards.load_manifest(shards_dir, split)
-  files = shards.shard_paths(shards_dir, manifest)
-  where = shards.manifest_path(shards_dir, split)
+  manifest = manifest_lib.load_manifest(shards_dir, split)
+  files = manifest_lib.shard_paths(shards_dir, manifest)
+  where = manifest_lib.manifest_path(shards_dir, split)
   ids, labels = scan_ids(files)
   if len(ids) != manifest["num_examples"]:
     raise PipelineError(f"{where}: manifest lists {manifest['num_examples']} "
@@ -355,7 +355,7 @@ def make_plan(shards_dir: str, train_split: str = "train",
     The DataPlan; `val` is None when there is no validation subset.
 
   Raises:
-    shards.ManifestError, PipelineError: see `plan_subset`.
+    manifest_lib.ManifestError, PipelineError: see `plan_subset`.
   """
   role = "train" if not val_split and split_spec.has_validation else "all"
   train = plan_subset(shards_dir, train_split, role, split_spec, balance, seed)
@@ -410,7 +410,7 @@ def run_plan(config) -> DataPlan:
     The DataPlan.
 
   Raises:
-    shards.ManifestError, PipelineError: see `plan_subset`;
+    manifest_lib.ManifestError, PipelineError: see `plan_subset`;
       PipelineError also for an unreadable group CSV.
   """
   s, spec = _run_settings(config)

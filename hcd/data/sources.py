@@ -19,8 +19,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
+from hcd.data import parallel
 from hcd.data.decode import IMAGE_EXTS
 from hcd.data.features import UNKNOWN_LABEL
 
@@ -29,9 +30,12 @@ LAYOUT_KAGGLE = "kaggle"
 LAYOUT_FOLDERS = "folders"
 
 
-@dataclasses.dataclass(frozen=True)
-class Record:
-  """One image: its id, its file path and its label (UNKNOWN_LABEL if none)."""
+class Record(NamedTuple):
+  """One image: its id, its file path and its label (UNKNOWN_LABEL if none).
+
+  Immutable, like a frozen dataclass, but half the cost to create: a split
+  lists 220k of them before any tool starts working.
+  """
   id: str
   path: str
   label: int = UNKNOWN_LABEL
@@ -92,10 +96,52 @@ def read_labels_csv(path: str) -> tuple[dict[str, int], list[Problem]]:
   with f:
     reader = csv.reader(f)
     try:
+      fast = _parse_valid_labels(path, reader)
+      if fast is not None:
+        return fast, []
+      # Some row has a problem: reread row by row to name each one.
+      f.seek(0)
+      reader = csv.reader(f)
       return _parse_labels(path, reader)
     except (csv.Error, UnicodeDecodeError) as e:
       raise DataError(f"{path}:{reader.line_num}: malformed labels CSV: "
                       f"{e}") from None
+
+
+def _header(path: str, reader) -> tuple[int, int]:
+  """The positions of the id and label columns.
+
+  Raises:
+    DataError: either column is missing.
+  """
+  cols = [c.strip() for c in next(reader, [])]
+  missing = [c for c in ("id", "label") if c not in cols]
+  if missing:
+    raise DataError(f"{path}: missing column(s) {missing}; found {cols}; "
+                    f"expected a header 'id,label'")
+  return cols.index("id"), cols.index("label")
+
+
+_LABEL_VALUES = {"0": 0, "1": 1}
+
+
+def _parse_valid_labels(path: str, reader) -> dict[str, int] | None:
+  """Labels by id if no row has a problem, else None (see `_parse_labels`).
+
+  The common case in whole-list operations, ~3x faster than the row-by-row
+  loop of `_parse_labels`, which names the rows at fault.
+  """
+  i_id, i_label = _header(path, reader)
+  rows = list(reader)
+  width = max(i_id, i_label) + 1
+  if any(len(r) < width for r in rows):  # Blank or short rows.
+    return None
+  ids = [r[i_id].strip() for r in rows]
+  values = [r[i_label].strip() for r in rows]
+  if ("" in ids or not set(values) <= _LABEL_VALUES.keys() or
+      len(set(ids)) != len(ids)):
+    return None
+  return dict(zip(ids, map(_LABEL_VALUES.__getitem__, values)))
 
 
 def _parse_labels(path: str, reader
@@ -103,12 +149,7 @@ def _parse_labels(path: str, reader
   labels: dict[str, int] = {}
   problems: list[Problem] = []
   first_row: dict[str, int] = {}
-  cols = [c.strip() for c in next(reader, [])]
-  missing = [c for c in ("id", "label") if c not in cols]
-  if missing:
-    raise DataError(f"{path}: missing column(s) {missing}; found {cols}; "
-                    f"expected a header 'id,label'")
-  i_id, i_label = cols.index("id"), cols.index("label")
+  i_id, i_label = _header(path, reader)
   for row in reader:
     if not row:  # A blank line.
       continue
@@ -165,11 +206,12 @@ def kaggle_records(data_dir: str, split: str, labels_csv: str | None = None,
     return [Record(_stem(n), prefix + n) for n in files], []
 
   labels, problems = read_labels_csv(labels_csv)
-  by_id = {_stem(n): n for n in files}
-  no_file = sorted(i for i in labels if i not in by_id)
+  # Set operations and inline stems: this join runs on 220k ids before any
+  # tool can start working.
+  by_id = {(n.rpartition(".")[0] or n): n for n in files}
+  no_file = sorted(labels.keys() - by_id.keys())
   problem_ids = {p.id for p in problems}
-  no_label = sorted(i for i in by_id
-                    if i not in labels and i not in problem_ids)
+  no_label = sorted(by_id.keys() - labels.keys() - problem_ids)
   problems += [Problem(i, labels_csv, "id has no image file") for i in no_file]
   problems += [Problem(i, os.path.join(image_dir, by_id[i]),
                        f"file has no label in {labels_csv}")
@@ -183,7 +225,7 @@ def kaggle_records(data_dir: str, split: str, labels_csv: str | None = None,
         "\n(pass --skip_invalid to exclude them and list them in the report)")
   bad = {p.id for p in problems}
   records = [Record(i, prefix + by_id[i], labels[i])
-             for i in sorted(by_id) if i in labels and i not in bad]
+             for i in sorted((by_id.keys() & labels.keys()) - bad)]
   return records, problems
 
 
@@ -237,7 +279,11 @@ def list_records(data_dir: str, split: str, labels_csv: str | None = None,
     DataError: see `kaggle_records` and `folder_records`.
   """
   layout = detect_layout(data_dir, split)
-  if layout == LAYOUT_FOLDERS:
-    return folder_records(data_dir, split), [], layout
-  records, problems = kaggle_records(data_dir, split, labels_csv, skip_invalid)
+  # Listing creates a few objects per image and no cycles: the collector
+  # would re-walk all of them again and again (~30% of the time).
+  with parallel.gc_paused():
+    if layout == LAYOUT_FOLDERS:
+      return folder_records(data_dir, split), [], layout
+    records, problems = kaggle_records(data_dir, split, labels_csv,
+                                       skip_invalid)
   return records, problems, layout

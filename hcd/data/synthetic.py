@@ -29,7 +29,6 @@ pixel bytes, as Kaggle's ids are.
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import json
 import os
@@ -37,6 +36,7 @@ import os
 import numpy as np
 
 from hcd.data import parallel
+from hcd.data import screening
 from hcd.fileio import atomic_write_text
 from hcd.data.features import IMAGE_BYTES, IMAGE_SHAPE
 
@@ -211,7 +211,8 @@ def make_chunk(seed: int, split: str, chunk: int, n: int
   labels = labels[:m]
   dark, bright = planted_indices(n, seed, split)
   plant_rng = np.random.default_rng([seed, SPLITS[split], chunk, 1])
-  for idx, lo, hi in ((dark, 0, 10), (bright, 246, 256)):
+  for idx, lo, hi in ((dark, 0, screening.DARK_MAX),
+                      (bright, screening.BRIGHT_MIN + 1, 256)):
     idx = idx[(idx >= start) & (idx < start + m)] - start
     if len(idx):
       images[idx] = plant_rng.integers(lo, hi, (len(idx),) + IMAGE_SHAPE,
@@ -241,7 +242,7 @@ def make_images(n: int, seed: int = 0, split: str = "train"
 
 def image_id(image: np.ndarray) -> str:
   """The Kaggle id of an image: SHA-1 hex of its raw pixel bytes."""
-  return hashlib.sha1(np.ascontiguousarray(image)).hexdigest()
+  return screening.pixel_sha1(np.ascontiguousarray(image))
 
 
 @functools.lru_cache(maxsize=1)

@@ -22,7 +22,7 @@ import numpy as np
 from hcd import plots
 from hcd.data import decode
 from hcd.data import features
-from hcd.data import shards
+from hcd.data import manifest as manifest_lib
 from hcd.data import sources
 from hcd.eval import inputs
 
@@ -52,11 +52,11 @@ def samples_from_shards(shards_dir: str, split: str, n: int = 16,
     (images uint8 [k, 96, 96, 3], labels [k], ids) with k <= n.
 
   Raises:
-    shards.ManifestError: no manifest.
+    manifest_lib.ManifestError: no manifest.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  manifest = shards.load_manifest(shards_dir, split)
-  paths = shards.shard_paths(shards_dir, manifest)
+  manifest = manifest_lib.load_manifest(shards_dir, split)
+  paths = manifest_lib.shard_paths(shards_dir, manifest)
   images, labels, ids = [], [], []
   # Shards are stratified, so the first blocks hold both classes.
   for rec in tf.data.TFRecordDataset(paths[:1]).take(max_blocks):
@@ -157,7 +157,7 @@ def make_eda(out_dir: str, shards_dir: str | None = None,
      "label_counts": {...}, "num_flagged": int or None}.
 
   Raises:
-    EdaError / shards.ManifestError / sources.DataError: bad inputs.
+    EdaError / manifest_lib.ManifestError / sources.DataError: bad inputs.
   """
   if bool(shards_dir) == bool(data_dir) and not scan_csv:
     raise EdaError("give one of shards_dir or data_dir (and/or scan_csv)")
@@ -166,13 +166,13 @@ def make_eda(out_dir: str, shards_dir: str | None = None,
          "label_counts": None, "num_flagged": None}
   if shards_dir or data_dir:
     if shards_dir:
-      counts = shards.load_manifest(shards_dir, split)["label_counts"]
+      counts = manifest_lib.load_manifest(shards_dir, split)["label_counts"]
       images, labels, _ = samples_from_shards(shards_dir, split, num_samples,
                                               seed)
       where = f"{shards_dir} ({split})"
     else:
       records = inputs.folder_records(data_dir, split, labels_csv)
-      counts = shards.label_counts([r.label for r in records])
+      counts = manifest_lib.label_counts([r.label for r in records])
       images, labels, _ = samples_from_records(records, num_samples, seed)
       where = f"{data_dir} ({split})"
     out["label_counts"] = counts

@@ -32,7 +32,7 @@ import numpy as np
 
 from hcd.data import decode
 from hcd.data import features
-from hcd.data import shards
+from hcd.data import manifest as manifest_lib
 from hcd.data import sources
 
 CHECK_CHUNK = 256
@@ -97,15 +97,15 @@ def shards_source(shards_dir: str, split: str, batch_size: int) -> Source:
     A Source.
 
   Raises:
-    shards.ManifestError: no or invalid manifest.
+    manifest_lib.ManifestError: no or invalid manifest.
     InputError: a shard listed in the manifest is missing.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  manifest = shards.load_manifest(shards_dir, split)
-  paths = shards.shard_paths(shards_dir, manifest)
+  manifest = manifest_lib.load_manifest(shards_dir, split)
+  paths = manifest_lib.shard_paths(shards_dir, manifest)
   missing = [p for p in paths if not os.path.isfile(p)]
   if missing:
-    raise InputError(f"{shards.manifest_path(shards_dir, split)}: "
+    raise InputError(f"{manifest_lib.manifest_path(shards_dir, split)}: "
                      f"{len(missing)} shard(s) missing: {missing[:5]}")
   # Blocks are big (256 images), so two readers keep up with any model; a
   # deterministic interleave keeps the output order reproducible.
@@ -375,7 +375,7 @@ def run_validation_source(config: dict, shards_dir: str,
     A Source, or None when the config describes no validation subset.
 
   Raises:
-    shards.ManifestError, pipeline.PipelineError: missing or bad shards.
+    manifest_lib.ManifestError, pipeline.PipelineError: missing or bad shards.
   """
   from hcd.data import pipeline  # pylint: disable=g-import-not-at-top
   plan = pipeline.run_validation_plan(dict(config, shards_dir=shards_dir))

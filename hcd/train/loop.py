@@ -443,7 +443,7 @@ def train_and_evaluate(config: TrainConfig, strategy=None,
   Raises:
     ConfigError: bad config (unknown model: lists the known ones), or a
       checkpoint in `workdir` that this config cannot resume.
-    hcd.data.shards.ManifestError: missing shard manifest (names the path).
+    hcd.data.manifest.ManifestError: missing shard manifest (names the path).
     hcd.data.pipeline.PipelineError: bad group CSV, unlabelled shards.
   """
   from hcd import models  # pylint: disable=g-import-not-at-top

@@ -1,23 +1,14 @@
-"""TFRecord shards: naming, assignment, parallel writing, manifest, verify.
-
-Layout and manifest format are documented in WORKSPACE.md ("Shards").
-Names follow TFDS: `hcd-<split>.tfrecord-00000-of-00032`, with the manifest
-`hcd-<split>.manifest.json` beside them.
+"""The shard writer: a resumable, parallel job that converts a split to shards.
 
 `make_split` converts one split of a data directory in a single decode pass
-per image (read, decode, check shape, SHA-1 of the pixels against a Kaggle
-id, min/max for dark/bright) and writes whole shards in worker processes.
-
-Why the workers never import TensorFlow: `import tensorflow` costs 3.5-4 s of
-CPU per process, as long as the whole conversion of 100k images on 2 cores.
-The only parts of TensorFlow a writer needs are the tf.Example wire format
-(three length-delimited protobuf fields, `encode_block_head`) and TFRecord
-framing with masked CRC-32C (`RecordWriter`, CRC from google-crc32c at
-~13 GB/s). The pixels are written straight from the decode buffer, never
-copied into a protobuf, and the shard's sha256 is computed on the way out.
-Without google-crc32c installed, `RecordWriter` falls back to TensorFlow's
-writer. `verify` reads everything back with TensorFlow's own reader and
-parser, so a writer bug cannot hide from it.
+per image (read, decode, screen by `hcd.data.screening`: shape, SHA-1 of the
+pixels against a Kaggle id, dark/bright) and writes whole shards in worker
+processes that never import TensorFlow (the bytes come from
+`hcd.data.tfrecord`). Which image goes to which shard (`assign_shards`,
+`shard_members`) depends only on the ids and labels, so the output never
+depends on the number of workers. The layout and manifest are documented in
+WORKSPACE.md ("Shards"); readers use `hcd.data.manifest`, and
+`hcd.data.verify` rereads the output with TensorFlow.
 
 Resumability: each finished shard is renamed into place and then gets a
 sidecar `<out_dir>/.hcd-<split>.state/<shard>.json` holding its manifest
@@ -25,7 +16,7 @@ entry, the exclusions found in it, and a fingerprint of exactly what went
 into it (paths, ids, labels, options). A rerun skips a shard whose sidecar
 fingerprint matches and whose file has the recorded size, so a run killed at
 any point (kill -9 included) resumes where it stopped, and a rerun on
-finished output writes nothing.
+finished output writes nothing. One lock per split keeps a second run out.
 """
 
 from __future__ import annotations
@@ -37,14 +28,12 @@ import ctypes
 import dataclasses
 import datetime
 import fcntl
-import gc
 import hashlib
 import json
 import math
 import os
 import re
 import signal
-import struct
 import time
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -54,17 +43,18 @@ import hcd
 from hcd.data import decode
 from hcd.data import features
 from hcd.data import parallel
+from hcd.data import screening
 from hcd.data import sources
+from hcd.data.manifest import DATASET_NAME
+from hcd.data.manifest import label_counts
+from hcd.data.manifest import manifest_path
+from hcd.data.manifest import shard_name
+from hcd.data.manifest import state_dir
+from hcd.data.tfrecord import encode_block_head
+from hcd.data.tfrecord import RecordWriter
 from hcd.fileio import atomic_write_text
+from hcd.fileio import file_size
 
-try:
-  import google_crc32c  # pylint: disable=g-import-not-at-top
-  if google_crc32c.implementation != "c":  # Its pure-Python CRC is too slow.
-    google_crc32c = None
-except ImportError:  # Slower fallback: TensorFlow's writer (see RecordWriter).
-  google_crc32c = None
-
-DATASET_NAME = "hcd"
 # Shards of at most this many bytes: 100-200 MB each once there are two or
 # more, big enough for sequential reads and few enough files to interleave.
 MAX_SHARD_BYTES = 200_000_000
@@ -72,51 +62,39 @@ MAX_SHARD_BYTES = 200_000_000
 # to estimate shard sizes.
 _PER_IMAGE_OVERHEAD = 48
 DARK_BRIGHT_MODES = ("auto", "exclude", "keep")
-_SHA1_RE = re.compile(r"[0-9a-f]{40}")
 _SPLIT_RE = re.compile(r"[A-Za-z0-9_]+")
 # Test hook: a writer process SIGKILLs itself (and the main process) after
 # writing this many blocks, to test recovery from kill -9 deterministically.
 KILL_AFTER_BLOCKS_ENV = "HCD_MAKE_SHARDS_KILL_AFTER_BLOCKS"
 
 
-class ManifestError(ValueError):
-  """A missing or invalid manifest; the message names the path."""
-
-
 class ShardError(ValueError):
   """make_shards refuses, or a shard fails verification; names the file."""
 
 
-def shard_name(split: str, index: int, num_shards: int) -> str:
-  """Returns the TFDS-style file name of one shard."""
-  return (f"{DATASET_NAME}-{split}.tfrecord-{index:05d}-of-"
-          f"{num_shards:05d}")
+def one_line(msg) -> str:
+  """Joins a possibly multi-line message into one line (for CLI errors).
 
+  Args:
+    msg: an exception or text.
 
-def manifest_path(shards_dir: str, split: str) -> str:
-  """Returns the manifest path of a split inside `shards_dir`."""
-  return os.path.join(shards_dir, f"{DATASET_NAME}-{split}.manifest.json")
-
-
-def state_dir(shards_dir: str, split: str) -> str:
-  """Returns the hidden directory holding a split's lock and shard sidecars."""
-  return os.path.join(shards_dir, f".{DATASET_NAME}-{split}.state")
-
-
-def sha256_file(path: str, chunk: int = 1 << 22) -> str:
-  """Returns the hex sha256 of a file, read in 4 MiB chunks."""
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    while True:
-      b = f.read(chunk)
-      if not b:
-        break
-      h.update(b)
-  return h.hexdigest()
+  Returns:
+    The first line, then the others joined by "; ".
+  """
+  parts = [p.strip() for p in str(msg).splitlines() if p.strip()]
+  return " ".join(parts[:1] + ["; ".join(parts[1:])]) if parts else ""
 
 
 def id_hash(ids: Sequence[str], seed: int = 0) -> np.ndarray:
-  """Stable 64-bit hash per id (independent of Python's hash seed)."""
+  """Stable 64-bit hash per id (independent of Python's hash seed).
+
+  Args:
+    ids: image ids.
+    seed: salts the hash.
+
+  Returns:
+    uint64 array, one hash per id.
+  """
   out = np.empty(len(ids), np.uint64)
   salt = str(seed).encode()
   for k, i in enumerate(ids):
@@ -179,12 +157,6 @@ def shard_members(ids: Sequence[str], labels: Sequence[int],
   return np.split(order, bounds)
 
 
-def label_counts(labels: Sequence[int]) -> dict[str, int]:
-  """Counts labels as a JSON-friendly {"0": n0, "1": n1} dict."""
-  vals, counts = np.unique(np.asarray(labels, np.int64), return_counts=True)
-  return {str(int(v)): int(c) for v, c in zip(vals, counts)}
-
-
 def default_num_shards(num_images: int,
                        counts: dict[str, int] | None = None,
                        max_shard_bytes: int = MAX_SHARD_BYTES) -> int:
@@ -208,148 +180,6 @@ def default_num_shards(num_images: int,
   if classes and min(classes) > 0:
     n = min(n, min(classes))
   return n
-
-
-# --- tf.Example and TFRecord encoding without TensorFlow ----------------------
-# Protobuf wire format: a tag byte (field << 3 | wire type 2 = length-
-# delimited), a varint length, then the payload.
-_F1, _F2, _F3 = 0x0A, 0x12, 0x1A
-
-
-def _varint(n: int) -> bytes:
-  out = bytearray()
-  while n > 0x7F:
-    out.append((n & 0x7F) | 0x80)
-    n >>= 7
-  out.append(n)
-  return bytes(out)
-
-
-def _field(tag: int, length: int) -> bytes:
-  return bytes((tag,)) + _varint(length)
-
-
-def _int64_varint(v: int) -> bytes:
-  # int64 varints encode negatives as their 64-bit two's complement.
-  return _varint(int(v) & 0xFFFFFFFFFFFFFFFF)
-
-
-def _map_entry_prefix(key: str, feature_len: int) -> bytes:
-  """A Features map entry {key, value: Feature} up to the Feature's bytes."""
-  k = key.encode()
-  body = _field(_F1, len(k)) + k + _field(_F2, feature_len)
-  return _field(_F1, len(body) + feature_len) + body
-
-
-def encode_block_head(num_pixel_bytes: int, ids: Sequence[str],
-                      labels: Sequence[int]) -> bytes:
-  """Encodes a block's tf.Example up to its pixels (features.py's schema).
-
-  `head + pixels` is a serialized tf.Example equal, field for field, to
-  `features.serialize_block(images, ids, labels)`; the pixels follow the
-  head directly so the writer need not copy them.
-
-  Args:
-    num_pixel_bytes: len(images.tobytes()), n * 96 * 96 * 3.
-    ids: n ids.
-    labels: n labels.
-
-  Returns:
-    The head bytes.
-
-  Raises:
-    ValueError: pixel bytes, ids and labels disagree on n.
-  """
-  n = len(ids)
-  if num_pixel_bytes != n * features.IMAGE_BYTES or len(labels) != n:
-    raise ValueError(f"block has {num_pixel_bytes} pixel bytes, {n} ids and "
-                     f"{len(labels)} labels")
-  id_list = b"".join(_field(_F1, len(b)) + b
-                     for b in (i.encode("utf-8") for i in ids))
-  ids_feature = _field(_F1, len(id_list)) + id_list
-  packed = b"".join(_int64_varint(v) for v in labels)
-  int_list = _field(_F1, len(packed)) + packed
-  labels_feature = _field(_F3, len(int_list)) + int_list
-  # images: Feature{bytes_list: BytesList{value: [pixels]}}.
-  pixel_prefix = _field(_F1, num_pixel_bytes)
-  images_prefix = _field(_F1, len(pixel_prefix) + num_pixel_bytes) + (
-      pixel_prefix)
-  body = (_map_entry_prefix(features.KEY_IDS, len(ids_feature)) +
-          ids_feature +
-          _map_entry_prefix(features.KEY_LABELS, len(labels_feature)) +
-          labels_feature +
-          _map_entry_prefix(features.KEY_IMAGES,
-                            len(images_prefix) + num_pixel_bytes) +
-          images_prefix)
-  return _field(_F1, len(body) + num_pixel_bytes) + body
-
-
-def _masked_crc(crc: int) -> int:
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-class RecordWriter:
-  """Writes a TFRecord file, computing its size and sha256 on the way out.
-
-  A record is framed as TensorFlow's writer frames it: uint64 length,
-  masked CRC-32C of the length, data, masked CRC-32C of the data.
-  """
-
-  def __init__(self, path: str):
-    self.path = path
-    self.num_records = 0
-    self.num_bytes = 0
-    self._sha = hashlib.sha256()
-    self._tf_writer = None
-    if google_crc32c is None:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      self._tf_writer = tf.io.TFRecordWriter(path)
-      self._f = None
-    else:
-      self._f = open(path, "wb")
-
-  def write(self, *pieces) -> None:
-    """Writes one record whose data is the concatenation of `pieces`.
-
-    Args:
-      *pieces: bytes or C-contiguous numpy arrays.
-    """
-    self.num_records += 1
-    if self._tf_writer is not None:
-      self._tf_writer.write(b"".join(bytes(memoryview(p)) for p in pieces))
-      return
-    length = struct.pack("<Q", sum(memoryview(p).nbytes for p in pieces))
-    crc = 0
-    for p in pieces:
-      crc = google_crc32c.extend(crc, p)
-    frame = (length, struct.pack("<I", _masked_crc(google_crc32c.value(
-        length))), *pieces, struct.pack("<I", _masked_crc(crc)))
-    for p in frame:
-      self._f.write(p)
-      self._sha.update(p)
-      self.num_bytes += memoryview(p).nbytes
-
-  def close(self) -> tuple[int, str]:
-    """Closes the file.
-
-    Returns:
-      (size in bytes, hex sha256).
-    """
-    if self._tf_writer is not None:
-      self._tf_writer.close()
-      return os.path.getsize(self.path), sha256_file(self.path)
-    self._f.close()
-    return self.num_bytes, self._sha.hexdigest()
-
-  def abort(self) -> None:
-    """Closes and deletes the partial file."""
-    with contextlib.suppress(Exception):
-      if self._tf_writer is not None:
-        self._tf_writer.close()
-      else:
-        self._f.close()
-    with contextlib.suppress(OSError):
-      os.remove(self.path)
 
 
 # --- Writing shards -----------------------------------------------------------
@@ -403,7 +233,18 @@ def write_shard(path: str, images: np.ndarray, ids: Sequence[str],
 def build_manifest(split: str, shard_entries: list[dict], source: dict,
                    excluded: list[dict] | None = None,
                    block_size: int = features.BLOCK_SIZE) -> dict:
-  """Assembles a manifest dict (see WORKSPACE.md) from shard entries."""
+  """Assembles a manifest dict (see WORKSPACE.md) from shard entries.
+
+  Args:
+    split: split name.
+    shard_entries: one entry per shard (`write_shard`), in order.
+    source: the manifest's "source" entry.
+    excluded: images left out, {"id", "path", "reason"} each.
+    block_size: images per record.
+
+  Returns:
+    The manifest, with totals over the entries.
+  """
   totals: dict[str, int] = {}
   for e in shard_entries:
     for k, v in e["label_counts"].items():
@@ -428,7 +269,15 @@ def build_manifest(split: str, shard_entries: list[dict], source: dict,
 
 
 def write_manifest(shards_dir: str, manifest: dict) -> str:
-  """Writes a split's manifest atomically; returns its path."""
+  """Writes a split's manifest atomically.
+
+  Args:
+    shards_dir: the shards directory.
+    manifest: the manifest (its "split" names the file).
+
+  Returns:
+    The manifest's path.
+  """
   path = manifest_path(shards_dir, manifest["split"])
   atomic_write_text(path, json.dumps(manifest, indent=1) + "\n")
   return path
@@ -481,73 +330,6 @@ class _ShardTask:
   skip_invalid: bool
 
 
-@contextlib.contextmanager
-def _gc_paused():
-  """Pauses the cyclic garbage collector (the code inside makes no cycles).
-
-  With hundreds of thousands of live records, ids and tuples, every
-  collection re-walks all of them (and, after `import tensorflow`, all of
-  TensorFlow's objects): 10-20% of the time in the loops here.
-  """
-  was_enabled = gc.isenabled()
-  gc.disable()
-  try:
-    yield
-  finally:
-    if was_enabled:
-      gc.enable()
-
-
-def _read_and_decode(path: str,
-                     cache: decode.TiffLayoutCache) -> np.ndarray:
-  """decode.read_image, with the fault classed as the scan report does.
-
-  A TIFF laid out like one this shard already decoded is not decoded again:
-  its pixels are its strip's bytes (see decode.TiffLayoutCache), which
-  skips the decoder for nearly every Kaggle file.
-
-  Raises:
-    decode.ImageError: with args (scan flag, message without the path).
-  """
-  try:
-    data = _read_file(path)
-  except OSError as e:
-    raise decode.ImageError("unreadable", f"cannot read: {e.strerror}"
-                            ) from None
-  known = cache.lookup(data)
-  if known is not None:
-    return known
-  try:
-    raw = decode.decode_raw(data, path)
-  except decode.ImageError as e:
-    raise decode.ImageError("unreadable",
-                            decode.strip_name(str(e), path)) from None
-  try:
-    img = decode.validate(raw, path)
-  except decode.ImageError as e:
-    raise decode.ImageError("bad_shape",
-                            decode.strip_name(str(e), path)) from None
-  cache.learn(data, img)
-  return img
-
-
-def _read_file(path: str, chunk: int = 1 << 16) -> bytes:
-  # os.read skips the fstat/lseek/isatty calls of open(): per-file system
-  # calls are a visible share of 100k+ reads of 28 KB files.
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    data = os.read(fd, chunk)
-    if len(data) < chunk:
-      return data
-    parts = [data]
-    while data:
-      data = os.read(fd, chunk)
-      parts.append(data)
-    return b"".join(parts)
-  finally:
-    os.close(fd)
-
-
 _blocks_written = 0
 
 
@@ -591,13 +373,13 @@ def _write_shard_task(task: _ShardTask,
       return
     flat = block[:n].reshape(n, -1)
     mx, mn = flat.max(axis=1), flat.min(axis=1)
-    bad = (mx < task.dark_max) | (mn > task.bright_min)
+    bad = (screening.is_dark(mx, task.dark_max) |
+           screening.is_bright(mn, task.bright_min))
     images, keep_ids, keep_labels = block[:n], ids, labels
     if bad.any():
       for j in np.nonzero(bad)[0]:
-        reason = (f"dark: max {mx[j]} < {task.dark_max}"
-                  if mx[j] < task.dark_max else
-                  f"bright: min {mn[j]} > {task.bright_min}")
+        reason = screening.dark_bright_reason(mn[j], mx[j], task.dark_max,
+                                              task.bright_min)
         (excluded if task.dark_bright == "exclude" else flagged).append(
             {"id": ids[j], "path": paths[j], "reason": reason})
       if task.dark_bright == "exclude":
@@ -617,22 +399,19 @@ def _write_shard_task(task: _ShardTask,
     _maybe_die()
 
   try:
-    with _gc_paused():
+    with parallel.gc_paused():
       for path, rid, label in task.members:
         try:
-          img = _read_and_decode(path, layouts)
-        except decode.ImageError as e:
-          invalid.append({"id": rid, "path": path,
-                          "reason": f"{e.args[0]}: {e.args[1]}"})
+          img = screening.read_image(path, layouts)
+        except screening.Fault as e:
+          invalid.append({"id": rid, "path": path, "reason": e.reason})
           continue
         # A Kaggle id is the SHA-1 of the pixels: a mismatch means the file
         # is not the image its name (and so its label) claims.
-        if _SHA1_RE.fullmatch(rid):
-          digest = hashlib.sha1(img).hexdigest()
-          if digest != rid:
-            invalid.append({"id": rid, "path": path, "reason":
-                            f"sha1_mismatch: pixels hash to {digest}"})
-            continue
+        mismatch = screening.check_sha1(rid, img)
+        if mismatch:
+          invalid.append({"id": rid, "path": path, "reason": mismatch})
+          continue
         block[len(ids)] = img
         paths.append(path)
         ids.append(rid)
@@ -780,24 +559,11 @@ def _read_json(path: str) -> dict | None:
     return None
 
 
-def _size(path: str) -> int:
-  try:
-    return os.path.getsize(path)
-  except OSError:
-    return -1
-
-
 def _fingerprint(obj, lines: Iterable[str] = ()) -> str:
   h = hashlib.sha256(json.dumps(obj, sort_keys=True).encode())
   for line in lines:
     h.update(line.encode("utf-8", "surrogateescape"))
   return h.hexdigest()
-
-
-def one_line(msg) -> str:
-  """Joins a possibly multi-line message into one line (for CLI errors)."""
-  parts = [p.strip() for p in str(msg).splitlines() if p.strip()]
-  return " ".join(parts[:1] + ["; ".join(parts[1:])]) if parts else ""
 
 
 def _labels_csv_used(data_dir: str, split: str, layout: str,
@@ -818,8 +584,10 @@ def _scan_exclusions(scan_dir: str) -> dict[str, str]:
 def make_split(data_dir: str, split: str, out_dir: str,
                workers: int | None = None, scan_dir: str | None = None,
                num_shards: int | None = None, labels_csv: str | None = None,
-               skip_invalid: bool = False, dark_max: int = 10,
-               bright_min: int = 245, dark_bright: str = "auto",
+               skip_invalid: bool = False,
+               dark_max: int = screening.DARK_MAX,
+               bright_min: int = screening.BRIGHT_MIN,
+               dark_bright: str = "auto",
                overwrite: bool = False, progress: bool = True,
                block_size: int = features.BLOCK_SIZE) -> dict:
   """Converts one split of a data directory to verified-format shards.
@@ -880,7 +648,7 @@ def make_split(data_dir: str, split: str, out_dir: str,
   if not os.path.isdir(data_dir):
     raise sources.DataError(f"{data_dir}: no such data directory")
   os.makedirs(out_dir, exist_ok=True)
-  with _split_lock(out_dir, split), _gc_paused():
+  with _split_lock(out_dir, split), parallel.gc_paused():
     removed_tmp = _remove_stale_tmp(out_dir, split)
     records, problems, layout = sources.list_records(
         data_dir, split, labels_csv, skip_invalid)
@@ -921,7 +689,7 @@ def make_split(data_dir: str, split: str, out_dir: str,
       mode = "exclude" if labelled and not scan_dir else "keep"
     options = {"dark_max": int(dark_max), "bright_min": int(bright_min),
                "dark_bright": mode, "block_size": int(block_size),
-               "sha1_check": "ids of 40 hex digits"}
+               "sha1_check": screening.SHA1_CHECK}
     source = {"data_dir": data_dir, "split": split, "layout": layout,
               "labels_csv": _labels_csv_used(data_dir, split, layout,
                                              labels_csv),
@@ -947,7 +715,7 @@ def make_split(data_dir: str, split: str, out_dir: str,
     old = None if overwrite else _read_json(mpath)
     if (old and old.get("fingerprint") == plan_fp and
         old.get("schema_version") == features.SCHEMA_VERSION and
-        all(_size(os.path.join(out_dir, e["file"])) == e["bytes"]
+        all(file_size(os.path.join(out_dir, e["file"])) == e["bytes"]
             for e in old["shards"])):
       return {"status": "up_to_date", "manifest": old, "manifest_path": mpath,
               "written": 0, "reused": len(tasks),
@@ -961,7 +729,7 @@ def make_split(data_dir: str, split: str, out_dir: str,
         side = _read_json(t.sidecar)
         if (side and side.get("fingerprint") == t.fingerprint and
             side.get("entry") and
-            _size(t.path) == side["entry"].get("bytes")):
+            file_size(t.path) == side["entry"].get("bytes")):
           results[t.index] = side
     todo = [t for t in tasks if t.index not in results]
     # Any manifest here now describes other shards, some about to be
@@ -1022,199 +790,3 @@ def _remove_unplanned(out_dir: str, split: str, planned: set[str]) -> list[str]:
   return removed
 
 
-def load_manifest(shards_dir: str, split: str) -> dict:
-  """Loads and sanity-checks a split's manifest.
-
-  Args:
-    shards_dir: the shards directory.
-    split: split name.
-
-  Returns:
-    The manifest dict.
-
-  Raises:
-    ManifestError: missing, unparsable or of an unknown schema version,
-      naming the path.
-  """
-  path = manifest_path(shards_dir, split)
-  if not os.path.exists(path):
-    found = sorted(f for f in os.listdir(shards_dir)
-                   if f.endswith(".manifest.json")) if os.path.isdir(
-                       shards_dir) else []
-    hint = f"; manifests there: {found}" if found else (
-        "; run tools/make_shards first")
-    raise ManifestError(f"{path}: no shard manifest for split {split!r}{hint}")
-  try:
-    with open(path, encoding="utf-8") as f:
-      manifest = json.load(f)
-  except (OSError, ValueError) as e:
-    raise ManifestError(f"{path}: cannot read manifest: {e}") from None
-  if not isinstance(manifest, dict):
-    raise ManifestError(f"{path}: not a manifest (a JSON object expected)")
-  if manifest.get("schema_version") != features.SCHEMA_VERSION:
-    raise ManifestError(
-        f"{path}: schema_version {manifest.get('schema_version')!r}, this hcd "
-        f"reads version {features.SCHEMA_VERSION}; re-run tools/make_shards")
-  return manifest
-
-
-def shard_paths(shards_dir: str, manifest: dict) -> list[str]:
-  """Returns the full paths of a manifest's shards, in order."""
-  return [os.path.join(shards_dir, e["file"]) for e in manifest["shards"]]
-
-
-def manifest_splits(shards_dir: str) -> list[str]:
-  """Lists the splits that have a manifest in `shards_dir`."""
-  pre, suf = f"{DATASET_NAME}-", ".manifest.json"
-  if not os.path.isdir(shards_dir):
-    return []
-  return sorted(n[len(pre):-len(suf)] for n in os.listdir(shards_dir)
-                if n.startswith(pre) and n.endswith(suf))
-
-
-# --- Verification -------------------------------------------------------------
-
-
-def _check_manifest_shape(manifest: dict, where: str) -> None:
-  keys = ("file", "num_examples", "num_records", "label_counts", "bytes",
-          "sha256")
-  shards = manifest.get("shards")
-  if not isinstance(shards, list) or not shards:
-    raise ManifestError(f"{where}: 'shards' must be a non-empty list")
-  for k, e in enumerate(shards):
-    missing = [x for x in keys if x not in e]
-    if missing:
-      raise ManifestError(f"{where}: shard entry {k} lacks {missing}")
-  total = sum(e["num_examples"] for e in shards)
-  if total != manifest.get("num_examples"):
-    raise ManifestError(f"{where}: num_examples is "
-                        f"{manifest.get('num_examples')} but the shard entries "
-                        f"add up to {total}")
-  totals: collections.Counter = collections.Counter()
-  for e in shards:
-    totals.update(e["label_counts"])
-  if dict(totals) != {k: v for k, v in manifest.get("label_counts", {}).items()
-                      if v}:
-    raise ManifestError(f"{where}: label_counts {manifest.get('label_counts')} "
-                        f"but the shard entries add up to {dict(totals)}")
-
-
-def _block_summary(serialized):
-  block = features.parse_block(serialized)
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  return tf.shape(block["image"]), block["id"], block["label"]
-
-
-def verify_split(shards_dir: str, split: str, workers: int | None = None,
-                 progress: bool = True) -> dict:
-  """Rereads a split's shards and checks them against the manifest.
-
-  Checks each shard's size and sha256, that every record reads with
-  TensorFlow's TFRecord reader (CRCs) and parses with features.parse_block
-  into uint8 [n, 96, 96, 3] images with n ids and n labels, the per-shard and
-  total counts of records, images and labels, that ids are unique across the
-  split and that no excluded id made it into a shard.
-
-  Args:
-    shards_dir: the shards directory.
-    split: split name.
-    workers: threads hashing shards while others are parsed.
-    progress: show a tqdm progress bar over shards.
-
-  Returns:
-    {"split", "manifest_path", "num_shards", "num_examples", "label_counts",
-     "bytes", "seconds"}.
-
-  Raises:
-    ManifestError: missing or inconsistent manifest, naming it.
-    ShardError: the first shard at fault, naming it and what is wrong.
-  """
-  t0 = time.perf_counter()
-  manifest = load_manifest(shards_dir, split)
-  where = manifest_path(shards_dir, split)
-  _check_manifest_shape(manifest, where)
-  paths = shard_paths(shards_dir, manifest)
-  for e, p in zip(manifest["shards"], paths):
-    size = _size(p)
-    if size < 0:
-      raise ShardError(f"{p}: missing (listed in {where}); rerun make_shards")
-    if size != e["bytes"]:
-      raise ShardError(f"{p}: {size} bytes, the manifest says {e['bytes']}; "
-                       f"the shard is truncated or was replaced")
-  excluded = {x["id"] for x in manifest.get("excluded", [])}
-  workers = workers or os.cpu_count() or 1
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  seen: dict[bytes, str] = {}
-  with _gc_paused(), concurrent.futures.ThreadPoolExecutor(
-      max(1, workers)) as pool:
-    # hashlib releases the GIL on big buffers: hashing runs beside parsing.
-    digests = [pool.submit(sha256_file, p) for p in paths]
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    for e, p, fut in tqdm(list(zip(manifest["shards"], paths, digests)),
-                          desc=f"verify {split}", unit="shard",
-                          disable=not progress):
-      digest = fut.result()
-      if digest != e["sha256"]:
-        raise ShardError(f"{p}: sha256 {digest} does not match the manifest's "
-                         f"{e['sha256']}; the shard is corrupt: delete it "
-                         f"and rerun make_shards")
-      n_records, counts = 0, collections.Counter()
-      name = os.path.basename(p)
-      # The training pipeline's own parser (features.parse_block), run in
-      # TensorFlow; only shapes, ids and labels come back to Python.
-      ds = tf.data.TFRecordDataset(p, buffer_size=1 << 23).map(
-          _block_summary, num_parallel_calls=2).prefetch(4)
-      try:
-        for shape, ids, labels in ds.as_numpy_iterator():
-          if tuple(shape[1:]) != features.IMAGE_SHAPE or not (
-              shape[0] == len(ids) == len(labels)):
-            raise ShardError(f"{p}: record {n_records} holds images "
-                             f"{tuple(shape)}, {len(ids)} ids, {len(labels)} "
-                             f"labels")
-          for i in ids:
-            if i in seen:
-              raise ShardError(f"{p}: id {i.decode()} is also in {seen[i]}; "
-                               f"ids must be unique")
-            seen[i] = name
-          counts.update(labels.tolist())
-          n_records += 1
-      except tf.errors.OpError as err:
-        raise ShardError(f"{p}: unreadable TFRecord or unparsable block after "
-                         f"record {n_records}: {type(err).__name__}: "
-                         f"{one_line(err.message)}") from None
-      counts = {str(k): v for k, v in counts.items()}
-      got = {"num_records": n_records, "num_examples": sum(counts.values()),
-             "label_counts": dict(counts)}
-      want = {"num_records": e["num_records"],
-              "num_examples": e["num_examples"],
-              "label_counts": {k: v for k, v in e["label_counts"].items() if v}}
-      if got != want:
-        raise ShardError(f"{p}: holds {got}, the manifest says {want}")
-  leaked = sorted(i.decode() for i in seen.keys() & {
-      x.encode() for x in excluded})
-  if leaked:
-    raise ShardError(f"{where}: id {leaked[0]} is listed as excluded but is "
-                     f"in shard {seen[leaked[0].encode()]}")
-  return {"split": split, "manifest_path": where, "num_shards": len(paths),
-          "num_examples": len(seen),
-          "label_counts": manifest.get("label_counts"),
-          "bytes": sum(e["bytes"] for e in manifest["shards"]),
-          "seconds": time.perf_counter() - t0}
-
-
-def verify(shards_dir: str, split: str | None = None,
-           workers: int | None = None, progress: bool = True) -> list[dict]:
-  """Verifies one split, or every split with a manifest in `shards_dir`.
-
-  Returns:
-    One `verify_split` summary per split.
-
-  Raises:
-    ManifestError: no manifest found, or see `verify_split`.
-    ShardError: see `verify_split`.
-  """
-  splits = [split] if split else manifest_splits(shards_dir)
-  if not splits:
-    raise ManifestError(f"{shards_dir}: no {DATASET_NAME}-<split>.manifest.json"
-                        f" here; run tools/make_shards first")
-  return [verify_split(shards_dir, s, workers, progress) for s in splits]
