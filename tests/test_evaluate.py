@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
+from hcd import rundir
 from hcd.data import shards
 from hcd.eval import evaluate
 from hcd.eval import inputs
-from hcd.eval import runs
 
 import evalutil
 
@@ -47,7 +47,7 @@ def test_evaluate_writes_metrics_matching_sklearn(tmp_path, labelled):
   shards_dir, run = labelled
   src = inputs.open_source(shards_dir=shards_dir, split="valid", batch_size=7)
   out = str(tmp_path / "ev")
-  result = evaluate.evaluate([runs.model_file(run)], src, out, tta=2,
+  result = evaluate.evaluate([rundir.model_file(run)], src, out, tta=2,
                              threshold=0.5, progress=False)
   with open(os.path.join(out, "metrics.json")) as f:
     saved = json.load(f)
@@ -69,7 +69,7 @@ def test_evaluate_writes_metrics_matching_sklearn(tmp_path, labelled):
 def test_chosen_threshold(tmp_path, labelled):
   shards_dir, run = labelled
   src = inputs.open_source(shards_dir=shards_dir, split="valid")
-  r = evaluate.evaluate([runs.model_file(run)], src, str(tmp_path), tta=1,
+  r = evaluate.evaluate([rundir.model_file(run)], src, str(tmp_path), tta=1,
                         threshold="youden", progress=False)
   assert r["threshold_method"] == "youden"
   y, p = _read_predictions(str(tmp_path / "predictions.csv"))
@@ -85,7 +85,7 @@ def test_bad_threshold_and_unlabelled_data_refused(tmp_path, labelled):
       evaluate.parse_threshold(bad)
   src = inputs.open_source(shards_dir=shards_dir, split="test")
   with pytest.raises(ValueError, match="4 image\\(s\\) have no label"):
-    evaluate.evaluate([runs.model_file(run)], src, str(tmp_path / "x"),
+    evaluate.evaluate([rundir.model_file(run)], src, str(tmp_path / "x"),
                       progress=False)
   assert not (tmp_path / "x" / "metrics.json").exists()
 

@@ -138,11 +138,11 @@ def model_paths(values) -> list[str]:
     Paths of the .keras files to load (several: an ensemble).
 
   Raises:
-    hcd.eval.runs.RunError: a run or model file that does not exist.
+    hcd.rundir.RunError: a run or model file that does not exist.
   """
-  from hcd.eval import runs  # pylint: disable=g-import-not-at-top
+  from hcd import rundir  # pylint: disable=g-import-not-at-top
   run_dirs = [values.workdir] if values.workdir else []
   files = [values.model_path] if values.model_path else []
   for e in values.ensemble:
     (files if e.endswith(".keras") else run_dirs).append(e)
-  return runs.resolve_model_paths(run_dirs, files, values.model)
+  return rundir.resolve_model_paths(run_dirs, files, values.model)

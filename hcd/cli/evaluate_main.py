@@ -26,15 +26,15 @@ def main(argv):
   from hcd.data import sources  # pylint: disable=g-import-not-at-top
   from hcd.eval import evaluate  # pylint: disable=g-import-not-at-top
   from hcd.eval import inputs  # pylint: disable=g-import-not-at-top
-  from hcd.eval import runs  # pylint: disable=g-import-not-at-top
+  from hcd import rundir  # pylint: disable=g-import-not-at-top
   try:
     threshold = evaluate.parse_threshold(FLAGS.threshold)
     model_paths = eval_flags.model_paths(FLAGS)
     out_dir = FLAGS.out_dir or (
-        os.path.join(FLAGS.workdir, "eval") if FLAGS.workdir else
+        rundir.RunDir(FLAGS.workdir).eval if FLAGS.workdir else
         os.path.join(os.path.dirname(os.path.abspath(FLAGS.model_path)),
-                     "eval"))
-    config = runs.read_config(FLAGS.workdir) if FLAGS.workdir else {}
+                     rundir.EVAL_DIR))
+    config = rundir.read_config(FLAGS.workdir) if FLAGS.workdir else {}
     shards_dir = FLAGS.shards_dir
     if not shards_dir and not FLAGS.data_dir and config.get("shards_dir"):
       shards_dir = config["shards_dir"]
@@ -54,7 +54,7 @@ def main(argv):
                  source.description, FLAGS.tta)
     result = evaluate.evaluate(model_paths, source, out_dir, FLAGS.tta,
                                threshold, FLAGS.progress, FLAGS.jit_compile)
-  except (runs.RunError, inputs.InputError, shards.ManifestError,
+  except (rundir.RunError, inputs.InputError, shards.ManifestError,
           sources.DataError, ValueError, RuntimeError) as e:
     # (hcd.data.pipeline.PipelineError is a ValueError.)
     print(f"hcd_evaluate: error: {e}", file=sys.stderr)

@@ -30,7 +30,7 @@ def main(argv):
   from hcd.eval import export  # pylint: disable=g-import-not-at-top
   from hcd.eval import inputs  # pylint: disable=g-import-not-at-top
   from hcd.eval import predict  # pylint: disable=g-import-not-at-top
-  from hcd.eval import runs  # pylint: disable=g-import-not-at-top
+  from hcd import rundir  # pylint: disable=g-import-not-at-top
   from hcd.eval import submission  # pylint: disable=g-import-not-at-top
   try:
     model_paths = eval_flags.model_paths(FLAGS)
@@ -48,7 +48,7 @@ def main(argv):
                   if FLAGS.sample_submission else None)
     shards_dir = FLAGS.shards_dir
     if not shards_dir and not FLAGS.data_dir and FLAGS.workdir:
-      shards_dir = runs.read_config(FLAGS.workdir).get("shards_dir")
+      shards_dir = rundir.read_config(FLAGS.workdir).get("shards_dir")
       if shards_dir:
         logging.info("reading the run's shards %s", shards_dir)
     source = inputs.open_source(shards_dir, FLAGS.data_dir, FLAGS.split,
@@ -61,7 +61,7 @@ def main(argv):
     summary = predict.predict_submission(
         model_paths, source, FLAGS.out, FLAGS.tta, sample_ids,
         FLAGS.skipped_prob, FLAGS.progress, FLAGS.jit_compile)
-  except (runs.RunError, inputs.InputError, shards.ManifestError,
+  except (rundir.RunError, inputs.InputError, shards.ManifestError,
           sources.DataError, submission.SubmissionError, export.ExportError,
           ValueError, RuntimeError) as e:
     print(f"hcd_predict: error: {e}", file=sys.stderr)

@@ -33,7 +33,7 @@ def main(argv):
   from hcd.data import sources  # pylint: disable=g-import-not-at-top
   from hcd.eval import eda  # pylint: disable=g-import-not-at-top
   from hcd.eval import report  # pylint: disable=g-import-not-at-top
-  from hcd.eval import runs  # pylint: disable=g-import-not-at-top
+  from hcd import rundir  # pylint: disable=g-import-not-at-top
   try:
     if FLAGS.workdirs:
       out = report.compare_runs(FLAGS.workdirs, FLAGS.out_dir,
@@ -51,7 +51,7 @@ def main(argv):
           "label_frequency", "samples", "flagged") and v]
       print(f"hcd_report: EDA figures {written}; label counts "
             f"{figs['label_counts']}; flagged images {figs['num_flagged']}")
-  except (runs.RunError, eda.EdaError, shards.ManifestError,
+  except (rundir.RunError, eda.EdaError, shards.ManifestError,
           sources.DataError, ValueError) as e:
     print(f"hcd_report: error: {e}", file=sys.stderr)
     return 1

@@ -43,6 +43,8 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from hcd import fileio
+from hcd import rundir
 from hcd.data import features
 from hcd.data import pipeline
 from hcd.train import artifacts
@@ -458,10 +460,10 @@ def train_and_evaluate(config: TrainConfig, strategy=None,
   jit = runtime.resolve_jit_compile(config.jit_compile)
   runtime.set_mixed_precision(config.mixed_precision)
   chief = runtime.is_chief(strategy)
-  run = artifacts.RunDir(config.workdir)
+  run = rundir.RunDir(config.workdir)
   write_dir = runtime.worker_write_dir(config.workdir, strategy)
   if chief:
-    run.makedirs()
+    run.create()
 
   plan = pipeline.run_plan(config)
   _check_batch(config, strategy, plan)
@@ -486,8 +488,8 @@ def train_and_evaluate(config: TrainConfig, strategy=None,
   }
   if chief:
     if flags_text is not None:
-      artifacts.atomic_write_text(run.flags, flags_text)
-    artifacts.write_json(run.config, {**config.to_dict(), **derived})
+      fileio.atomic_write_text(run.flags, flags_text)
+    rundir.write_json(run.config, {**config.to_dict(), **derived})
   logging.info("model %s: %d parameters; %d steps/epoch of %d images; "
                "%d validation steps; jit_compile=%s; %s",
                config.model, num_params, steps_per_epoch, config.batch_size,
@@ -520,7 +522,7 @@ def train_and_evaluate(config: TrainConfig, strategy=None,
                  int(trainer.epoch.numpy()), int(trainer.step.numpy()))
   start_epoch = int(trainer.epoch.numpy())
   start_step = int(trainer.step.numpy())
-  history = [r for r in artifacts.read_history(run)
+  history = [r for r in rundir.read_history(run.workdir)
              if int(r["epoch"]) <= start_epoch] if latest else []
 
   global_batch = config.batch_size
@@ -595,7 +597,7 @@ def train_and_evaluate(config: TrainConfig, strategy=None,
       step_times.append(row["step_time_s"])
     history.append(row)
     if chief:
-      artifacts.write_history(run, history)
+      rundir.write_history(run, history)
       _summaries(tb_writer, row, epoch + 1)
     logging.info(
         "epoch %d/%d: loss %.4f acc %.4f auc %.4f | val_loss %s val_acc %s "
@@ -672,12 +674,12 @@ def _finish(config, trainer, plan, run, chief, history, epoch_times,
   if plan.val is not None:
     ds = pipeline.eval_dataset(plan.val, config.batch_size, with_ids=True)
     ids, y_true, y_prob = trainer.predict(ds)
-    artifacts.write_predictions(run.val_predictions, ids, y_true, y_prob)
+    rundir.write_predictions(run.val_predictions, ids, y_true, y_prob)
   if not epoch_times:  # Nothing trained in this process: use the history.
     epoch_times = [r["epoch_time_s"] for r in history if r.get("epoch_time_s")]
     step_times = [r["step_time_s"] for r in history if r.get("step_time_s")]
   extra = {
-      "model": config.model, "model_file": "model.keras",
+      "model": config.model, "model_file": rundir.MODEL_FILE,
       "best_epoch": best_epoch,
       "best_val_auc": (float(trainer.best_auc.numpy())
                        if plan.val is not None and best_epoch else None),
