@@ -68,6 +68,7 @@ def evaluate(model_paths: Sequence[str], source: inputs.Source, out_dir: str,
 
   Raises:
     hcd.rundir.RunError: a model that does not load.
+    hcd.data.pipeline.ShardFileError: an unreadable shard (named).
     ValueError: unlabelled examples, bad tta or threshold.
     OSError: an output that cannot be written (named).
   """
@@ -75,8 +76,10 @@ def evaluate(model_paths: Sequence[str], source: inputs.Source, out_dir: str,
   predict_lib.tta_transforms(tta)  # Fail before loading anything.
   models = [predict_lib.load_model(p) for p in model_paths]
   t0 = time.perf_counter()
-  preds = predict_lib.predict(models, source.dataset, tta, source.num_examples,
-                              progress, jit_compile, desc="evaluate")
+  with source.naming_bad_shard():
+    preds = predict_lib.predict(models, source.dataset, tta,
+                                source.num_examples, progress, jit_compile,
+                                desc="evaluate")
   seconds = time.perf_counter() - t0
   unlabelled = [i for i, l in zip(preds.ids, preds.labels) if l not in (0, 1)]
   if unlabelled:

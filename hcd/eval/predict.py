@@ -238,12 +238,14 @@ def predict_submission(model_paths: Sequence[str], source, out: str,
     hcd.eval.submission.SubmissionError: missing/extra/duplicate ids (all
       listed) or invalid probabilities; nothing is written.
     hcd.rundir.RunError: a model that does not load.
+    hcd.data.pipeline.ShardFileError: an unreadable shard (named).
   """
   tta_transforms(tta)
   models = [load_model(p) for p in model_paths]
   t0 = time.perf_counter()
-  preds = predict(models, source.dataset, tta, source.num_examples, progress,
-                  jit_compile)
+  with source.naming_bad_shard():
+    preds = predict(models, source.dataset, tta, source.num_examples,
+                    progress, jit_compile)
   seconds = time.perf_counter() - t0
   ids, probs = list(preds.ids), preds.probs
   filled = []

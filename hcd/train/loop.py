@@ -446,8 +446,22 @@ def train_and_evaluate(config: TrainConfig, strategy=None,
     ConfigError: bad config (unknown model: lists the known ones), or a
       checkpoint in `workdir` that this config cannot resume.
     hcd.data.shards.ManifestError: missing shard manifest (names the path).
+    hcd.data.pipeline.ShardFileError: a missing, truncated or corrupt shard
+      (names it and the remedy).
     hcd.data.pipeline.PipelineError: bad group CSV, unlabelled shards.
   """
+  try:
+    return _train_and_evaluate(config, strategy, flags_text)
+  except tf.errors.DataLossError:
+    # A record failed its CRC while training, and TensorFlow's error names no
+    # file; planning rereads every shard and names the one at fault.
+    pipeline.run_plan(config)
+    raise
+
+
+def _train_and_evaluate(config: TrainConfig, strategy,
+                        flags_text: str | None) -> dict[str, Any]:
+  """`train_and_evaluate` without the naming of a corrupt shard."""
   from hcd import models  # pylint: disable=g-import-not-at-top
   config.validate()
   try:
