@@ -12,12 +12,15 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from hcd import fileio
+from hcd.cli import errors
 from hcd.cli import eval_flags
 
 eval_flags.define_evaluate_flags()
 FLAGS = flags.FLAGS
 
 
+@errors.guard("hcd_evaluate")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -34,6 +37,9 @@ def main(argv):
         rundir.RunDir(FLAGS.workdir).eval if FLAGS.workdir else
         os.path.join(os.path.dirname(os.path.abspath(FLAGS.model_path)),
                      rundir.EVAL_DIR))
+    # Before any data is read: an unwritable --out_dir fails now.
+    fileio.check_output_dir(out_dir)
+    fileio.remove_stale_tmp(out_dir)
     config = rundir.read_config(FLAGS.workdir) if FLAGS.workdir else {}
     shards_dir = FLAGS.shards_dir
     if not shards_dir and not FLAGS.data_dir and config.get("shards_dir"):

@@ -9,18 +9,22 @@
 """
 
 import json
+import os
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 
+from hcd import fileio
+from hcd.cli import errors
 from hcd.cli import eval_flags
 
 eval_flags.define_predict_flags()
 FLAGS = flags.FLAGS
 
 
+@errors.guard("hcd_predict", where=lambda: FLAGS.out)
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -43,6 +47,10 @@ def main(argv):
       return 0
     if not FLAGS.out:
       raise app.UsageError("--out (the submission CSV) is required")
+    # Before any data is read: a directory or read-only place fails now.
+    fileio.check_output_file(FLAGS.out)
+    fileio.remove_stale_tmp(os.path.dirname(os.path.abspath(FLAGS.out)),
+                            prefix=os.path.basename(FLAGS.out))
     predict.tta_transforms(FLAGS.tta)  # Fail before reading any data.
     sample_ids = (submission.read_sample_ids(FLAGS.sample_submission)
                   if FLAGS.sample_submission else None)

@@ -11,12 +11,15 @@ import sys
 from absl import app
 from absl import flags
 
+from hcd import fileio
+from hcd.cli import errors
 from hcd.cli import eval_flags
 
 eval_flags.define_report_flags()
 FLAGS = flags.FLAGS
 
 
+@errors.guard("hcd_report")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -34,6 +37,9 @@ def main(argv):
   from hcd.eval import eda  # pylint: disable=g-import-not-at-top
   from hcd.eval import report  # pylint: disable=g-import-not-at-top
   from hcd import rundir  # pylint: disable=g-import-not-at-top
+  # Before any run is read: an unwritable --out_dir fails now.
+  fileio.check_output_dir(FLAGS.out_dir)
+  fileio.remove_stale_tmp(FLAGS.out_dir)
   try:
     if FLAGS.workdirs:
       out = report.compare_runs(FLAGS.workdirs, FLAGS.out_dir,

@@ -12,13 +12,14 @@ import logging as std_logging
 import sys
 
 from absl import app
-from absl import logging
 
+from hcd.cli import errors
 from hcd.cli import flags as train_flags
 
 FLAGS = train_flags.FLAGS
 
 
+@errors.guard("hcd_train", exit_code=2)
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -37,7 +38,6 @@ def main(argv):
                             flags_text=train_flags.resolved_flags_text(FLAGS))
   except (config_lib.ConfigError, shards.ManifestError, pipeline.PipelineError,
           sources.DataError) as e:
-    logging.error("%s", e)
     print(f"hcd_train: error: {e}", file=sys.stderr)
     sys.exit(2)
 
