@@ -18,6 +18,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from hcd import fileio
+
 CLASS_NAMES = ("normal (0)", "tumour (1)")
 # The label depends only on this centre square (PCam definition).
 CENTRE = 32
@@ -40,18 +42,16 @@ def save_png(fig, path: str) -> str:
 
   Returns:
     path.
+
+  Raises:
+    OSError: naming `path` (no space left, read-only, ...).
   """
   path = os.fspath(path)
   parent = os.path.dirname(path)
   if parent:
     os.makedirs(parent, exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
+  with fileio.atomic_path(path) as tmp:
     fig.savefig(tmp, format="png", bbox_inches="tight")
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
   return path
 
 

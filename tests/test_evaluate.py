@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
+from hcd import rundir
 from hcd.data import writer
 from hcd.eval import evaluate
 from hcd.eval import inputs
 from hcd.eval import predict
-from hcd.eval import runs
 
 import evalutil
 
@@ -48,7 +48,7 @@ def test_evaluate_writes_metrics_matching_sklearn(tmp_path, labelled):
   shards_dir, run = labelled
   src = inputs.open_source(shards_dir=shards_dir, split="valid", batch_size=7)
   out = str(tmp_path / "ev")
-  result = evaluate.evaluate([runs.model_file(run)], src, out, tta=2,
+  result = evaluate.evaluate([rundir.model_file(run)], src, out, tta=2,
                              threshold=0.5, progress=False)
   with open(os.path.join(out, "metrics.json")) as f:
     saved = json.load(f)
@@ -72,19 +72,23 @@ def test_predictions_csv_quotes_odd_ids(tmp_path):
   preds = predict.Predictions(list(evalutil.ODD_IDS),
                               np.linspace(0.1, 0.9, n),
                               np.arange(n, dtype=np.int64) % 2)
-  path = evaluate.write_predictions_csv(str(tmp_path / "p.csv"), preds)
+  path = rundir.write_predictions(str(tmp_path / "p.csv"), preds.ids,
+                                  preds.labels, preds.probs)
   with open(path, newline="", encoding="utf-8") as f:
     rows = list(csv.DictReader(f))
   assert [r["id"] for r in rows] == evalutil.ODD_IDS
   assert [int(r["label"]) for r in rows] == preds.labels.tolist()
   np.testing.assert_array_equal([float(r["prob"]) for r in rows],
                                 preds.probs)
+  ids, labels, probs = rundir.read_predictions(path)  # The reader agrees.
+  assert ids == evalutil.ODD_IDS and labels.tolist() == preds.labels.tolist()
+  np.testing.assert_array_equal(probs, preds.probs)
 
 
 def test_chosen_threshold(tmp_path, labelled):
   shards_dir, run = labelled
   src = inputs.open_source(shards_dir=shards_dir, split="valid")
-  r = evaluate.evaluate([runs.model_file(run)], src, str(tmp_path), tta=1,
+  r = evaluate.evaluate([rundir.model_file(run)], src, str(tmp_path), tta=1,
                         threshold="youden", progress=False)
   assert r["threshold_method"] == "youden"
   y, p = _read_predictions(str(tmp_path / "predictions.csv"))
@@ -100,7 +104,7 @@ def test_bad_threshold_and_unlabelled_data_refused(tmp_path, labelled):
       evaluate.parse_threshold(bad)
   src = inputs.open_source(shards_dir=shards_dir, split="test")
   with pytest.raises(ValueError, match="4 image\\(s\\) have no label"):
-    evaluate.evaluate([runs.model_file(run)], src, str(tmp_path / "x"),
+    evaluate.evaluate([rundir.model_file(run)], src, str(tmp_path / "x"),
                       progress=False)
   assert not (tmp_path / "x" / "metrics.json").exists()
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from hcd import rundir
 from hcd.data import manifest as manifest_lib
 from hcd.data import writer
 from hcd.train import artifacts
@@ -60,7 +61,7 @@ def test_run_directory_contract(shards_dir, tmp_path):
   config = _config(shards_dir, workdir)
   result = loop.train_and_evaluate(config, strategy=_strategy(),
                                    flags_text="--model=tiny\n")
-  run = artifacts.RunDir(str(workdir))
+  run = rundir.RunDir(str(workdir))
   for path in (run.flags, run.config, run.history_csv, run.history_json,
                run.model, run.best_model, run.metrics_plot,
                run.confusion_plot, run.val_predictions, run.metrics):
@@ -77,7 +78,7 @@ def test_run_directory_contract(shards_dir, tmp_path):
 
   history = _read_csv(run.history_csv)
   assert [int(r["epoch"]) for r in history] == [1, 2]
-  assert list(history[0]) == list(artifacts.HISTORY_COLUMNS)
+  assert list(history[0]) == list(rundir.HISTORY_COLUMNS)
   for r in history:
     assert 0 < float(r["loss"]) and 0 <= float(r["val_auc"]) <= 1
     assert float(r["images_per_s"]) > 0

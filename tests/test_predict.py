@@ -14,13 +14,13 @@ import textwrap
 import numpy as np
 import pytest
 
+from hcd import rundir
 from hcd.data import decode
 from hcd.data import sources
 from hcd.data import writer
 from hcd.eval import export
 from hcd.eval import inputs
 from hcd.eval import predict
-from hcd.eval import runs
 from hcd.eval import submission
 
 import evalutil
@@ -34,7 +34,7 @@ def tiny_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_run):
-  return runs.load_model(runs.model_file(tiny_run))
+  return predict.load_model(rundir.model_file(tiny_run))
 
 
 def _predict(models, source, tta=1):
@@ -130,28 +130,28 @@ def test_ensemble_is_the_mean(tiny):
 
 
 def test_missing_run_or_model_is_a_clear_error(tmp_path, tiny_run):
-  with pytest.raises(runs.RunError, match="run directory does not exist"):
-    runs.resolve_model_paths([str(tmp_path / "nope")])
+  with pytest.raises(rundir.RunError, match="run directory does not exist"):
+    rundir.resolve_model_paths([str(tmp_path / "nope")])
   empty = tmp_path / "empty_run"
   empty.mkdir()
-  with pytest.raises(runs.RunError, match="no .keras model"):
-    runs.model_file(str(empty))
+  with pytest.raises(rundir.RunError, match="no .keras model"):
+    rundir.model_file(str(empty))
   only_best = tmp_path / "only_best"
   only_best.mkdir()
   shutil.copy(os.path.join(tiny_run, "best.keras"), only_best)
-  with pytest.raises(runs.RunError, match="try --model=best"):
-    runs.model_file(str(only_best), "final")
-  assert runs.model_file(str(only_best), "best").endswith("best.keras")
-  with pytest.raises(runs.RunError, match="unknown model choice"):
-    runs.model_file(tiny_run, "last")
-  with pytest.raises(runs.RunError, match="model file does not exist"):
-    runs.resolve_model_paths([], [str(tmp_path / "x.keras")])
-  with pytest.raises(runs.RunError, match="no model given"):
-    runs.resolve_model_paths([], [])
+  with pytest.raises(rundir.RunError, match="try --model=best"):
+    rundir.model_file(str(only_best), "final")
+  assert rundir.model_file(str(only_best), "best").endswith("best.keras")
+  with pytest.raises(rundir.RunError, match="unknown model choice"):
+    rundir.model_file(tiny_run, "last")
+  with pytest.raises(rundir.RunError, match="model file does not exist"):
+    rundir.resolve_model_paths([], [str(tmp_path / "x.keras")])
+  with pytest.raises(rundir.RunError, match="no model given"):
+    rundir.resolve_model_paths([], [])
   bad = tmp_path / "bad.keras"
   bad.write_bytes(b"not a zip")
-  with pytest.raises(runs.RunError, match="cannot load model"):
-    runs.load_model(str(bad))
+  with pytest.raises(rundir.RunError, match="cannot load model"):
+    predict.load_model(str(bad))
 
 
 def test_model_with_wrong_input_refused(tmp_path):
@@ -161,8 +161,8 @@ def test_model_with_wrong_input_refused(tmp_path):
       keras.layers.GlobalAveragePooling2D()(inputs_)))
   path = str(tmp_path / "f.keras")
   m.save(path)
-  with pytest.raises(runs.RunError, match="hcd models take uint8"):
-    runs.load_model(path)
+  with pytest.raises(rundir.RunError, match="hcd models take uint8"):
+    predict.load_model(path)
 
 
 def test_unreadable_file_refused_or_skipped_and_listed(tmp_path, tiny_run):
@@ -187,7 +187,7 @@ def test_unreadable_file_refused_or_skipped_and_listed(tmp_path, tiny_run):
                                             ids + ["badbadbad", "empty"])
   out = str(tmp_path / "sub.csv")
   summary = predict.predict_submission(
-      [runs.model_file(tiny_run)], src, out, tta=2,
+      [rundir.model_file(tiny_run)], src, out, tta=2,
       sample_ids=submission.read_sample_ids(sample), progress=False)
   got_ids, probs = submission.read_submission(out)
   assert got_ids == ids + ["badbadbad", "empty"]
@@ -205,7 +205,7 @@ def test_file_names_with_comma_quote_newline_round_trip(tmp_path, tiny_run):
                            progress=False)
   out = str(tmp_path / "sub.csv")
   order = list(reversed(ids))
-  predict.predict_submission([runs.model_file(tiny_run)], src, out,
+  predict.predict_submission([rundir.model_file(tiny_run)], src, out,
                              sample_ids=order, progress=False)
   got_ids, probs = submission.read_submission(out)
   assert got_ids == order and len(probs) == len(ids)
@@ -218,7 +218,7 @@ def test_predict_submission_refuses_id_mismatch(tmp_path, tiny_run):
   src = inputs.open_source(shards_dir=str(tmp_path / "sh"), split="test")
   out = tmp_path / "sub.csv"
   with pytest.raises(submission.SubmissionError, match="1 missing.*ffff"):
-    predict.predict_submission([runs.model_file(tiny_run)], src, str(out),
+    predict.predict_submission([rundir.model_file(tiny_run)], src, str(out),
                                sample_ids=ids + ["ffff"], progress=False)
   assert not out.exists()
 
@@ -275,7 +275,7 @@ def test_cli_predict_folder_with_planar_tiff(tmp_path, tiny_run):
   with open(f"{out}.skipped.csv", encoding="utf-8") as f:
     assert "transparent_rgba" in f.read()
   # The CLI scored the very pixels the shard writer stores for each file.
-  model = runs.load_model(runs.model_file(tiny_run))
+  model = predict.load_model(rundir.model_file(tiny_run))
   want = predict.make_predict_fn([model])(np.stack(
       [decode.read_image(str(folder / f"{i}.tif")) for i in ids])).numpy()
   np.testing.assert_allclose(probs, want, atol=1e-6)
@@ -306,7 +306,7 @@ def test_cli_ensemble_pattern_takes_every_fold_run(tmp_path):
            "--sample_submission=")
   assert r.returncode == 0, r.stderr
   got_ids, probs = submission.read_submission(str(out))
-  models = [runs.load_model(runs.model_file(f)) for f in folds]
+  models = [predict.load_model(rundir.model_file(f)) for f in folds]
   images = np.stack([decode.read_image(str(tmp_path / "data" / "test" /
                                            f"{i}.tif")) for i in got_ids])
   want = np.mean([predict.make_predict_fn([m])(images).numpy()
@@ -320,7 +320,7 @@ def test_cli_ensemble_pattern_takes_every_fold_run(tmp_path):
 
 
 def test_export_loads_without_hcd_in_safe_mode(tmp_path, tiny_run):
-  info = export.export_model(runs.model_file(tiny_run), str(tmp_path / "exp"))
+  info = export.export_model(rundir.model_file(tiny_run), str(tmp_path / "exp"))
   want = np.asarray(info["check_outputs"])
   script = textwrap.dedent(f"""
       import importlib.abc, sys

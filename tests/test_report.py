@@ -7,10 +7,10 @@ import os
 import numpy as np
 import pytest
 
+from hcd import rundir
 from hcd.data import writer
 from hcd.eval import eda
 from hcd.eval import report
-from hcd.eval import runs
 
 import evalutil
 
@@ -85,16 +85,16 @@ def test_names_and_missing_numbers(tmp_path, two_runs):
 
 
 def test_bad_runs_are_clear_errors(tmp_path):
-  with pytest.raises(runs.RunError, match="does not exist"):
+  with pytest.raises(rundir.RunError, match="does not exist"):
     report.compare_runs([str(tmp_path / "nope")], str(tmp_path / "r"))
   (tmp_path / "empty").mkdir()
-  with pytest.raises(runs.RunError, match="not a run directory"):
+  with pytest.raises(rundir.RunError, match="not a run directory"):
     report.compare_runs([str(tmp_path / "empty")], str(tmp_path / "r"))
   (tmp_path / "broken").mkdir()
   (tmp_path / "broken" / "metrics.json").write_text("{oops")
-  with pytest.raises(runs.RunError, match="metrics.json: invalid JSON"):
+  with pytest.raises(rundir.RunError, match="metrics.json: invalid JSON"):
     report.compare_runs([str(tmp_path / "broken")], str(tmp_path / "r"))
-  with pytest.raises(runs.RunError, match="no runs"):
+  with pytest.raises(rundir.RunError, match="no runs"):
     report.compare_runs([], str(tmp_path / "r"))
 
 
@@ -201,7 +201,7 @@ def test_cross_validation_section_pools_out_of_fold_predictions(tmp_path):
   # A missing fold is said; a fold given twice is refused.
   out = report.compare_runs(runs_[:2], str(tmp_path / "rep2"))
   assert out["cross_validation"][0]["missing"] == [2]
-  with pytest.raises(runs.RunError, match="fold 1 of 3 is also"):
+  with pytest.raises(rundir.RunError, match="fold 1 of 3 is also"):
     report.compare_runs(runs_ + [_fold_run(
         tmp_path / "again", 1, 3, ids[:3], labels[:3], probs[:3], 0.5)],
                         str(tmp_path / "rep3"))

@@ -165,10 +165,10 @@ def model_paths(values) -> list[str]:
     Paths of the .keras files to load (several: an ensemble).
 
   Raises:
-    hcd.eval.runs.RunError: a run or model file that does not exist.
+    hcd.rundir.RunError: a run or model file that does not exist.
   """
   import glob  # pylint: disable=g-import-not-at-top
-  from hcd.eval import runs  # pylint: disable=g-import-not-at-top
+  from hcd import rundir  # pylint: disable=g-import-not-at-top
   run_dirs = [values.workdir] if values.workdir else []
   files = [values.model_path] if values.model_path else []
   for entry in values.ensemble:
@@ -176,8 +176,8 @@ def model_paths(values) -> list[str]:
     if glob.has_magic(entry):
       matches = sorted(glob.glob(entry))
       if not matches:
-        raise runs.RunError(f"--ensemble={entry}: the pattern matches no "
+        raise rundir.RunError(f"--ensemble={entry}: the pattern matches no "
                             f"run directory or .keras file")
     for e in matches:
       (files if e.endswith(".keras") else run_dirs).append(e)
-  return runs.resolve_model_paths(run_dirs, files, values.model)
+  return rundir.resolve_model_paths(run_dirs, files, values.model)

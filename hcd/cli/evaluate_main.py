@@ -12,12 +12,15 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from hcd import fileio
+from hcd.cli import errors
 from hcd.cli import eval_flags
 
 eval_flags.define_evaluate_flags()
 FLAGS = flags.FLAGS
 
 
+@errors.guard("hcd_evaluate")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -26,15 +29,18 @@ def main(argv):
   from hcd.data import sources  # pylint: disable=g-import-not-at-top
   from hcd.eval import evaluate  # pylint: disable=g-import-not-at-top
   from hcd.eval import inputs  # pylint: disable=g-import-not-at-top
-  from hcd.eval import runs  # pylint: disable=g-import-not-at-top
+  from hcd import rundir  # pylint: disable=g-import-not-at-top
   try:
     threshold = evaluate.parse_threshold(FLAGS.threshold)
     model_paths = eval_flags.model_paths(FLAGS)
     out_dir = FLAGS.out_dir or (
-        os.path.join(FLAGS.workdir, "eval") if FLAGS.workdir else
+        rundir.RunDir(FLAGS.workdir).eval if FLAGS.workdir else
         os.path.join(os.path.dirname(os.path.abspath(FLAGS.model_path)),
-                     "eval"))
-    config = runs.read_config(FLAGS.workdir) if FLAGS.workdir else {}
+                     rundir.EVAL_DIR))
+    # Before any data is read: an unwritable --out_dir fails now.
+    fileio.check_output_dir(out_dir)
+    fileio.remove_stale_tmp(out_dir)
+    config = rundir.read_config(FLAGS.workdir) if FLAGS.workdir else {}
     shards_dir = FLAGS.shards_dir
     if not shards_dir and not FLAGS.data_dir and config.get("shards_dir"):
       shards_dir = config["shards_dir"]
@@ -54,7 +60,7 @@ def main(argv):
                  source.description, FLAGS.tta)
     result = evaluate.evaluate(model_paths, source, out_dir, FLAGS.tta,
                                threshold, FLAGS.progress, FLAGS.jit_compile)
-  except (runs.RunError, inputs.InputError, manifest.ManifestError,
+  except (rundir.RunError, inputs.InputError, manifest.ManifestError,
           sources.DataError, ValueError, RuntimeError) as e:
     # (hcd.data.pipeline.PipelineError is a ValueError.)
     print(f"hcd_evaluate: error: {e}", file=sys.stderr)

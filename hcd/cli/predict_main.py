@@ -10,18 +10,22 @@
 """
 
 import json
+import os
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 
+from hcd import fileio
+from hcd.cli import errors
 from hcd.cli import eval_flags
 
 eval_flags.define_predict_flags()
 FLAGS = flags.FLAGS
 
 
+@errors.guard("hcd_predict", where=lambda: FLAGS.out)
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -31,7 +35,7 @@ def main(argv):
   from hcd.eval import export  # pylint: disable=g-import-not-at-top
   from hcd.eval import inputs  # pylint: disable=g-import-not-at-top
   from hcd.eval import predict  # pylint: disable=g-import-not-at-top
-  from hcd.eval import runs  # pylint: disable=g-import-not-at-top
+  from hcd import rundir  # pylint: disable=g-import-not-at-top
   from hcd.eval import submission  # pylint: disable=g-import-not-at-top
   try:
     model_paths = eval_flags.model_paths(FLAGS)
@@ -44,6 +48,10 @@ def main(argv):
       return 0
     if not FLAGS.out:
       raise app.UsageError("--out (the submission CSV) is required")
+    # Before any data is read: a directory or read-only place fails now.
+    fileio.check_output_file(FLAGS.out)
+    fileio.remove_stale_tmp(os.path.dirname(os.path.abspath(FLAGS.out)),
+                            prefix=os.path.basename(FLAGS.out))
     predict.tta_transforms(FLAGS.tta)  # Fail before reading any data.
     sample, defaulted = eval_flags.sample_submission_path(FLAGS)
     if defaulted:
@@ -53,7 +61,7 @@ def main(argv):
     sample_ids = submission.read_sample_ids(sample) if sample else None
     shards_dir = FLAGS.shards_dir
     if not shards_dir and not FLAGS.data_dir and FLAGS.workdir:
-      shards_dir = runs.read_config(FLAGS.workdir).get("shards_dir")
+      shards_dir = rundir.read_config(FLAGS.workdir).get("shards_dir")
       if shards_dir:
         logging.info("reading the run's shards %s", shards_dir)
     source = inputs.open_source(shards_dir, FLAGS.data_dir, FLAGS.split,
@@ -66,7 +74,7 @@ def main(argv):
     summary = predict.predict_submission(
         model_paths, source, FLAGS.out, FLAGS.tta, sample_ids,
         FLAGS.skipped_prob, FLAGS.progress, FLAGS.jit_compile)
-  except (runs.RunError, inputs.InputError, manifest.ManifestError,
+  except (rundir.RunError, inputs.InputError, manifest.ManifestError,
           sources.DataError, submission.SubmissionError, export.ExportError,
           ValueError, RuntimeError) as e:
     print(f"hcd_predict: error: {e}", file=sys.stderr)

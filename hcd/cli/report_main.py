@@ -11,12 +11,15 @@ import sys
 from absl import app
 from absl import flags
 
+from hcd import fileio
+from hcd.cli import errors
 from hcd.cli import eval_flags
 
 eval_flags.define_report_flags()
 FLAGS = flags.FLAGS
 
 
+@errors.guard("hcd_report")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -33,7 +36,10 @@ def main(argv):
   from hcd.data import sources  # pylint: disable=g-import-not-at-top
   from hcd.eval import eda  # pylint: disable=g-import-not-at-top
   from hcd.eval import report  # pylint: disable=g-import-not-at-top
-  from hcd.eval import runs  # pylint: disable=g-import-not-at-top
+  from hcd import rundir  # pylint: disable=g-import-not-at-top
+  # Before any run is read: an unwritable --out_dir fails now.
+  fileio.check_output_dir(FLAGS.out_dir)
+  fileio.remove_stale_tmp(FLAGS.out_dir)
   try:
     if FLAGS.workdirs:
       out = report.compare_runs(FLAGS.workdirs, FLAGS.out_dir,
@@ -51,7 +57,7 @@ def main(argv):
           "label_frequency", "samples", "flagged") and v]
       print(f"hcd_report: EDA figures {written}; label counts "
             f"{figs['label_counts']}; flagged images {figs['num_flagged']}")
-  except (runs.RunError, eda.EdaError, manifest.ManifestError,
+  except (rundir.RunError, eda.EdaError, manifest.ManifestError,
           sources.DataError, ValueError) as e:
     print(f"hcd_report: error: {e}", file=sys.stderr)
     return 1

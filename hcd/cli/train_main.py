@@ -12,34 +12,26 @@ import logging as std_logging
 import sys
 
 from absl import app
-from absl import logging
 
+from hcd.cli import errors
 from hcd.cli import flags as train_flags
 
 FLAGS = train_flags.FLAGS
 
 
+@errors.guard("hcd_train", exit_code=2)
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Imported after flag parsing so that --help does not load TensorFlow.
-  from hcd.data import manifest  # pylint: disable=g-import-not-at-top
-  from hcd.data import pipeline  # pylint: disable=g-import-not-at-top
-  from hcd.data import sources  # pylint: disable=g-import-not-at-top
   from hcd.train import loop  # pylint: disable=g-import-not-at-top
-  from hcd.train import config as config_lib  # pylint: disable=g-import-not-at-top
   # TensorFlow's INFO lines (per-collective and per-save notes) drown the
   # per-epoch log; its warnings and errors still show.
   std_logging.getLogger("tensorflow").setLevel(std_logging.WARNING)
-  try:
-    config = train_flags.config_from_flags(FLAGS)
-    loop.train_and_evaluate(config, strategy=None,
-                            flags_text=train_flags.resolved_flags_text(FLAGS))
-  except (config_lib.ConfigError, manifest.ManifestError,
-          pipeline.PipelineError, sources.DataError) as e:
-    logging.error("%s", e)
-    print(f"hcd_train: error: {e}", file=sys.stderr)
-    sys.exit(2)
+  # Failures become one error line (errors.guard), exit status 2.
+  config = train_flags.config_from_flags(FLAGS)
+  loop.train_and_evaluate(config, strategy=None,
+                          flags_text=train_flags.resolved_flags_text(FLAGS))
 
 
 def run():

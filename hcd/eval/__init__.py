@@ -1,14 +1,15 @@
 """After training: evaluation, prediction, submissions, reports, EDA, export.
 
-  runs.py        reading run directories; loading saved models (safe mode)
   inputs.py      tf.data input for prediction: shards, or image folders
                  decoded in tf.data to the shard writer's pixels
-  predict.py     batched prediction with dihedral TTA and run ensembles
+  predict.py     batched prediction with dihedral TTA and run ensembles;
+                 loading saved models (safe mode)
   submission.py  the Kaggle submission: id order, validation, atomic write
   evaluate.py    metrics.json + ROC / confusion-matrix PNGs for a model
   report.py      the run comparison table and validation-AUC overlay
   eda.py         label frequencies, sample grids, scanner-flagged images
   export.py      a self-contained .keras / SavedModel for deployment
 
+Run directories (names, readers, which model file) are hcd/rundir.py's.
 Library code only: no absl flags here (binaries live in hcd/cli).
 """

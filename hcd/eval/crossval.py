@@ -17,7 +17,6 @@ CSV); runs without folds are ignored.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
 from typing import Any, Sequence
@@ -25,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from hcd import metrics as hcd_metrics
-from hcd.eval import runs as runs_lib
+from hcd import rundir
 
 # The settings that define which images are in which fold.
 _FOLD_KEYS = ("shards_dir", "train_split", "split_seed", "num_folds",
@@ -58,38 +57,22 @@ class FoldGroup:
   fold_of: np.ndarray
 
 
-def _read_predictions(workdir: str) -> tuple[list[str], np.ndarray,
-                                             np.ndarray]:
-  path = os.path.join(workdir, "val_predictions.csv")
-  if not os.path.isfile(path):
-    return [], np.zeros(0, np.int64), np.zeros(0)
-  with open(path, newline="", encoding="utf-8") as f:
-    rows = list(csv.DictReader(f))
-  try:
-    return ([r["id"] for r in rows],
-            np.array([int(r["label"]) for r in rows], np.int64),
-            np.array([float(r["prob"]) for r in rows]))
-  except (KeyError, ValueError) as e:
-    raise runs_lib.RunError(f"{path}: not an id,label,prob CSV ({e})"
-                            ) from None
-
-
-def cross_validation(loaded: Sequence[runs_lib.Run],
+def cross_validation(loaded: Sequence[rundir.Run],
                      names: Sequence[str] | None = None) -> list[FoldGroup]:
   """Groups fold runs into K-fold experiments and scores them.
 
   Args:
-    loaded: runs read by hcd.eval.runs.read_run.
+    loaded: runs read by hcd.rundir.read_run.
     names: display names, one per run (default: directory names).
 
   Returns:
     One FoldGroup per K-fold experiment, in order of first appearance.
 
   Raises:
-    hcd.eval.runs.RunError: a fold given twice in one experiment, or an
+    hcd.rundir.RunError: a fold given twice in one experiment, or an
       unreadable val_predictions.csv (named).
   """
-  groups: dict[tuple, list[tuple[str, runs_lib.Run]]] = {}
+  groups: dict[tuple, list[tuple[str, rundir.Run]]] = {}
   for k, run in enumerate(loaded):
     cfg = run.config
     if int(cfg.get("num_folds") or 0) < 2:
@@ -106,11 +89,12 @@ def cross_validation(loaded: Sequence[runs_lib.Run],
     for name, run in members:
       fold = int(run.config.get("fold") or 0)
       if fold in folds:
-        raise runs_lib.RunError(
+        raise rundir.RunError(
             f"{run.workdir}: fold {fold} of {num_folds} is also run "
             f"{folds[fold][0]}; give each fold once")
-      folds[fold] = (name, runs_lib.finite(run.metrics.get("roc_auc")))
-      i, l, p = _read_predictions(run.workdir)
+      folds[fold] = (name, rundir.finite(run.metrics.get("roc_auc")))
+      i, l, p = rundir.read_predictions(
+          rundir.RunDir(run.workdir).val_predictions)
       ids += i
       labels.append(l)
       probs.append(p)
@@ -151,16 +135,14 @@ def markdown(groups: Sequence[FoldGroup]) -> str:
   return "\n".join(lines)
 
 
-def oof_csv(groups: Sequence[FoldGroup]) -> str:
-  """The pooled out-of-fold predictions: id,label,prob,fold,num_folds."""
-  import io  # pylint: disable=g-import-not-at-top
-  buf = io.StringIO()
-  w = csv.writer(buf, lineterminator="\n")
-  w.writerow(["id", "label", "prob", "fold", "num_folds"])
+def oof_rows(groups: Sequence[FoldGroup]) -> list[tuple]:
+  """The pooled out-of-fold predictions as CSV rows, header first:
+  id,label,prob,fold,num_folds."""
+  rows = [("id", "label", "prob", "fold", "num_folds")]
   for g in groups:
-    for i, l, p, f in zip(g.ids, g.labels, g.probs, g.fold_of):
-      w.writerow([i, int(l), repr(float(p)), int(f), g.num_folds])
-  return buf.getvalue()
+    rows += [(i, int(l), repr(float(p)), int(f), g.num_folds)
+             for i, l, p, f in zip(g.ids, g.labels, g.probs, g.fold_of)]
+  return rows
 
 
 def summary(groups: Sequence[FoldGroup]) -> list[dict[str, Any]]:

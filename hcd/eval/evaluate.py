@@ -2,7 +2,7 @@
 
   evaluate(["runs/a/best.keras"], source, "runs/a/eval/valid", tta=8)
 
-writes into `out_dir`:
+writes into `out_dir` (names: hcd.rundir.EvalDir):
   metrics.json          hcd.metrics.binary_metrics (accuracy at 0.5 and at
                         the chosen threshold, ROC-AUC, PR-AUC, log-loss,
                         confusion matrix counts and normalised) + what was
@@ -14,7 +14,6 @@ writes into `out_dir`:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -22,10 +21,9 @@ from typing import Sequence
 
 from hcd import metrics as metrics_lib
 from hcd import plots
+from hcd import rundir
 from hcd.eval import inputs
 from hcd.eval import predict as predict_lib
-from hcd.eval import runs
-from hcd import fileio
 
 log = logging.getLogger(__name__)
 
@@ -49,22 +47,13 @@ def parse_threshold(value) -> float | str:
   return t
 
 
-def write_predictions_csv(path: str, preds: predict_lib.Predictions) -> str:
-  """Writes id,label,prob atomically (ids quoted where needed); returns path.
-  """
-  fileio.atomic_write_csv(path, [("id", "label", "prob")] + [
-      (i, int(l), repr(float(p)))
-      for i, l, p in zip(preds.ids, preds.labels, preds.probs)])
-  return path
-
-
 def evaluate(model_paths: Sequence[str], source: inputs.Source, out_dir: str,
              tta: int = 1, threshold: float | str = 0.5,
              progress: bool = True, jit_compile: bool = False) -> dict:
   """Evaluates one model (or the average of several) on labelled data.
 
   Args:
-    model_paths: .keras files (see runs.resolve_model_paths); several are
+    model_paths: .keras files (see rundir.resolve_model_paths); several are
       ensembled by averaging.
     source: labelled input (hcd.eval.inputs.open_source).
     out_dir: where metrics.json and the plots go (created).
@@ -78,15 +67,19 @@ def evaluate(model_paths: Sequence[str], source: inputs.Source, out_dir: str,
     The metrics dict that was written to metrics.json.
 
   Raises:
-    runs.RunError: a model that does not load.
+    hcd.rundir.RunError: a model that does not load.
+    hcd.data.pipeline.ShardFileError: an unreadable shard (named).
     ValueError: unlabelled examples, bad tta or threshold.
+    OSError: an output that cannot be written (named).
   """
   threshold = parse_threshold(threshold)
   predict_lib.tta_transforms(tta)  # Fail before loading anything.
-  models = [runs.load_model(p) for p in model_paths]
+  models = [predict_lib.load_model(p) for p in model_paths]
   t0 = time.perf_counter()
-  preds = predict_lib.predict(models, source.dataset, tta, source.num_examples,
-                              progress, jit_compile, desc="evaluate")
+  with source.naming_bad_shard():
+    preds = predict_lib.predict(models, source.dataset, tta,
+                                source.num_examples, progress, jit_compile,
+                                desc="evaluate")
   seconds = time.perf_counter() - t0
   unlabelled = [i for i, l in zip(preds.ids, preds.labels) if l not in (0, 1)]
   if unlabelled:
@@ -109,18 +102,19 @@ def evaluate(model_paths: Sequence[str], source: inputs.Source, out_dir: str,
       "predict_seconds": seconds,
       "images_per_s": len(preds.ids) / seconds if seconds > 0 else None,
   })
+  out = rundir.EvalDir(out_dir)
   os.makedirs(out_dir, exist_ok=True)
   title = os.path.basename(os.path.dirname(os.path.abspath(model_paths[0])))
   if result["roc_auc"] is not None:
-    plots.plot_roc(preds.labels, preds.probs, os.path.join(out_dir, "roc.png"),
+    plots.plot_roc(preds.labels, preds.probs, out.roc_plot,
                    title=f"ROC {title} (TTA {tta})")
   else:
     log.warning("only one class in %s: no ROC curve", source.description)
   plots.plot_confusion(result["confusion_matrix_normalized"],
-                       os.path.join(out_dir, "confusion_matrix.png"),
+                       out.confusion_plot,
                        title=f"{title}, threshold {threshold:.3f}",
                        counts=result["confusion_matrix"])
-  write_predictions_csv(os.path.join(out_dir, "predictions.csv"), preds)
-  fileio.atomic_write_text(os.path.join(out_dir, "metrics.json"),
-                           json.dumps(result, indent=1) + "\n")
+  rundir.write_predictions(out.predictions, preds.ids, preds.labels,
+                           preds.probs)
+  rundir.write_json(out.metrics, result)
   return result

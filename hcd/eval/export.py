@@ -26,7 +26,7 @@ import numpy as np
 
 import hcd
 from hcd.data.features import IMAGE_SHAPE
-from hcd.eval import runs
+from hcd.eval import predict
 from hcd import fileio
 
 CHECK_BATCH = 4
@@ -56,12 +56,13 @@ def export_model(model_path: str, out_dir: str,
     The export.json dict (paths included).
 
   Raises:
-    runs.RunError: the source model is missing or not uint8 -> probability.
+    hcd.rundir.RunError: the source model is missing or not uint8 ->
+      probability.
     ExportError: a reloaded export disagrees with the source model.
   """
   import keras  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  model = runs.load_model(model_path)
+  model = predict.load_model(model_path)
   os.makedirs(out_dir, exist_ok=True)
   batch = check_batch()
   want = np.asarray(model(batch, training=False), np.float32)

@@ -24,6 +24,7 @@ reads), and runs imagecodecs through `tf.numpy_function` for the rest.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import os
 from typing import Sequence
@@ -71,11 +72,34 @@ class Source:
     num_examples: images the dataset yields.
     description: one line for logs and metrics.json.
     skipped: images left out as unreadable (sources.Problem), when allowed.
+    files: the shard files the dataset reads (empty for an image folder).
   """
   dataset: object
   num_examples: int
   description: str
   skipped: list = dataclasses.field(default_factory=list)
+  files: list = dataclasses.field(default_factory=list)
+
+  @contextlib.contextmanager
+  def naming_bad_shard(self):
+    """Names the shard at fault when iterating the dataset fails.
+
+    A corrupt record stops tf.data with an error that names no file (and
+    hcd.eval.predict reports it as a RuntimeError); the shards are then
+    reread one by one to find it.
+
+    Raises:
+      hcd.data.pipeline.ShardFileError: naming the unreadable shard;
+        otherwise the original error.
+    """
+    if not self.files:
+      yield
+      return
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    from hcd.data import pipeline  # pylint: disable=g-import-not-at-top
+    with pipeline.naming_bad_shard(self.files,
+                                   (RuntimeError, tf.errors.OpError)):
+      yield
 
 
 def _fmt_problems(problems: Sequence[sources.Problem], limit: int = 20) -> str:
@@ -98,25 +122,23 @@ def shards_source(shards_dir: str, split: str, batch_size: int) -> Source:
 
   Raises:
     manifest_lib.ManifestError: no or invalid manifest.
-    InputError: a shard listed in the manifest is missing.
+    hcd.data.pipeline.ShardFileError: a shard listed in the manifest is
+      missing or has the wrong size.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from hcd.data import pipeline  # pylint: disable=g-import-not-at-top
   manifest = manifest_lib.load_manifest(shards_dir, split)
   paths = manifest_lib.shard_paths(shards_dir, manifest)
-  missing = [p for p in paths if not os.path.isfile(p)]
-  if missing:
-    raise InputError(f"{manifest_lib.manifest_path(shards_dir, split)}: "
-                     f"{len(missing)} shard(s) missing: {missing[:5]}")
+  pipeline.check_shard_files(paths, manifest,
+                             manifest_lib.manifest_path(shards_dir, split))
   # Blocks are big (256 images), so two readers keep up with any model; a
   # deterministic interleave keeps the output order reproducible.
-  ds = tf.data.TFRecordDataset(paths, buffer_size=8 << 20,
-                               num_parallel_reads=min(len(paths), 2) or None)
+  ds = pipeline.read_blocks(paths, cycle_length=2)
   ds = ds.map(features.parse_block, num_parallel_calls=_parallelism())
   ds = ds.unbatch().batch(batch_size).prefetch(PREFETCH)
   ds = ds.with_options(_fixed_options())
   return Source(ds, int(manifest["num_examples"]),
                 f"shards {shards_dir} split {split} "
-                f"({manifest['num_examples']} images)")
+                f"({manifest['num_examples']} images)", files=paths)
 
 
 def folder_records(data_dir: str, split: str,
@@ -347,8 +369,7 @@ def plan_source(plan, batch_size: int) -> Source:
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from hcd.data import pipeline  # pylint: disable=g-import-not-at-top
-  records = pipeline.read_blocks(plan.files, shuffle=False, seed=0,
-                                 repeat=False)
+  records = pipeline.read_blocks(plan.files)
   blocks = pipeline.select_blocks(records, plan, with_ids=True)
   blocks = blocks.map(lambda b: {"image": b["image"], "id": b["id"],
                                  "label": tf.cast(b["label"], tf.int64)})
@@ -356,7 +377,7 @@ def plan_source(plan, batch_size: int) -> Source:
       _fixed_options())
   return Source(ds, plan.num_examples,
                 f"shards {plan.shards_dir} split {plan.split} ({plan.role} "
-                f"subset, {plan.num_examples} images)")
+                f"subset, {plan.num_examples} images)", files=list(plan.files))
 
 
 def run_validation_source(config: dict, shards_dir: str,

@@ -8,6 +8,10 @@ all of D4. Averaging over a subgroup makes the prediction exactly invariant
 under that subgroup, so the result does not depend on the orientation the
 scanner happened to give a patch.
 
+Models are loaded with `keras.saving.load_model(safe_mode=True)`: hcd models
+contain only standard Keras layers, so nothing arbitrary is deserialised
+(`load_model`; which file of a run to load is hcd.rundir's business).
+
 An ensemble averages the (TTA-averaged) probabilities of several models.
 All transforms and models run in one `tf.function` per batch, so the only
 Python work per batch is bookkeeping.
@@ -22,8 +26,8 @@ from typing import Sequence
 
 import numpy as np
 
+from hcd import rundir
 from hcd.data.features import IMAGE_SHAPE
-from hcd.eval import runs
 from hcd.eval import submission
 from hcd import fileio
 
@@ -54,6 +58,55 @@ def tta_transforms(tta: int) -> list[int]:
     raise ValueError(f"--tta must be one of {TTA_CHOICES} (subgroups of the "
                      f"8 dihedral transforms), got {tta!r}")
   return list(range(tta))
+
+
+def check_model(model, name: str = "model") -> None:
+  """Checks a model maps uint8 [B, 96, 96, 3] to probabilities [B, 1].
+
+  Raises:
+    hcd.rundir.RunError: naming the model and the mismatching input or
+      output.
+  """
+  inputs = getattr(model, "inputs", None) or []
+  if len(inputs) != 1:
+    raise rundir.RunError(f"{name}: expected one input, found {len(inputs)}")
+  shape = tuple(inputs[0].shape[1:])
+  dtype = str(getattr(inputs[0], "dtype", ""))
+  if shape != IMAGE_SHAPE or "uint8" not in dtype:
+    raise rundir.RunError(
+        f"{name}: input is {dtype} {shape}; hcd models take uint8 "
+        f"{IMAGE_SHAPE} (raw pixels, rescaled inside the model)")
+  out = tuple(model.outputs[0].shape[1:]) if getattr(model, "outputs",
+                                                       None) else None
+  if out != (1,):
+    raise rundir.RunError(f"{name}: output shape {out}; expected (1,), the "
+                          f"probability of tumour")
+
+
+def load_model(path: str):
+  """Loads a .keras model in safe mode and checks its signature.
+
+  Args:
+    path: a .keras file (e.g. from hcd.rundir.resolve_model_paths).
+
+  Returns:
+    The keras.Model (not compiled).
+
+  Raises:
+    hcd.rundir.RunError: missing file, a file Keras cannot load (or that
+      needs unsafe deserialisation), or a model that is not uint8 ->
+      probability.
+  """
+  import keras  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(path):
+    raise rundir.RunError(f"{path}: model file does not exist")
+  try:
+    model = keras.saving.load_model(path, compile=False, safe_mode=True)
+  except Exception as e:  # Keras raises many types for a bad archive.
+    raise rundir.RunError(f"{path}: cannot load model in Keras safe mode: "
+                          f"{type(e).__name__}: {e}") from None
+  check_model(model, path)
+  return model
 
 
 def make_predict_fn(models: Sequence, tta: int = 1, jit_compile: bool = False):
@@ -193,13 +246,15 @@ def predict_submission(model_paths: Sequence[str], source, out: str,
   Raises:
     hcd.eval.submission.SubmissionError: missing/extra/duplicate ids (all
       listed) or invalid probabilities; nothing is written.
-    hcd.eval.runs.RunError: a model that does not load.
+    hcd.rundir.RunError: a model that does not load.
+    hcd.data.pipeline.ShardFileError: an unreadable shard (named).
   """
   tta_transforms(tta)
-  models = [runs.load_model(p) for p in model_paths]
+  models = [load_model(p) for p in model_paths]
   t0 = time.perf_counter()
-  preds = predict(models, source.dataset, tta, source.num_examples, progress,
-                  jit_compile)
+  with source.naming_bad_shard():
+    preds = predict(models, source.dataset, tta, source.num_examples,
+                    progress, jit_compile)
   seconds = time.perf_counter() - t0
   ids, probs = list(preds.ids), preds.probs
   filled = []

@@ -2,7 +2,7 @@
 
   compare_runs(["runs/model1", "runs/resnet"], "reports/")
 
-reads each run's config.json, history and metrics.json (hcd.eval.runs) and
+reads each run's config.json, history and metrics.json (hcd.rundir) and
 writes
   runs.md       markdown table + a one-line conclusion (best run by val AUC);
                 with K-fold runs (hcd_train --num_folds), a cross-validation
@@ -27,8 +27,8 @@ import statistics
 from typing import Any, Sequence
 
 from hcd import plots
+from hcd import rundir
 from hcd.eval import crossval
-from hcd.eval import runs
 from hcd import fileio
 
 # (key, markdown header, format) in table order.
@@ -56,16 +56,16 @@ def _first(*values):
 
 
 def _median(rows, key):
-  vals = [runs.finite(r.get(key)) for r in rows]
+  vals = [rundir.finite(r.get(key)) for r in rows]
   vals = [v for v in vals if v is not None]
   return statistics.median(vals) if vals else None
 
 
-def summarize_run(run: runs.Run, name: str | None = None) -> dict[str, Any]:
+def summarize_run(run: rundir.Run, name: str | None = None) -> dict[str, Any]:
   """Returns one table row for a run (None where the run lacks a number).
 
   Args:
-    run: a run read by hcd.eval.runs.read_run.
+    run: a run read by hcd.rundir.read_run.
     name: the row label (default: the directory name).
 
   Returns:
@@ -74,29 +74,29 @@ def summarize_run(run: runs.Run, name: str | None = None) -> dict[str, Any]:
   cfg, met, hist = run.config, run.metrics, run.history
   best_epoch = _first(met.get("best_epoch"))
   if best_epoch is None and hist:
-    scored = [r for r in hist if runs.finite(r.get("val_auc")) is not None]
+    scored = [r for r in hist if rundir.finite(r.get("val_auc")) is not None]
     if scored:
       best_epoch = max(scored, key=lambda r: float(r["val_auc"]))["epoch"]
   last = hist[-1] if hist else {}
-  step_s = _first(runs.finite(met.get("time_per_step_s")),
+  step_s = _first(rundir.finite(met.get("time_per_step_s")),
                   _median(hist, "step_time_s"))
   params = _first(met.get("num_params"), cfg.get("num_params"))
   return {
       "run": name or os.path.basename(os.path.normpath(run.workdir)),
       "model": cfg.get("model"),
       "parameters": int(params) if params is not None else None,
-      "learning_rate": runs.finite(cfg.get("learning_rate")),
+      "learning_rate": rundir.finite(cfg.get("learning_rate")),
       "epochs": len(hist) if hist else cfg.get("epochs"),
-      "time_per_epoch_s": _first(runs.finite(met.get("time_per_epoch_s")),
+      "time_per_epoch_s": _first(rundir.finite(met.get("time_per_epoch_s")),
                                  _median(hist, "epoch_time_s")),
       "time_per_step_ms": step_s * 1000 if step_s is not None else None,
-      "images_per_s": _first(runs.finite(met.get("images_per_s")),
+      "images_per_s": _first(rundir.finite(met.get("images_per_s")),
                              _median(hist, "images_per_s")),
-      "train_accuracy": runs.finite(last.get("accuracy")),
-      "val_accuracy": _first(runs.finite(met.get("accuracy")),
-                             runs.finite(last.get("val_accuracy"))),
-      "val_auc": _first(runs.finite(met.get("roc_auc")),
-                        runs.finite(last.get("val_auc"))),
+      "train_accuracy": rundir.finite(last.get("accuracy")),
+      "val_accuracy": _first(rundir.finite(met.get("accuracy")),
+                             rundir.finite(last.get("val_accuracy"))),
+      "val_auc": _first(rundir.finite(met.get("roc_auc")),
+                        rundir.finite(last.get("val_auc"))),
       "best_epoch": int(best_epoch) if best_epoch is not None else None,
   }
 
@@ -159,14 +159,14 @@ def compare_runs(workdirs: Sequence[str], out_dir: str,
      "oof_csv": path or None}.
 
   Raises:
-    runs.RunError: no runs, a missing or unreadable run directory.
+    rundir.RunError: no runs, a missing or unreadable run directory.
     ValueError: names of the wrong length or repeated.
   """
   if not workdirs:
-    raise runs.RunError("no runs to compare (pass --workdirs=RUN1,RUN2)")
+    raise rundir.RunError("no runs to compare (pass --workdirs=RUN1,RUN2)")
   if names is not None and len(names) != len(workdirs):
     raise ValueError(f"{len(names)} names for {len(workdirs)} runs")
-  loaded = [runs.read_run(w) for w in workdirs]
+  loaded = [rundir.read_run(w) for w in workdirs]
   rows = [summarize_run(r, names[i] if names else None)
           for i, r in enumerate(loaded)]
   labels = [r["run"] for r in rows]
@@ -182,9 +182,9 @@ def compare_runs(workdirs: Sequence[str], out_dir: str,
   fileio.atomic_write_text(out["csv"], csv_table(rows))
   if folds:
     out["oof_csv"] = os.path.join(out_dir, "oof_predictions.csv")
-    fileio.atomic_write_text(out["oof_csv"], crossval.oof_csv(folds))
+    fileio.atomic_write_csv(out["oof_csv"], crossval.oof_rows(folds))
   curves = {lab: r.history for lab, r in zip(labels, loaded)
-            if any(runs.finite(h.get("val_auc")) is not None
+            if any(rundir.finite(h.get("val_auc")) is not None
                    for h in r.history)}
   if curves:
     out["val_auc_png"] = plots.plot_runs_auc(

@@ -124,6 +124,28 @@ def _builder_parameters(spec: ModelSpec) -> list[str]:
           p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
 
 
+def check_overrides(name: str, overrides) -> None:
+  """Checks that a model's builder accepts every override key.
+
+  Imports the model's module (not TensorFlow's data machinery), so a binary
+  can refuse a misspelt --model_override before it reads any data.
+
+  Args:
+    name: a name from `model_names()`.
+    overrides: the builder keyword arguments (only the keys matter).
+
+  Raises:
+    ValueError: unknown model name (lists the known ones) or an override the
+      model does not accept (lists the accepted ones).
+  """
+  spec = get_spec(name)
+  accepted = _builder_parameters(spec)
+  unknown = sorted(set(overrides) - set(accepted))
+  if unknown:
+    raise ValueError(f"model {name!r} does not accept {', '.join(unknown)}; "
+                     f"accepted overrides: {', '.join(accepted) or 'none'}")
+
+
 def build_model(name: str, **overrides):
   """Builds a model from the table.
 
@@ -139,13 +161,8 @@ def build_model(name: str, **overrides):
     ValueError: unknown model name (lists the known ones) or an override the
       model does not accept (lists the accepted ones).
   """
-  spec = get_spec(name)
-  accepted = _builder_parameters(spec)
-  unknown = sorted(set(overrides) - set(accepted))
-  if unknown:
-    raise ValueError(f"model {name!r} does not accept {', '.join(unknown)}; "
-                     f"accepted overrides: {', '.join(accepted) or 'none'}")
-  return spec.builder(**overrides)
+  check_overrides(name, overrides)
+  return get_spec(name).builder(**overrides)
 
 
 def standard_model(model):

@@ -25,7 +25,10 @@ epoch and step counters, best AUC).
 Resume: the latest checkpoint is written at the end of every epoch (and
 every `checkpoint_every_steps`); a restarted run restores it and continues
 at the interrupted epoch (from its start, or from the last mid-epoch
-checkpoint), so it ends with exactly `epochs` epochs.
+checkpoint), so it ends with exactly `epochs` epochs. The two newest
+checkpoints are kept: when the newest does not restore (a file cut short),
+the run resumes from the one before and says so. A rerun first deletes what
+a killed run left half-written (hcd.rundir.RunDir.remove_stale_temp).
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from hcd import fileio
+from hcd import rundir
 from hcd.data import features
 from hcd.data import pipeline
 from hcd.train import artifacts
@@ -430,6 +435,10 @@ def train_and_evaluate(config: TrainConfig, strategy=None,
                        flags_text: str | None = None) -> dict[str, Any]:
   """Trains a model from shards, validates every epoch, writes the run dir.
 
+  Nothing is written before the config, the model overrides, the shards and
+  the run directory have been checked, so a run that fails them leaves no
+  empty run directory behind.
+
   Args:
     config: the run.
     strategy: a tf.distribute strategy to use (tests inject one); None
@@ -441,16 +450,35 @@ def train_and_evaluate(config: TrainConfig, strategy=None,
     run's timings elsewhere).
 
   Raises:
-    ConfigError: bad config (unknown model: lists the known ones), or a
-      checkpoint in `workdir` that this config cannot resume.
+    ConfigError: bad config (unknown model: lists the known ones; unknown
+      model override: lists the accepted ones), or checkpoints in `workdir`
+      of which none restores (names the directory and the remedy).
     hcd.data.manifest.ManifestError: missing shard manifest (names the path).
+    hcd.data.pipeline.ShardFileError: a missing, truncated or corrupt shard
+      (names it and the remedy).
     hcd.data.pipeline.PipelineError: bad group CSV, unlabelled shards.
+    OSError: the run directory cannot be written (names the path: read-only,
+      no space left, ...).
   """
+  try:
+    return _train_and_evaluate(config, strategy, flags_text)
+  except tf.errors.DataLossError:
+    # A record failed its CRC while training, and TensorFlow's error names no
+    # file; planning rereads every shard and names the one at fault.
+    pipeline.run_plan(config)
+    raise
+
+
+def _train_and_evaluate(config: TrainConfig, strategy,
+                        flags_text: str | None) -> dict[str, Any]:
+  """`train_and_evaluate` without the naming of a corrupt shard."""
   from hcd import models  # pylint: disable=g-import-not-at-top
   config.validate()
   try:
     models.get_spec(config.model)
-  except ValueError as e:  # Unknown name: the message lists the known ones.
+    # Before any data is read: a misspelt --model_override fails now.
+    models.check_overrides(config.model, config.model_overrides)
+  except ValueError as e:  # The message lists the known names or overrides.
     raise ConfigError(str(e)) from None
   if strategy is None:
     runtime.configure_devices(config.cpu_logical_devices)
@@ -458,10 +486,11 @@ def train_and_evaluate(config: TrainConfig, strategy=None,
   jit = runtime.resolve_jit_compile(config.jit_compile)
   runtime.set_mixed_precision(config.mixed_precision)
   chief = runtime.is_chief(strategy)
-  run = artifacts.RunDir(config.workdir)
+  run = rundir.RunDir(config.workdir)
   write_dir = runtime.worker_write_dir(config.workdir, strategy)
   if chief:
-    run.makedirs()
+    # Also before any data is read: a read-only --workdir fails in a second.
+    fileio.check_output_dir(config.workdir)
 
   plan = pipeline.run_plan(config)
   _check_batch(config, strategy, plan)
@@ -485,9 +514,7 @@ def train_and_evaluate(config: TrainConfig, strategy=None,
                "val": plan.val.summary() if plan.val else None},
   }
   if chief:
-    if flags_text is not None:
-      artifacts.atomic_write_text(run.flags, flags_text)
-    artifacts.write_json(run.config, {**config.to_dict(), **derived})
+    _start_run_dir(run, flags_text, {**config.to_dict(), **derived})
   logging.info("model %s: %d parameters; %d steps/epoch of %d images; "
                "%d validation steps; jit_compile=%s; %s",
                config.model, num_params, steps_per_epoch, config.batch_size,
@@ -508,19 +535,13 @@ def train_and_evaluate(config: TrainConfig, strategy=None,
   latest_saver = _Saver(ckpt, run.checkpoints, temp_dir, max_to_keep=2)
   best_saver = _Saver(best_ckpt, run.best_checkpoints, temp_dir, max_to_keep=1)
   # Every worker restores the chief's checkpoint (a shared filesystem).
-  latest = tf.train.latest_checkpoint(run.checkpoints)
+  latest = _restore_latest(ckpt, run.checkpoints)
   if latest:
-    try:
-      ckpt.restore(latest).assert_existing_objects_matched()
-    except (AssertionError, ValueError, tf.errors.OpError) as e:
-      raise ConfigError(
-          f"{latest}: cannot resume from this checkpoint ({e}); was it "
-          f"written by another model or config? Use a new --workdir") from None
     logging.info("resumed from %s: %d epoch(s) and %d step(s) done", latest,
                  int(trainer.epoch.numpy()), int(trainer.step.numpy()))
   start_epoch = int(trainer.epoch.numpy())
   start_step = int(trainer.step.numpy())
-  history = [r for r in artifacts.read_history(run)
+  history = [r for r in rundir.read_history(run.workdir)
              if int(r["epoch"]) <= start_epoch] if latest else []
 
   global_batch = config.batch_size
@@ -595,7 +616,7 @@ def train_and_evaluate(config: TrainConfig, strategy=None,
       step_times.append(row["step_time_s"])
     history.append(row)
     if chief:
-      artifacts.write_history(run, history)
+      rundir.write_history(run, history)
       _summaries(tb_writer, row, epoch + 1)
     logging.info(
         "epoch %d/%d: loss %.4f acc %.4f auc %.4f | val_loss %s val_acc %s "
@@ -617,6 +638,80 @@ def train_and_evaluate(config: TrainConfig, strategy=None,
 
   return _finish(config, trainer, plan, run, chief, history, epoch_times,
                  step_times, num_params, write_dir)
+
+
+def _start_run_dir(run: rundir.RunDir, flags_text: str | None,
+                   config: dict) -> None:
+  """Creates the run directory, cleans it, writes flags.txt and config.json.
+
+  Called once the run has passed every check, so a run that fails them
+  leaves nothing behind; if these first writes fail (no space left), the
+  directories this call created are removed again.
+  """
+  created = run.create()
+  try:
+    removed = run.remove_stale_temp()
+    if removed:
+      logging.info("removed %d temporary file(s) a killed run left in %s: %s",
+                   len(removed), run.workdir, ", ".join(
+                       os.path.relpath(p, run.workdir) for p in removed))
+    if flags_text is not None:
+      fileio.atomic_write_text(run.flags, flags_text)
+    rundir.write_json(run.config, config)
+  except BaseException:
+    run.remove_created(created)
+    raise
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(getattr(e, "message", None) or e).strip()
+  return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _restore_latest(checkpoint, directory: str) -> str | None:
+  """Restores the newest checkpoint of `directory` that restores cleanly.
+
+  The CheckpointManager keeps the two newest checkpoints. When the newest
+  cannot be read back (e.g. its .data file was cut short by a full disk or a
+  crash of the machine), the run falls back to the one before and logs one
+  line saying which and why, instead of losing the run.
+
+  Args:
+    checkpoint: the tf.train.Checkpoint to restore into.
+    directory: the checkpoints directory.
+
+  Returns:
+    The restored checkpoint's path, or None when there is no checkpoint.
+
+  Raises:
+    ConfigError: checkpoints exist but none restores; names the directory
+      and the remedy.
+  """
+  state = tf.train.get_checkpoint_state(directory)
+  if state is None or not state.model_checkpoint_path:
+    return None
+  paths = list(state.all_model_checkpoint_paths)
+  if state.model_checkpoint_path not in paths:
+    paths.append(state.model_checkpoint_path)
+  failed = []
+  for path in reversed(paths):  # Newest first.
+    try:
+      checkpoint.restore(path).assert_existing_objects_matched()
+    # A damaged file raises IndexError, DataLossError, NotFoundError, ...;
+    # another model's checkpoint raises ValueError or AssertionError. Either
+    # way the older checkpoint is the one to try.
+    except Exception as e:  # pylint: disable=broad-except
+      failed.append((path, _first_line(e)))
+      continue
+    if failed:
+      logging.warning("checkpoint %s does not restore (%s); fell back to the "
+                      "previous checkpoint, %s", *failed[0], path)
+    return path
+  reasons = "; ".join(f"{os.path.basename(p)}: {why}" for p, why in failed)
+  raise ConfigError(
+      f"{directory}: no checkpoint restores ({reasons}); were they "
+      f"written by another model or config, or damaged? Use a new --workdir, "
+      f"or delete {directory} to train this run from the start")
 
 
 class _Saver:
@@ -672,12 +767,12 @@ def _finish(config, trainer, plan, run, chief, history, epoch_times,
   if plan.val is not None:
     ds = pipeline.eval_dataset(plan.val, config.batch_size, with_ids=True)
     ids, y_true, y_prob = trainer.predict(ds)
-    artifacts.write_predictions(run.val_predictions, ids, y_true, y_prob)
+    rundir.write_predictions(run.val_predictions, ids, y_true, y_prob)
   if not epoch_times:  # Nothing trained in this process: use the history.
     epoch_times = [r["epoch_time_s"] for r in history if r.get("epoch_time_s")]
     step_times = [r["step_time_s"] for r in history if r.get("step_time_s")]
   extra = {
-      "model": config.model, "model_file": "model.keras",
+      "model": config.model, "model_file": rundir.MODEL_FILE,
       "best_epoch": best_epoch,
       "best_val_auc": (float(trainer.best_auc.numpy())
                        if plan.val is not None and best_epoch else None),

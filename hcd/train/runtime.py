@@ -21,6 +21,7 @@ import shutil
 from absl import logging
 import tensorflow as tf
 
+from hcd import rundir
 from hcd.train.config import JIT_MODES
 from hcd.train.config import PRECISIONS
 from hcd.train.config import STRATEGIES
@@ -218,12 +219,13 @@ def worker_write_dir(workdir: str, strategy: tf.distribute.Strategy) -> str:
 
   Every worker of a multi-worker run must take part in saving (the variables
   are read collectively), but only the chief's copy is kept: the others
-  write to `<workdir>/workertemp_<id>` and delete it (Keras/TF convention).
+  write to `<workdir>/workertemp_<type>_<id>` (hcd.rundir.RunDir.worker_temp)
+  and delete it (Keras/TF convention).
   """
   if is_chief(strategy):
     return workdir
   task_type, task_id = task_info(strategy)
-  return os.path.join(workdir, f"workertemp_{task_type}_{task_id}")
+  return rundir.RunDir(workdir).worker_temp(task_type, task_id)
 
 
 def remove_worker_dir(path: str, workdir: str) -> None:
