@@ -6,7 +6,6 @@
 
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
@@ -25,46 +24,39 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Imported after flag parsing so --help stays fast.
-  from hcd.data import manifest  # pylint: disable=g-import-not-at-top
-  from hcd.data import sources  # pylint: disable=g-import-not-at-top
   from hcd.eval import evaluate  # pylint: disable=g-import-not-at-top
   from hcd.eval import inputs  # pylint: disable=g-import-not-at-top
   from hcd import rundir  # pylint: disable=g-import-not-at-top
-  try:
-    threshold = evaluate.parse_threshold(FLAGS.threshold)
-    model_paths = eval_flags.model_paths(FLAGS)
-    out_dir = FLAGS.out_dir or (
-        rundir.RunDir(FLAGS.workdir).eval if FLAGS.workdir else
-        os.path.join(os.path.dirname(os.path.abspath(FLAGS.model_path)),
-                     rundir.EVAL_DIR))
-    # Before any data is read: an unwritable --out_dir fails now.
-    fileio.check_output_dir(out_dir)
-    fileio.remove_stale_tmp(out_dir)
-    config = rundir.read_config(FLAGS.workdir) if FLAGS.workdir else {}
-    shards_dir = FLAGS.shards_dir
-    if not shards_dir and not FLAGS.data_dir and config.get("shards_dir"):
-      shards_dir = config["shards_dir"]
-      logging.info("reading the run's shards %s", shards_dir)
-    source = None
-    if shards_dir and FLAGS.split is None and config:
-      source = inputs.run_validation_source(config, shards_dir,
-                                            FLAGS.batch_size)
-    if source is None:
-      source = inputs.open_source(shards_dir, FLAGS.data_dir,
-                                  FLAGS.split or "valid", FLAGS.batch_size,
-                                  FLAGS.labels_csv, FLAGS.skip_unreadable,
-                                  FLAGS.progress)
-    for p in source.skipped:
-      logging.warning("skipped unreadable image %s: %s", p.path, p.reason)
-    logging.info("evaluating %s on %s (TTA %d)", model_paths,
-                 source.description, FLAGS.tta)
-    result = evaluate.evaluate(model_paths, source, out_dir, FLAGS.tta,
-                               threshold, FLAGS.progress, FLAGS.jit_compile)
-  except (rundir.RunError, inputs.InputError, manifest.ManifestError,
-          sources.DataError, ValueError, RuntimeError) as e:
-    # (hcd.data.pipeline.PipelineError is a ValueError.)
-    print(f"hcd_evaluate: error: {e}", file=sys.stderr)
-    return 1
+  # Any failure is one error line (errors.guard), exit status 1.
+  threshold = evaluate.parse_threshold(FLAGS.threshold)
+  model_paths = eval_flags.model_paths(FLAGS)
+  out_dir = FLAGS.out_dir or (
+      rundir.RunDir(FLAGS.workdir).eval if FLAGS.workdir else
+      os.path.join(os.path.dirname(os.path.abspath(FLAGS.model_path)),
+                   rundir.EVAL_DIR))
+  # Before any data is read: an unwritable --out_dir fails now.
+  fileio.check_output_dir(out_dir)
+  fileio.remove_stale_tmp(out_dir)
+  config = rundir.read_config(FLAGS.workdir) if FLAGS.workdir else {}
+  shards_dir = FLAGS.shards_dir
+  if not shards_dir and not FLAGS.data_dir and config.get("shards_dir"):
+    shards_dir = config["shards_dir"]
+    logging.info("reading the run's shards %s", shards_dir)
+  source = None
+  if shards_dir and FLAGS.split is None and config:
+    source = inputs.run_validation_source(config, shards_dir,
+                                          FLAGS.batch_size)
+  if source is None:
+    source = inputs.open_source(shards_dir, FLAGS.data_dir,
+                                FLAGS.split or "valid", FLAGS.batch_size,
+                                FLAGS.labels_csv, FLAGS.skip_unreadable,
+                                FLAGS.progress)
+  for p in source.skipped:
+    logging.warning("skipped unreadable image %s: %s", p.path, p.reason)
+  logging.info("evaluating %s on %s (TTA %d)", model_paths,
+               source.description, FLAGS.tta)
+  result = evaluate.evaluate(model_paths, source, out_dir, FLAGS.tta,
+                             threshold, FLAGS.progress, FLAGS.jit_compile)
   auc = result["roc_auc"]
   print(json.dumps({k: result[k] for k in (
       "roc_auc", "pr_auc", "accuracy", "accuracy_at_threshold", "threshold",

@@ -11,7 +11,6 @@
 
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
@@ -30,55 +29,48 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Imported after flag parsing so --help stays fast.
-  from hcd.data import manifest  # pylint: disable=g-import-not-at-top
-  from hcd.data import sources  # pylint: disable=g-import-not-at-top
   from hcd.eval import export  # pylint: disable=g-import-not-at-top
   from hcd.eval import inputs  # pylint: disable=g-import-not-at-top
   from hcd.eval import predict  # pylint: disable=g-import-not-at-top
   from hcd import rundir  # pylint: disable=g-import-not-at-top
   from hcd.eval import submission  # pylint: disable=g-import-not-at-top
-  try:
-    model_paths = eval_flags.model_paths(FLAGS)
-    if FLAGS.export_dir:
-      if len(model_paths) != 1:
-        raise ValueError("--export_dir exports one model; drop --ensemble")
-      info = export.export_model(model_paths[0], FLAGS.export_dir)
-      print(f"hcd_predict: exported {model_paths[0]} to {info['keras']} and "
-            f"{info.get('saved_model')}")
-      return 0
-    if not FLAGS.out:
-      raise app.UsageError("--out (the submission CSV) is required")
-    # Before any data is read: a directory or read-only place fails now.
-    fileio.check_output_file(FLAGS.out)
-    fileio.remove_stale_tmp(os.path.dirname(os.path.abspath(FLAGS.out)),
-                            prefix=os.path.basename(FLAGS.out))
-    predict.tta_transforms(FLAGS.tta)  # Fail before reading any data.
-    sample, defaulted = eval_flags.sample_submission_path(FLAGS)
-    if defaulted:
-      logging.info("using %s for the submission's ids and order (the data "
-                   "directory's own; --sample_submission chooses another)",
-                   sample)
-    sample_ids = submission.read_sample_ids(sample) if sample else None
-    shards_dir = FLAGS.shards_dir
-    if not shards_dir and not FLAGS.data_dir and FLAGS.workdir:
-      shards_dir = rundir.read_config(FLAGS.workdir).get("shards_dir")
-      if shards_dir:
-        logging.info("reading the run's shards %s", shards_dir)
-    source = inputs.open_source(shards_dir, FLAGS.data_dir, FLAGS.split,
-                                FLAGS.batch_size, FLAGS.labels_csv,
-                                FLAGS.skip_unreadable, FLAGS.progress)
-    for p in source.skipped:
-      logging.warning("skipped unreadable image %s: %s", p.path, p.reason)
-    logging.info("predicting %s with %s, TTA %d", source.description,
-                 model_paths, FLAGS.tta)
-    summary = predict.predict_submission(
-        model_paths, source, FLAGS.out, FLAGS.tta, sample_ids,
-        FLAGS.skipped_prob, FLAGS.progress, FLAGS.jit_compile)
-  except (rundir.RunError, inputs.InputError, manifest.ManifestError,
-          sources.DataError, submission.SubmissionError, export.ExportError,
-          ValueError, RuntimeError) as e:
-    print(f"hcd_predict: error: {e}", file=sys.stderr)
-    return 1
+  # Any failure is one error line (errors.guard), exit status 1.
+  model_paths = eval_flags.model_paths(FLAGS)
+  if FLAGS.export_dir:
+    if len(model_paths) != 1:
+      raise ValueError("--export_dir exports one model; drop --ensemble")
+    info = export.export_model(model_paths[0], FLAGS.export_dir)
+    print(f"hcd_predict: exported {model_paths[0]} to {info['keras']} and "
+          f"{info.get('saved_model')}")
+    return 0
+  if not FLAGS.out:
+    raise app.UsageError("--out (the submission CSV) is required")
+  # Before any data is read: a directory or read-only place fails now.
+  fileio.check_output_file(FLAGS.out)
+  fileio.remove_stale_tmp(os.path.dirname(os.path.abspath(FLAGS.out)),
+                          prefix=os.path.basename(FLAGS.out))
+  predict.tta_transforms(FLAGS.tta)  # Fail before reading any data.
+  sample, defaulted = eval_flags.sample_submission_path(FLAGS)
+  if defaulted:
+    logging.info("using %s for the submission's ids and order (the data "
+                 "directory's own; --sample_submission chooses another)",
+                 sample)
+  sample_ids = submission.read_sample_ids(sample) if sample else None
+  shards_dir = FLAGS.shards_dir
+  if not shards_dir and not FLAGS.data_dir and FLAGS.workdir:
+    shards_dir = rundir.read_config(FLAGS.workdir).get("shards_dir")
+    if shards_dir:
+      logging.info("reading the run's shards %s", shards_dir)
+  source = inputs.open_source(shards_dir, FLAGS.data_dir, FLAGS.split,
+                              FLAGS.batch_size, FLAGS.labels_csv,
+                              FLAGS.skip_unreadable, FLAGS.progress)
+  for p in source.skipped:
+    logging.warning("skipped unreadable image %s: %s", p.path, p.reason)
+  logging.info("predicting %s with %s, TTA %d", source.description,
+               model_paths, FLAGS.tta)
+  summary = predict.predict_submission(
+      model_paths, source, FLAGS.out, FLAGS.tta, sample_ids,
+      FLAGS.skipped_prob, FLAGS.progress, FLAGS.jit_compile)
   print(json.dumps(summary))
   msg = (f"hcd_predict: wrote {summary['rows']} rows to {FLAGS.out} "
          f"({summary['images_per_s']:.0f} images/s, TTA {FLAGS.tta}, "
