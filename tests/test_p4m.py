@@ -84,6 +84,19 @@ def test_exactly_invariant_to_the_eight_transforms(model):
     np.testing.assert_allclose(pk, p, rtol=0, atol=1e-6)
 
 
+def test_centre_crop_keeps_the_invariance():
+  keras.utils.set_random_seed(4)
+  m = models.build_model("p4m_resnet", crop=64, widths=(2, 4, 4),
+                         stem_widths=(2, 2))
+  assert m.get_layer("centre_crop").output.shape[1:3] == (64, 64)
+  x = _images(3, seed=2)
+  p = m.predict_on_batch(x)[:, 0]
+  for k in (3, 6):
+    np.testing.assert_allclose(
+        m.predict_on_batch(augment.d4_transform(x, k).numpy())[:, 0], p,
+        rtol=0, atol=1e-6)
+
+
 def test_a_plain_cnn_is_not_invariant():
   """The invariance test above can fail: the compact ResNet is not."""
   keras.utils.set_random_seed(3)

@@ -229,7 +229,8 @@ def _basic_block(x, filters: int, strides: int, name: str):
 
 def p4m_resnet(widths: Sequence[int] = (8, 16, 32),
                stem_widths: Sequence[int] = (4, 8), blocks_per_stage: int = 1,
-               dropout: float = 0.3) -> keras.Model:
+               dropout: float = 0.3, crop: int = 0,
+               size: int = 0) -> keras.Model:
   """Builds the P4M compact ResNet.
 
   Args:
@@ -239,13 +240,18 @@ def p4m_resnet(widths: Sequence[int] = (8, 16, 32),
       convolutions (the first lifts the image to P4M maps).
     blocks_per_stage: residual blocks per stage.
     dropout: dropout rate before the classifier.
+    crop: centre crop in px before the stem (0: none; see
+      common.input_view). A centre crop commutes with D4, so the network
+      stays exactly invariant; keep crop (or size) a multiple of
+      2**(1 + number of stages) so every down-sampling sees an even map.
+    size: resize to this many px after the crop (0: none).
 
   Returns:
     keras.Model: uint8 [B, 96, 96, 3] -> float32 probability [B, 1],
     invariant to the 8 rotations/mirrors of its input.
 
   Raises:
-    ValueError: empty widths or blocks_per_stage < 1.
+    ValueError: empty widths, blocks_per_stage < 1, bad crop or size.
   """
   if not widths or not stem_widths or blocks_per_stage < 1:
     raise ValueError("p4m_resnet needs at least one stage, one stem conv "
@@ -253,6 +259,7 @@ def p4m_resnet(widths: Sequence[int] = (8, 16, 32),
                      f"stem_widths={stem_widths}, "
                      f"blocks_per_stage={blocks_per_stage}")
   inputs, x = common.input_and_rescale()
+  x = common.input_view(x, crop, size)
   for i, w in enumerate(stem_widths):
     x = _conv_bn(x, w, 3, 2, f"stem{i}", lifting=(i == 0))
   for s, w in enumerate(widths):
