@@ -160,3 +160,32 @@ def test_mirrored_xla_run_killed_and_resumed(tmp_path):
   leftovers = [f for _, _, fs in os.walk(run_dir) for f in fs
                if ".tmp-" in f]
   assert not leftovers
+
+
+def test_recipe_flagfiles_train_through_the_cli(tmp_path):
+  """pcam.flags and kaggle_gpu.flags, as shipped, run the real CLI."""
+  ws = make_workspace(tmp_path, n=160)
+  test_pipeline.write(ws, n=64, seed=1, split="valid", num_shards=1,
+                      block_size=32, name="shards")
+  pcam = parse_flags(ws, "--flagfile=pcam.flags")
+  assert (pcam["model"], pcam["val_split"], pcam["rot90"]) == (
+      "p4m_resnet", "valid", True)
+  gpu = parse_flags(ws, "--flagfile=kaggle_gpu.flags")
+  assert (gpu["mixed_precision"], gpu["num_folds"], gpu["fold"],
+          gpu["balance"]) == ("bf16", 5, 0, "none")
+  assert gpu["model_overrides"] == {"widths": [16, 32, 64],
+                                    "stem_widths": [8, 16]}
+  quick = ["--epochs=1", "--steps_per_epoch=2", "--val_steps=1",
+           "--notensorboard"]
+  for flagfile, extra in (("pcam.flags", []),
+                          ("kaggle_gpu.flags", ["--batch_size=32"])):
+    r = subprocess.run(hcd_train_command() + [f"--flagfile={flagfile}",
+                                              *quick, *extra],
+                       cwd=ws, env=env(), capture_output=True, text=True,
+                       timeout=TIMEOUT_S)
+    assert r.returncode == 0, r.stderr[-3000:]
+  metrics = json.load(open(ws / "runs" / "pcam" / "metrics.json"))
+  assert metrics["model"] == "p4m_resnet" and metrics["num_examples"] == 64
+  config = json.load(open(ws / "runs" / "kaggle_gpu_fold0" / "config.json"))
+  assert config["runtime"]["mixed_precision"] == "bf16"
+  assert config["data"]["val"]["role"] == "val"

@@ -15,7 +15,8 @@ import os
 import shutil
 
 BASE = "base.flags"
-EXPERIMENTS = ("model1.flags", "model2.flags", "model3.flags", "resnet.flags")
+EXPERIMENTS = ("model1.flags", "model2.flags", "model3.flags", "resnet.flags",
+               "pcam.flags", "kaggle_gpu.flags")
 FLAGFILES = (BASE,) + EXPERIMENTS
 
 
