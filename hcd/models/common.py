@@ -58,3 +58,39 @@ def input_view(x, crop: int = 0, size: int = 0):
     x = layers.Resizing(size, size, interpolation="bilinear",
                         name="resize")(x)
   return x
+
+
+def residual_trunk(name: str, widths, stem_widths, blocks_per_stage: int,
+                   crop: int, size: int, stem, block):
+  """The shared layout of hcd's ResNets: input, stem convs, residual stages.
+
+  Args:
+    name: the model's name, for error messages.
+    widths: width of each residual stage; every stage after the first
+      halves the resolution (its first block has stride 2).
+    stem_widths: width of each stride-2 stem convolution.
+    blocks_per_stage: residual blocks per stage.
+    crop, size: see `input_view`.
+    stem: callable(x, width, index) -> x, one stem convolution.
+    block: callable(x, width, strides, name) -> x, one residual block.
+
+  Returns:
+    (the uint8 keras.Input, the last stage's feature map).
+
+  Raises:
+    ValueError: empty widths or stem_widths, blocks_per_stage < 1, bad crop
+      or size.
+  """
+  if not widths or not stem_widths or blocks_per_stage < 1:
+    raise ValueError(f"{name} needs at least one stage, one stem conv and "
+                     f"one block per stage; got widths={widths}, "
+                     f"stem_widths={stem_widths}, "
+                     f"blocks_per_stage={blocks_per_stage}")
+  inputs, x = input_and_rescale()
+  x = input_view(x, crop, size)
+  for i, w in enumerate(stem_widths):
+    x = stem(x, w, i)
+  for s, w in enumerate(widths):
+    for b in range(blocks_per_stage):
+      x = block(x, w, 2 if (s > 0 and b == 0) else 1, f"stage{s}_block{b}")
+  return inputs, x

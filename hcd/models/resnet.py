@@ -71,19 +71,10 @@ def resnet(widths: Sequence[int] = (64, 128, 256), stem_widths: Sequence[int]
   Raises:
     ValueError: empty widths, blocks_per_stage < 1, bad crop or size.
   """
-  if not widths or not stem_widths or blocks_per_stage < 1:
-    raise ValueError("resnet needs at least one stage, one stem conv and "
-                     f"one block per stage; got widths={widths}, "
-                     f"stem_widths={stem_widths}, "
-                     f"blocks_per_stage={blocks_per_stage}")
-  inputs, x = common.input_and_rescale()
-  x = common.input_view(x, crop, size)
-  for i, w in enumerate(stem_widths):
-    x = _conv_bn(x, w, 3, 2, f"stem{i}")
-  for s, w in enumerate(widths):
-    for b in range(blocks_per_stage):
-      strides = 2 if (s > 0 and b == 0) else 1
-      x = _basic_block(x, w, strides, f"stage{s}_block{b}")
+  inputs, x = common.residual_trunk(
+      "resnet", widths, stem_widths, blocks_per_stage, crop, size,
+      stem=lambda x, w, i: _conv_bn(x, w, 3, 2, f"stem{i}"),
+      block=_basic_block)
   x = layers.GlobalAveragePooling2D(name="pool")(x)
   x = layers.Dropout(dropout, name="dropout")(x)
   return keras.Model(inputs, common.probability_head(x), name="resnet")
