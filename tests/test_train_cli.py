@@ -168,13 +168,12 @@ def test_recipe_flagfiles_train_through_the_cli(tmp_path):
   test_pipeline.write(ws, n=64, seed=1, split="valid", num_shards=1,
                       block_size=32, name="shards")
   pcam = parse_flags(ws, "--flagfile=pcam.flags")
-  assert (pcam["model"], pcam["val_split"], pcam["rot90"]) == (
-      "p4m_resnet", "valid", True)
+  assert (pcam["model"], pcam["val_split"], pcam["rot90"],
+          pcam["workdir"]) == ("resnet", "valid", True, "runs/pcam")
   gpu = parse_flags(ws, "--flagfile=kaggle_gpu.flags")
   assert (gpu["mixed_precision"], gpu["num_folds"], gpu["fold"],
           gpu["balance"]) == ("bf16", 5, 0, "none")
-  assert gpu["model_overrides"] == {"widths": [16, 32, 64],
-                                    "stem_widths": [8, 16]}
+  assert (gpu["model"], gpu["batch_size"]) == ("resnet", 512)
   quick = ["--epochs=1", "--steps_per_epoch=2", "--val_steps=1",
            "--notensorboard"]
   for flagfile, extra in (("pcam.flags", []),
@@ -185,7 +184,7 @@ def test_recipe_flagfiles_train_through_the_cli(tmp_path):
                        timeout=TIMEOUT_S)
     assert r.returncode == 0, r.stderr[-3000:]
   metrics = json.load(open(ws / "runs" / "pcam" / "metrics.json"))
-  assert metrics["model"] == "p4m_resnet" and metrics["num_examples"] == 64
+  assert metrics["model"] == "resnet" and metrics["num_examples"] == 64
   config = json.load(open(ws / "runs" / "kaggle_gpu_fold0" / "config.json"))
   assert config["runtime"]["mixed_precision"] == "bf16"
   assert config["data"]["val"]["role"] == "val"
