@@ -73,6 +73,17 @@ EXPERIMENTS = {
     "deep_narrow": ("2 blocks/stage at 48/96/192 (~equal compute)",
                     ["--model_override=widths=(48,96,192)",
                      "--model_override=blocks_per_stage=2"]),
+    "bf16": ("bfloat16 mixed precision (fast on CPUs with AMX / "
+             "AVX512-BF16 and on GPUs)", ["--mixed_precision=bf16"]),
+    "bf16_wd": ("combined: bf16 + AdamW weight decay 0.05",
+                ["--mixed_precision=bf16", "--weight_decay=0.05"]),
+    "bf16_deep_narrow": ("combined: bf16 + 2 blocks/stage at 48/96/192",
+                         ["--mixed_precision=bf16",
+                          "--model_override=widths=(48,96,192)",
+                          "--model_override=blocks_per_stage=2"]),
+    "bf16_bs128": ("combined: bf16 + batch 128, lr 4e-3",
+                   ["--mixed_precision=bf16", "--batch_size=128",
+                    "--learning_rate=0.004"]),
 }
 
 

@@ -3,6 +3,7 @@
 
   .venv/bin/python bench/train_step.py [--flagfile=pcam.flags] [--model=...]
       [--steps=20] [--repeats=5] [--jit=both|true|false]
+      [--precisions=none,bf16]
 
 The recipe is hcd_train's own: every hcd_train flag (and --flagfile) is
 accepted and turned into the same TrainConfig, so `--flagfile=pcam.flags`
@@ -24,11 +25,13 @@ batch, one device, no input pipeline cost (a constant batch):
         smoothing), metrics, mixup/cutmix as a map in the tf.data input,
         steps_per_execution = steps
 
-each with XLA (jit_compile=True) and without. The three methods run in turn,
---repeats times, so load from other processes hits them alike; each number
-is the median of the repeats of (wall time of --steps steps) / steps. The
-last line is a JSON object with every median, the overheads hcd / bare - 1
-and fit / hcd, and images/s.
+each with XLA (jit_compile=True) and without, and in each of --precisions
+(float32 and bfloat16: bf16 pays off on CPUs with AMX-BF16 and on GPUs).
+The three methods run in turn, --repeats times, so load from other
+processes hits them alike; each number is the median of the repeats of
+(wall time of --steps steps) / steps. The last line is a JSON object with
+every median, the overheads hcd / bare - 1 and fit / hcd, images/s and, with float32 among --precisions, each other
+precision's speed-up of the hcd step over float32.
 """
 
 import json
@@ -51,11 +54,15 @@ from hcd import models
 from hcd.cli import flags as train_flags
 from hcd.models import augment
 from hcd.train import loop
+from hcd.train import runtime
 
 _STEPS = flags.DEFINE_integer("steps", 20, "Steps per timed repeat.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per method.")
 _JIT = flags.DEFINE_enum("jit", "both", ["both", "true", "false"],
                          "XLA on, off or both.")
+_PRECISIONS = flags.DEFINE_list(
+    "precisions", [], "Mixed precisions to time in turn (none, bf16, fp16, "
+    "auto), e.g. none,bf16; default: the recipe's --mixed_precision.")
 
 
 def batch(batch_size, seed=0):
@@ -167,9 +174,15 @@ def main(argv):
   images_t, labels_t = tf.constant(images), tf.constant(labels)
   steps = _STEPS.value
   jits = {"both": [False, True], "true": [True], "false": [False]}[_JIT.value]
+  precisions = [runtime.resolve_mixed_precision(p) for p in
+                _PRECISIONS.value or [config.mixed_precision]]
   results = {}
-  tag_of = {False: "noxla", True: "xla"}
-  for jit in jits:
+  for precision, jit in [(p, j) for p in precisions for j in jits]:
+    # Models and optimizers take the policy in force when they are built.
+    runtime.set_mixed_precision(precision)
+    config.mixed_precision = precision
+    tag = ("xla" if jit else "noxla") + (
+        "" if precision == "none" else f"_{precision}")
     fns = {
         "bare": bare_step_fn(config, jit, lr),
         "hcd": hcd_step_fn(config, jit, lr, steps),
@@ -184,18 +197,25 @@ def main(argv):
         t0 = time.perf_counter()
         fn(images_t, labels_t, n)
         times[name].append((time.perf_counter() - t0) / steps)
-    tag = tag_of[jit]
     for name, ts in times.items():
       ms = 1000 * statistics.median(ts)
       results[f"{name}_{tag}_ms"] = ms
       results[f"{name}_{tag}_img_s"] = config.batch_size / (ms / 1000)
-      print(f"{config.model} batch {config.batch_size} {tag:5s} {name:4s}: "
+      print(f"{config.model} batch {config.batch_size} {tag:10s} {name:4s}: "
             f"{ms:8.1f} ms/step  (runs: "
             f"{', '.join(f'{1000 * t:.1f}' for t in ts)})", flush=True)
     results[f"hcd_over_bare_{tag}"] = (results[f"hcd_{tag}_ms"] /
                                        results[f"bare_{tag}_ms"] - 1)
     results[f"fit_over_hcd_{tag}"] = (results[f"fit_{tag}_ms"] /
                                       results[f"hcd_{tag}_ms"])
+  runtime.set_mixed_precision("none")
+  if "none" in precisions and len(precisions) > 1:
+    for p in precisions:
+      if p != "none":  # Speed-up of each precision over float32, same run.
+        for tag in ("noxla", "xla"):
+          if f"hcd_{tag}_{p}_ms" in results:
+            results[f"{p}_speedup_{tag}"] = (results[f"hcd_{tag}_ms"] /
+                                             results[f"hcd_{tag}_{p}_ms"])
   results.update(model=config.model, batch_size=config.batch_size,
                  recipe={k: v for k, v in config.to_dict().items() if k in (
                      "model_overrides", "rot90", "stain_jitter",

@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 
 import keras
 import pytest
@@ -103,3 +104,42 @@ def test_describe_is_json_ready(no_tf_config):
   d = runtime.describe(runtime.create_strategy("one_device"), False, "none")
   json.dumps(d)
   assert d["num_replicas"] == 1 and d["task"] is None
+
+
+def test_mixed_precision_auto_follows_the_hardware(monkeypatch):
+  def hardware(gpu, cpu_flags):
+    monkeypatch.setattr(runtime, "_gpu_compute_capability", lambda: gpu)
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: set(cpu_flags))
+
+  hardware(None, {"avx2", "avx512f"})
+  assert runtime.resolve_mixed_precision("auto") == "none"
+  hardware(None, {"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"})
+  assert runtime.resolve_mixed_precision("auto") == "bf16"
+  hardware((9, 0), set())
+  assert runtime.resolve_mixed_precision("auto") == "bf16"
+  hardware((7, 0), {"amx_bf16"})  # The GPU decides, not the host CPU.
+  assert runtime.resolve_mixed_precision("auto") == "fp16"
+  hardware((6, 0), {"amx_bf16"})  # P100: no tensor cores.
+  assert runtime.resolve_mixed_precision("auto") == "none"
+  # An explicit choice is kept whatever the hardware.
+  assert runtime.resolve_mixed_precision("bf16") == "bf16"
+  assert runtime.resolve_mixed_precision("none") == "none"
+  with pytest.raises(ValueError, match="known"):
+    runtime.resolve_mixed_precision("mixed")
+  hardware((7, 5), set())
+  opt = runtime.wrap_optimizer(keras.optimizers.Adam(), "auto")
+  assert isinstance(opt, keras.optimizers.LossScaleOptimizer)
+  try:
+    assert runtime.set_mixed_precision("auto") == "mixed_float16"
+  finally:
+    runtime.set_mixed_precision("none")
+
+
+def test_cpu_flags_are_read_from_the_kernel():
+  if not os.path.exists("/proc/cpuinfo"):
+    pytest.skip("no /proc/cpuinfo (not Linux)")
+  flags = runtime._cpu_flags()  # pylint: disable=protected-access
+  if platform.machine() in ("x86_64", "AMD64"):
+    assert {"sse2", "fpu"} <= flags
+  else:
+    assert isinstance(flags, set)

@@ -23,7 +23,7 @@ LR_SCHEDULES = ("constant", "cosine")
 MIX_MODES = ("none", "mixup", "cutmix")
 STRATEGIES = ("auto", "mirrored", "multiworker", "one_device")
 JIT_MODES = ("auto", "true", "false")
-PRECISIONS = ("none", "bf16", "fp16")
+PRECISIONS = ("none", "bf16", "fp16", "auto")
 
 
 class ConfigError(ValueError):
@@ -173,7 +173,8 @@ class TrainConfig:
       "the CPU (XLA measured 3-4x slower there).", choices=JIT_MODES,
       group="runtime")
   mixed_precision: str = setting(
-      "none", "Mixed precision (fp16 adds dynamic loss scaling).",
+      "none", "Mixed precision (fp16 adds dynamic loss scaling); auto: bf16 "
+      "on GPUs >= sm80 and AMX-BF16 CPUs, fp16 on sm7x GPUs, else none.",
       choices=PRECISIONS, group="runtime")
   cpu_logical_devices: int = setting(
       0, "Split the CPU into N logical devices (multi-replica tests on a "

@@ -484,7 +484,8 @@ def _train_and_evaluate(config: TrainConfig, strategy,
     runtime.configure_devices(config.cpu_logical_devices)
     strategy = runtime.create_strategy(config.strategy)
   jit = runtime.resolve_jit_compile(config.jit_compile)
-  runtime.set_mixed_precision(config.mixed_precision)
+  precision = runtime.resolve_mixed_precision(config.mixed_precision)
+  runtime.set_mixed_precision(precision)
   chief = runtime.is_chief(strategy)
   run = rundir.RunDir(config.workdir)
   write_dir = runtime.worker_write_dir(config.workdir, strategy)
@@ -509,16 +510,16 @@ def _train_and_evaluate(config: TrainConfig, strategy,
       "num_params": num_params, "image_shape": list(features.IMAGE_SHAPE),
       "learning_rate": learning_rate, "steps_per_epoch": steps_per_epoch,
       "val_steps": val_steps,
-      "runtime": runtime.describe(strategy, jit, config.mixed_precision),
+      "runtime": runtime.describe(strategy, jit, precision),
       "data": {"train": plan.train.summary(),
                "val": plan.val.summary() if plan.val else None},
   }
   if chief:
     _start_run_dir(run, flags_text, {**config.to_dict(), **derived})
   logging.info("model %s: %d parameters; %d steps/epoch of %d images; "
-               "%d validation steps; jit_compile=%s; %s",
+               "%d validation steps; jit_compile=%s; mixed_precision=%s; %s",
                config.model, num_params, steps_per_epoch, config.batch_size,
-               val_steps, jit, derived["runtime"]["strategy"])
+               val_steps, jit, precision, derived["runtime"]["strategy"])
   logging.info("train: %s", plan.train.summary())
   if plan.val:
     logging.info("val: %s", plan.val.summary())
