@@ -354,3 +354,37 @@ def test_export_loads_without_hcd_in_safe_mode(tmp_path, tiny_run):
   np.testing.assert_allclose(sm_out, want, atol=1e-5)
   assert "uint8" in dtype
   assert np.all((np.array(keras_out) >= 0) & (np.array(keras_out) <= 1))
+
+
+def test_bf16_model_runs_in_float32_where_bf16_is_not_native(
+    tmp_path, monkeypatch):
+  import keras  # pylint: disable=g-import-not-at-top
+  from hcd import models  # pylint: disable=g-import-not-at-top
+  from hcd.train import runtime  # pylint: disable=g-import-not-at-top
+  try:
+    runtime.set_mixed_precision("bf16")
+    keras.utils.set_random_seed(3)
+    trained = models.build_model("tiny")
+  finally:
+    runtime.set_mixed_precision("none")
+  path = str(tmp_path / "bf16.keras")
+  trained.save(path)
+  images = evalutil.images(16)
+  reference = models.build_model("tiny")  # float32, the same weights
+  reference.set_weights(trained.get_weights())
+  want = reference.predict(images, verbose=0)
+
+  monkeypatch.setattr(runtime, "_gpu_compute_capability", lambda: None)
+  monkeypatch.setattr(runtime, "_cpu_flags", lambda: {"avx2"})
+  plain = predict.load_model(path)
+  assert models.compute_precision(plain) == "none"
+  assert all(l.dtype_policy.name == "float32" for l in plain.layers[1:])
+  np.testing.assert_allclose(plain.predict(images, verbose=0), want,
+                             atol=1e-6)
+
+  monkeypatch.setattr(runtime, "_cpu_flags", lambda: {"amx_bf16"})
+  native = predict.load_model(path)
+  assert models.compute_precision(native) == "bf16"
+  got = native.predict(images, verbose=0)
+  assert not np.array_equal(got, want)  # bf16 rounding: it did run in bf16
+  np.testing.assert_allclose(got, want, atol=0.05)

@@ -24,6 +24,7 @@ import os
 import time
 from typing import Sequence
 
+from absl import logging
 import numpy as np
 
 from hcd import rundir
@@ -90,7 +91,9 @@ def load_model(path: str):
     path: a .keras file (e.g. from hcd.rundir.resolve_model_paths).
 
   Returns:
-    The keras.Model (not compiled).
+    The keras.Model (not compiled); a mixed-precision model whose compute
+    type this machine has no native support for runs in float32
+    (hcd.models.float32_copy).
 
   Raises:
     hcd.rundir.RunError: missing file, a file Keras cannot load (or that
@@ -106,6 +109,15 @@ def load_model(path: str):
     raise rundir.RunError(f"{path}: cannot load model in Keras safe mode: "
                           f"{type(e).__name__}: {e}") from None
   check_model(model, path)
+  from hcd import models  # pylint: disable=g-import-not-at-top
+  from hcd.train import runtime  # pylint: disable=g-import-not-at-top
+  precision = models.compute_precision(model)
+  if precision not in ("none", runtime.resolve_mixed_precision("auto")):
+    # E.g. trained in bf16 on a GPU or an AMX CPU, predicting on a CPU
+    # without bf16: emulated bf16 would be several times slower.
+    logging.info("%s computes in %s, which this machine runs only by "
+                 "emulation: predicting in float32", path, precision)
+    model = models.float32_copy(model)
   return model
 
 

@@ -201,6 +201,46 @@ def standard_model(model):
   return copy
 
 
+def compute_precision(model) -> str:
+  """The mixed precision a model computes in: "bf16", "fp16" or "none"."""
+  for layer in model.layers:
+    dtype = layer.dtype_policy.compute_dtype
+    if dtype in ("bfloat16", "float16"):
+      return "bf16" if dtype == "bfloat16" else "fp16"
+  return "none"
+
+
+def float32_copy(model):
+  """The model with every mixed-precision layer computing in float32.
+
+  A model trained under a mixed policy keeps float32 weights but computes
+  in bf16 / fp16. Where the hardware has no native support for that type it
+  is emulated, several times slower than float32, so prediction runs such a
+  model in float32: the same weights, outputs equal up to bf16 rounding.
+
+  Args:
+    model: a functional keras.Model.
+
+  Returns:
+    A functional copy whose layers all compute in float32 (`model` itself
+    if it already does).
+  """
+  import keras  # pylint: disable=g-import-not-at-top
+  if compute_precision(model) == "none":
+    return model
+
+  def clone(layer):
+    config = layer.get_config()
+    policy = layer.dtype_policy
+    if policy.compute_dtype != policy.variable_dtype:
+      config["dtype"] = "float32"
+    return layer.__class__.from_config(config)
+
+  copy = keras.models.clone_model(model, clone_function=clone)
+  copy.set_weights(model.get_weights())
+  return copy
+
+
 def count_params(model) -> int:
   """Returns the total (trainable + non-trainable) parameter count."""
   return int(model.count_params())
