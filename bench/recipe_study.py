@@ -81,6 +81,18 @@ EXPERIMENTS = {
                          ["--mixed_precision=bf16",
                           "--model_override=widths=(48,96,192)",
                           "--model_override=blocks_per_stage=2"]),
+    "bf16_deep_narrow_ema": ("combined: bf16 + 2 blocks/stage at 48/96/192 "
+                             "+ weight EMA 0.9995 (~6 epochs)",
+                             ["--mixed_precision=bf16",
+                              "--model_override=widths=(48,96,192)",
+                              "--model_override=blocks_per_stage=2",
+                              "--ema_decay=0.9995"]),
+    "bf16_deep_narrow_bs128": ("combined: bf16 + 2 blocks/stage at 48/96/192 "
+                               "+ batch 128, lr 4e-3",
+                               ["--mixed_precision=bf16",
+                                "--model_override=widths=(48,96,192)",
+                                "--model_override=blocks_per_stage=2",
+                                "--batch_size=128", "--learning_rate=0.004"]),
     "bf16_bs128": ("combined: bf16 + batch 128, lr 4e-3",
                    ["--mixed_precision=bf16", "--batch_size=128",
                     "--learning_rate=0.004"]),

@@ -170,6 +170,10 @@ def test_recipe_flagfiles_train_through_the_cli(tmp_path):
   pcam = parse_flags(ws, "--flagfile=pcam.flags")
   assert (pcam["model"], pcam["val_split"], pcam["rot90"],
           pcam["workdir"]) == ("resnet", "valid", True, "runs/pcam")
+  assert pcam["model_overrides"] == {"widths": [48, 96, 192],
+                                     "blocks_per_stage": 2}
+  assert (pcam["mixed_precision"], pcam["epochs"], pcam["ema_decay"]) == (
+      "auto", 22, 0.9995)
   gpu = parse_flags(ws, "--flagfile=kaggle_gpu.flags")
   assert (gpu["mixed_precision"], gpu["num_folds"], gpu["fold"],
           gpu["balance"]) == ("auto", 5, 0, "none")
@@ -185,6 +189,7 @@ def test_recipe_flagfiles_train_through_the_cli(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
   metrics = json.load(open(ws / "runs" / "pcam" / "metrics.json"))
   assert metrics["model"] == "resnet" and metrics["num_examples"] == 64
+  assert metrics["num_params"] == 1_594_081  # the deep-narrow overrides
   config = json.load(open(ws / "runs" / "kaggle_gpu_fold0" / "config.json"))
   from hcd.train import runtime  # pylint: disable=g-import-not-at-top
   # auto, resolved for this machine (the resolution is tested in
