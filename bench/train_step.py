@@ -30,8 +30,9 @@ each with XLA (jit_compile=True) and without, and in each of --precisions
 The three methods run in turn, --repeats times, so load from other
 processes hits them alike; each number is the median of the repeats of
 (wall time of --steps steps) / steps. The last line is a JSON object with
-every median, the overheads hcd / bare - 1 and fit / hcd, images/s and, with float32 among --precisions, each other
-precision's speed-up of the hcd step over float32.
+every median, the overheads hcd / bare - 1 and fit / hcd, images/s and,
+with float32 among --precisions, each other precision's speed-up of the hcd
+step over float32.
 """
 
 import json

@@ -166,12 +166,12 @@ def _cpu_flags() -> set[str]:
 
 
 def _gpu_compute_capability() -> tuple[int, int] | None:
-  """(major, minor) of the first GPU, None without one (or unknown)."""
+  """(major, minor) of the first GPU ((0, 0) if unknown); None without one."""
   gpus = tf.config.list_physical_devices("GPU")
   if not gpus:
     return None
   details = tf.config.experimental.get_device_details(gpus[0])
-  return details.get("compute_capability")
+  return tuple(details.get("compute_capability") or (0, 0))
 
 
 def resolve_mixed_precision(mode: str = "none") -> str:
@@ -179,7 +179,7 @@ def resolve_mixed_precision(mode: str = "none") -> str:
 
   auto is bf16 on GPUs of compute capability >= 8.0 (bfloat16 tensor cores)
   and on CPUs with AMX-BF16 (oneDNN runs bf16 convolutions on the tile unit:
-  the compact ResNet's step measured 1.35x faster than float32 on 2 Sapphire
+  the compact ResNet's step measured 1.45x faster than float32 on 2 Sapphire
   Rapids cores, BENCHMARKS.md); fp16 on GPUs of compute capability 7.x
   (fp16 tensor cores, no bf16); float32 elsewhere, where bfloat16 would be
   emulated and slower (e.g. the P100 of the original notebook).
