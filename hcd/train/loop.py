@@ -58,6 +58,10 @@ from hcd.train.config import TrainConfig
 _SEED_STATE = "seed_generator_state"
 
 
+# Variable names (Keras 3 layer weights) that decoupled weight decay skips.
+NO_DECAY_NAMES = ("gamma", "beta", "bias")
+
+
 def make_optimizer(config: TrainConfig, learning_rate: float,
                    steps_per_epoch: int):
   """Adam (or decoupled-weight-decay Adam) with an optional cosine schedule.
@@ -84,6 +88,11 @@ def make_optimizer(config: TrainConfig, learning_rate: float,
       learning_rate=lr, beta_1=config.adam_beta1, beta_2=config.adam_beta2,
       epsilon=config.adam_epsilon,
       weight_decay=config.weight_decay or None)
+  if config.weight_decay:
+    # The AdamW convention: decay only kernels. Shrinking BatchNorm scales and
+    # offsets or biases does not limit capacity, it only fights the
+    # normalisation (Loshchilov & Hutter; timm and big_vision do the same).
+    opt.exclude_from_weight_decay(var_names=list(NO_DECAY_NAMES))
   return runtime.wrap_optimizer(opt, config.mixed_precision)
 
 
