@@ -311,3 +311,24 @@ def test_fold_settings_are_validated(shards_dir, tmp_path):
     _config(shards_dir, tmp_path, num_folds=3, val_split="valid").validate()
   with pytest.raises(ConfigError, match="needs num_folds"):
     _config(shards_dir, tmp_path, fold=1).validate()
+
+
+def test_weight_decay_shrinks_kernels_only(tmp_path):
+  # Zero gradients leave Adam's step at zero, so any change is the decay.
+  from hcd import models  # pylint: disable=g-import-not-at-top
+  config = _config(str(tmp_path), tmp_path / "run", weight_decay=0.5,
+                   lr_schedule="constant")
+  model = models.build_model("tiny")
+  opt = loop.make_optimizer(config, learning_rate=0.1, steps_per_epoch=4)
+  before = {v.path: np.array(v) for v in model.trainable_variables}
+  opt.apply_gradients([(tf.zeros_like(v), v)
+                       for v in model.trainable_variables])
+  names = set()
+  for v in model.trainable_variables:
+    names.add(v.name)
+    if v.name in loop.NO_DECAY_NAMES:
+      np.testing.assert_array_equal(np.array(v), before[v.path], v.path)
+    else:
+      np.testing.assert_allclose(np.array(v), before[v.path] * (1 - 0.1 * 0.5),
+                                 rtol=1e-6, err_msg=v.path)
+  assert {"kernel", "gamma", "beta", "bias"} <= names
