@@ -172,8 +172,8 @@ def test_recipe_flagfiles_train_through_the_cli(tmp_path):
           pcam["workdir"]) == ("resnet", "valid", True, "runs/pcam")
   assert pcam["model_overrides"] == {"widths": [48, 96, 192],
                                      "blocks_per_stage": 2}
-  assert (pcam["mixed_precision"], pcam["epochs"], pcam["ema_decay"]) == (
-      "auto", 22, 0.9995)
+  assert (pcam["mixed_precision"], pcam["epochs"], pcam["ema_decay"],
+          pcam["weight_decay"]) == ("auto", 22, 0.9995, 0.05)
   gpu = parse_flags(ws, "--flagfile=kaggle_gpu.flags")
   assert (gpu["mixed_precision"], gpu["num_folds"], gpu["fold"],
           gpu["balance"]) == ("auto", 5, 0, "none")

@@ -125,8 +125,9 @@ class TrainConfig:
   adam_beta1: float = setting(0.9, "Adam beta_1.", group="model")
   adam_beta2: float = setting(0.999, "Adam beta_2.", group="model")
   adam_epsilon: float = setting(1e-7, "Adam epsilon.", group="model")
-  weight_decay: float = setting(0.0, "Decoupled weight decay (0: off).",
-                                group="model")
+  weight_decay: float = setting(
+      0.0, "Decoupled (AdamW) weight decay of the kernels; BatchNorm "
+      "scales/offsets and biases are not decayed (0: off).", group="model")
   lr_schedule: str = setting(
       "constant", "Learning-rate schedule: constant, or linear warm-up then "
       "cosine decay to 0 over all steps.", choices=LR_SCHEDULES,
