@@ -332,3 +332,12 @@ def test_weight_decay_shrinks_kernels_only(tmp_path):
       np.testing.assert_allclose(np.array(v), before[v.path] * (1 - 0.1 * 0.5),
                                  rtol=1e-6, err_msg=v.path)
   assert {"kernel", "gamma", "beta", "bias"} <= names
+
+
+def test_eta_skips_the_tracing_epoch_and_ends_at_zero():
+  # 300 s first epoch (tracing), then ~100 s: 3 epochs left is 5 minutes.
+  assert loop._eta([300.0, 100.0, 102.0, 98.0], 3) == ", eta 0:05:00"
+  assert loop._eta([90.0], 2) == ", eta 0:03:00"
+  assert loop._eta([100.0, 100.0], 72) == ", eta 2:00:00"
+  assert loop._eta([100.0, 100.0], 0) == ""
+  assert loop._eta([], 5) == ""

@@ -34,10 +34,12 @@ a killed run left half-written (hcd.rundir.RunDir.remove_stale_temp).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import math
 import os
 import shutil
+import statistics
 import sys
 import time
 from typing import Any
@@ -630,10 +632,11 @@ def _train_and_evaluate(config: TrainConfig, strategy,
       _summaries(tb_writer, row, epoch + 1)
     logging.info(
         "epoch %d/%d: loss %.4f acc %.4f auc %.4f | val_loss %s val_acc %s "
-        "val_auc %s | %.1f s, %.0f img/s, lr %.3g", epoch + 1, config.epochs,
-        row["loss"], row["accuracy"], row["auc"],
+        "val_auc %s | %.1f s, %.0f img/s, lr %.3g%s", epoch + 1,
+        config.epochs, row["loss"], row["accuracy"], row["auc"],
         _fmt(row["val_loss"]), _fmt(row["val_accuracy"]), _fmt(row["val_auc"]),
-        row["epoch_time_s"], row["images_per_s"], row["lr"])
+        row["epoch_time_s"], row["images_per_s"], row["lr"],
+        _eta(epoch_times, config.epochs - epoch - 1))
     trainer.epoch.assign(epoch + 1)
     val_auc = row["val_auc"]
     if val_auc is not None and math.isfinite(val_auc) and (
@@ -754,6 +757,19 @@ class _Saver:
 
 def _fmt(x) -> str:
   return "-" if x is None else f"{x:.4f}"
+
+
+def _eta(epoch_times: list[float], remaining: int) -> str:
+  """Wall time left for `remaining` epochs, as h:mm:ss ("" when none).
+
+  The median of the epochs after the first: the first also traces the step
+  functions, and a CPU run of pcam.flags lasts 30 minutes to 2 hours
+  depending on the box, which a user wants to know after one epoch.
+  """
+  if remaining <= 0 or not epoch_times:
+    return ""
+  typical = statistics.median(epoch_times[1:] or epoch_times)
+  return ", eta " + str(datetime.timedelta(seconds=round(typical * remaining)))
 
 
 def _finish(config, trainer, plan, run, chief, history, epoch_times,
