@@ -139,7 +139,10 @@ class TrainConfig:
   ema_decay: float = setting(
       0.0, "Exponential moving average of the weights (and BatchNorm "
       "statistics) with this decay, e.g. 0.999; validation, best.keras and "
-      "model.keras then use the averaged weights. 0: off.", group="model")
+      "model.keras then use the averaged weights. At step t the decay is "
+      "min(ema_decay, (1+t)/(10+t)), so for the first ~10/(1-ema_decay) "
+      "steps the warm-up governs and the average spans about the last "
+      "fifth of the steps so far. 0: off.", group="model")
   # --- augmentation (in the train step, on the accelerator) ---
   flips: bool = setting(
       True, "Random horizontal and vertical flips (the notebook).",
