@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from hcd.train import config as config_lib
 
 # Parses flags in a subprocess so that its absl FLAGS never meet another
@@ -57,3 +59,10 @@ def test_validate_names_the_setting_and_the_choices():
       assert repr(value) in str(e) and field.replace("_", " ") in str(e)
     else:
       raise AssertionError(f"{field}={value} was accepted")
+
+
+def test_negative_weight_decay_is_refused():
+  # A negative decay would grow the kernels every step, silently.
+  with pytest.raises(config_lib.ConfigError, match="weight_decay must be >= 0"):
+    config_lib.TrainConfig(weight_decay=-0.05).validate()
+  config_lib.TrainConfig(weight_decay=0.05).validate()

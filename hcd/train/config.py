@@ -235,6 +235,8 @@ class TrainConfig:
     check(self.steps_per_loop > 0, "steps_per_loop must be > 0")
     check(0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0,1)")
     check(self.warmup_epochs >= 0, "warmup_epochs must be >= 0")
+    check(self.weight_decay >= 0.0,
+          f"weight_decay must be >= 0, got {self.weight_decay}")
     check(0.0 <= self.ema_decay < 1.0,
           f"ema_decay must be in [0, 1), got {self.ema_decay}")
     check(0.0 <= self.hue_jitter <= 0.5,
