@@ -32,7 +32,9 @@ processes hits them alike; each number is the median of the repeats of
 (wall time of --steps steps) / steps. The last line is a JSON object with
 every median, the overheads hcd / bare - 1 and fit / hcd, images/s and,
 with float32 among --precisions, each other precision's speed-up of the hcd
-step over float32.
+step over float32. oneDNN is on, as in every hcd process (hcd/__init__.py);
+TF_ENABLE_ONEDNN_OPTS=0 times TensorFlow's own default, Eigen convolutions
+on CPUs without AVX-512 VNNI/BF16 or AMX.
 """
 
 import json
@@ -225,7 +227,7 @@ def main(argv):
                  steps=steps, repeats=_REPEATS.value, cpus=os.cpu_count(),
                  load_avg=os.getloadavg()[0],
                  machine=platform.processor() or platform.machine(),
-                 tensorflow=tf.__version__,
+                 tensorflow=tf.__version__, onednn=runtime.onednn_enabled(),
                  gpu=bool(tf.config.list_physical_devices("GPU")))
   print(json.dumps(results))
 

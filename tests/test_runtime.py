@@ -3,6 +3,8 @@
 import json
 import os
 import platform
+import subprocess
+import sys
 
 import keras
 import pytest
@@ -143,3 +145,32 @@ def test_cpu_flags_are_read_from_the_kernel():
     assert {"sse2", "fpu"} <= flags
   else:
     assert isinstance(flags, set)
+
+
+def _in_subprocess(code: str, onednn: str | None) -> str:
+  env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+  if onednn is not None:
+    env["TF_ENABLE_ONEDNN_OPTS"] = onednn
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  p = subprocess.run([sys.executable, "-c", code], env=env, cwd=root,
+                     capture_output=True, text=True, timeout=120, check=False)
+  assert p.returncode == 0, p.stderr
+  return p.stdout.strip().splitlines()[-1]
+
+
+def test_hcd_turns_onednn_on_unless_the_user_said_otherwise():
+  # Without hcd's default, TensorFlow leaves oneDNN off on CPUs without
+  # AVX-512 VNNI/BF16 or AMX; a user's explicit setting must win.
+  code = "import hcd, os; print(os.environ['TF_ENABLE_ONEDNN_OPTS'])"
+  assert _in_subprocess(code, None) == "1"
+  assert _in_subprocess(code, "0") == "0"
+
+
+def test_onednn_state_is_reported_even_if_tensorflow_came_first():
+  # TensorFlow reads the variable lazily, so importing it before hcd (as
+  # bench scripts and notebooks do) still gets the default.
+  code = ("import tensorflow, hcd\n"
+          "from hcd.train import runtime\n"
+          "print(runtime.onednn_enabled())")
+  assert _in_subprocess(code, None) == "True"
+  assert _in_subprocess(code, "0") == "False"

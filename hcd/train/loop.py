@@ -528,9 +528,11 @@ def _train_and_evaluate(config: TrainConfig, strategy,
   if chief:
     _start_run_dir(run, flags_text, {**config.to_dict(), **derived})
   logging.info("model %s: %d parameters; %d steps/epoch of %d images; "
-               "%d validation steps; jit_compile=%s; mixed_precision=%s; %s",
+               "%d validation steps; jit_compile=%s; mixed_precision=%s; "
+               "oneDNN=%s; %s",
                config.model, num_params, steps_per_epoch, config.batch_size,
-               val_steps, jit, precision, derived["runtime"]["strategy"])
+               val_steps, jit, precision, derived["runtime"]["onednn"],
+               derived["runtime"]["strategy"])
   logging.info("train: %s", plan.train.summary())
   if plan.val:
     logging.info("val: %s", plan.val.summary())

@@ -302,6 +302,19 @@ def barrier(strategy: tf.distribute.Strategy) -> None:
     all_reduce()
 
 
+def onednn_enabled() -> bool | None:
+  """Whether TensorFlow runs CPU ops through oneDNN (None if it cannot tell).
+
+  hcd turns it on by default (hcd/__init__.py); TF_ENABLE_ONEDNN_OPTS=0
+  turns it off.
+  """
+  try:
+    from tensorflow.python.util import _pywrap_util_port  # pylint: disable=g-import-not-at-top
+    return bool(_pywrap_util_port.IsMklEnabled())
+  except (ImportError, AttributeError):  # A TensorFlow without the helper.
+    return None
+
+
 def describe(strategy: tf.distribute.Strategy, jit: bool,
              precision: str) -> dict:
   """A JSON-friendly description of the runtime, for config.json and logs."""
@@ -313,6 +326,7 @@ def describe(strategy: tf.distribute.Strategy, jit: bool,
       "task": f"{task_type}:{task_id}" if task_type else None,
       "jit_compile": jit,
       "mixed_precision": precision,
+      "onednn": onednn_enabled(),
       "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
       "tensorflow": tf.__version__,
   }
