@@ -341,3 +341,39 @@ def test_eta_skips_the_tracing_epoch_and_ends_at_zero():
   assert loop._eta([100.0, 100.0], 72) == ", eta 2:00:00"
   assert loop._eta([100.0, 100.0], 0) == ""
   assert loop._eta([], 5) == ""
+
+
+def test_time_budget_sets_the_length_and_anneals_within_it(shards_dir,
+                                                           tmp_path):
+  # A budget too short for more than the decision epoch (2) and one to
+  # anneal in: 3 of the 6 epochs, the peak held through epoch 2, lr 0 at
+  # the end.
+  workdir = tmp_path / "run"
+  config = _config(shards_dir, workdir, epochs=6, lr_schedule="cosine",
+                   warmup_epochs=1, time_budget_min=1e-6)
+  result = loop.train_and_evaluate(config, strategy=_strategy())
+  history = json.load(open(workdir / "history.json"))
+  assert [r["epoch"] for r in history] == [1, 2, 3]
+  assert history[1]["lr"] == pytest.approx(1e-3)  # tiny's default peak.
+  assert history[2]["lr"] == pytest.approx(0.0, abs=1e-9)
+  assert result["epochs"] == 3
+  assert json.load(open(workdir / "config.json"))["time_budget_min"] == 1e-6
+  # Started again, the run keeps its decision: nothing left to train.
+  loop.train_and_evaluate(config, strategy=_strategy())
+  assert json.load(open(workdir / "history.json")) == history
+
+  # A budget with room for every epoch trains --epochs, annealed to 0.
+  workdir = tmp_path / "roomy"
+  loop.train_and_evaluate(
+      _config(shards_dir, workdir, epochs=4, lr_schedule="cosine",
+              warmup_epochs=1, time_budget_min=600.0), strategy=_strategy())
+  history = json.load(open(workdir / "history.json"))
+  assert [r["epoch"] for r in history] == [1, 2, 3, 4]
+  assert history[1]["lr"] == pytest.approx(1e-3)
+  assert 0 < history[2]["lr"] < 1e-3
+  assert history[3]["lr"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_time_budget_must_not_be_negative(shards_dir, tmp_path):
+  with pytest.raises(ConfigError, match="time_budget_min must be >= 0"):
+    _config(shards_dir, tmp_path, time_budget_min=-1).validate()

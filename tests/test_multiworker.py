@@ -2,7 +2,8 @@
 
 The real launcher starts the real hcd_train twice, each with its own
 TF_CONFIG; both must end with identical weights (each logs the sha256 of its
-weights), and only the chief (worker 0) may write the run directory.
+weights), only the chief (worker 0) may write the run directory, and a time
+budget must give both workers the same number of epochs.
 """
 
 import json
@@ -26,9 +27,13 @@ def test_two_workers_end_with_identical_weights(tmp_path):
       [sys.executable, LAUNCHER, "--local=2", f"--worker_logs={log_dir}",
        f"--timeout_s={test_train_cli.TIMEOUT_S}", "--"] +
       test_train_cli.hcd_train_command() + [
-          "--flagfile=model1.flags", "--model=tiny", "--epochs=2",
+          "--flagfile=model1.flags", "--model=tiny", "--epochs=4",
           "--steps_per_epoch=8", "--batch_size=16", "--jit_compile=true",
-          "--steps_per_loop=4", "--strategy=multiworker"],
+          "--steps_per_loop=4", "--strategy=multiworker",
+          # A budget that leaves one epoch after epoch 2: both workers
+          # must decide the same length from their averaged timings.
+          "--lr_schedule=cosine", "--warmup_epochs=1",
+          "--time_budget_min=0.000001"],
       cwd=ws, env=test_train_cli.env(), capture_output=True, text=True,
       timeout=test_train_cli.TIMEOUT_S + 30, check=False)
   outputs = [(log_dir / f"worker-{i}.log").read_text() for i in range(2)]
@@ -44,7 +49,9 @@ def test_two_workers_end_with_identical_weights(tmp_path):
   assert json.load(open(run_dir / "metrics.json"))[
       "weights_sha256"] == digests[0][0]
   assert [h["epoch"] for h in json.load(open(run_dir / "history.json"))] == [
-      1, 2]
+      1, 2, 3]
+  assert all("training 3 epochs in all (--epochs=4)" in out
+             for out in outputs)
   assert os.path.getsize(run_dir / "model.keras") > 0
   # The non-chief wrote its checkpoints to a temporary dir and removed it.
   assert not [d for d in os.listdir(run_dir) if d.startswith("workertemp")]

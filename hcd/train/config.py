@@ -134,6 +134,14 @@ class TrainConfig:
       group="model")
   warmup_epochs: float = setting(0.0, "Warm-up epochs (cosine schedule).",
                                  group="model")
+  time_budget_min: float = setting(
+      0.0, "Wall-clock minutes for the epochs (training and validation; "
+      "start-up and the final artifacts come on top). After epoch "
+      "max(2, ceil(warmup_epochs)) the run measures its pace and trains the "
+      "epochs that fit, at most --epochs; with the cosine schedule the peak "
+      "learning rate holds until then and the cosine anneals to 0 over the "
+      "epochs left, so the model is annealed when the budget ends. "
+      "0: no budget, train --epochs.", group="model")
   label_smoothing: float = setting(0.0, "Binary label smoothing.",
                                    group="model")
   ema_decay: float = setting(
@@ -235,6 +243,8 @@ class TrainConfig:
     check(self.steps_per_loop > 0, "steps_per_loop must be > 0")
     check(0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0,1)")
     check(self.warmup_epochs >= 0, "warmup_epochs must be >= 0")
+    check(self.time_budget_min >= 0,
+          f"time_budget_min must be >= 0, got {self.time_budget_min}")
     check(self.weight_decay >= 0.0,
           f"weight_decay must be >= 0, got {self.weight_decay}")
     check(0.0 <= self.ema_decay < 1.0,

@@ -65,27 +65,25 @@ NO_DECAY_NAMES = ("gamma", "beta", "bias")
 
 
 def make_optimizer(config: TrainConfig, learning_rate: float,
-                   steps_per_epoch: int):
-  """Adam (or decoupled-weight-decay Adam) with an optional cosine schedule.
+                   steps_per_epoch: int, lr=None):
+  """Adam (or decoupled-weight-decay Adam) with the run's lr schedule.
 
   Args:
     config: the run config (betas, epsilon, schedule, warm-up, decay).
     learning_rate: the peak learning rate.
     steps_per_epoch: optimizer steps per epoch (for the schedule).
+    lr: the learning rate or schedule to use; default: the config's
+      (hcd.train.schedule.make_schedule).
 
   Returns:
     A Keras optimizer (LossScaleOptimizer-wrapped for fp16).
   """
   import keras  # pylint: disable=g-import-not-at-top
-  lr = learning_rate
-  if config.lr_schedule == "cosine":
-    total = max(1, config.epochs * steps_per_epoch)
-    warmup = min(total - 1, int(round(config.warmup_epochs * steps_per_epoch)))
-    lr = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=learning_rate * (0.01 if warmup else 1.0),
-        decay_steps=max(1, total - warmup), alpha=0.0,
-        warmup_target=learning_rate if warmup else None,
-        warmup_steps=warmup)
+  from hcd.train import schedule  # pylint: disable=g-import-not-at-top
+  if lr is None:
+    lr = schedule.make_schedule(config.lr_schedule, learning_rate,
+                                config.epochs, steps_per_epoch,
+                                config.warmup_epochs, config.time_budget_min)
   opt = keras.optimizers.Adam(
       learning_rate=lr, beta_1=config.adam_beta1, beta_2=config.adam_beta2,
       epsilon=config.adam_epsilon,
@@ -151,6 +149,7 @@ class Trainer:
     import keras  # pylint: disable=g-import-not-at-top
     from hcd import models  # pylint: disable=g-import-not-at-top
     from hcd.models import augment  # pylint: disable=g-import-not-at-top
+    from hcd.train import schedule  # pylint: disable=g-import-not-at-top
     self.config = config
     self.strategy = strategy
     self.jit = jit
@@ -163,7 +162,11 @@ class Trainer:
           color_jitter=config.color_jitter, stain_jitter=config.stain_jitter,
           seed=config.seed, hue_jitter=config.hue_jitter)
       self.augmenter.build((None,) + features.IMAGE_SHAPE)
-      self.optimizer = make_optimizer(config, learning_rate, steps_per_epoch)
+      self.lr_schedule = schedule.make_schedule(
+          config.lr_schedule, learning_rate, config.epochs, steps_per_epoch,
+          config.warmup_epochs, config.time_budget_min)
+      self.optimizer = make_optimizer(config, learning_rate, steps_per_epoch,
+                                      lr=self.lr_schedule)
       self.optimizer.build(self.model.trainable_variables)
       self.train_metrics = _Metrics("")
       self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False,
@@ -173,6 +176,10 @@ class Trainer:
                                   name="best_auc")
       self.best_epoch = tf.Variable(0, dtype=tf.int64, trainable=False,
                                     name="best_epoch")
+      # The run's length: --epochs, or what its time budget allows once
+      # it is known (checkpointed, so a resumed run keeps the decision).
+      self.num_epochs = tf.Variable(config.epochs, dtype=tf.int64,
+                                    trainable=False, name="num_epochs")
     self._nontrainable = list(self.model.non_trainable_variables)
     self._seed_index = [i for i, v in enumerate(self._nontrainable)
                         if v.name == _SEED_STATE]
@@ -484,6 +491,7 @@ def _train_and_evaluate(config: TrainConfig, strategy,
                         flags_text: str | None) -> dict[str, Any]:
   """`train_and_evaluate` without the naming of a corrupt shard."""
   from hcd import models  # pylint: disable=g-import-not-at-top
+  from hcd.train import schedule  # pylint: disable=g-import-not-at-top
   config.validate()
   try:
     models.get_spec(config.model)
@@ -543,6 +551,11 @@ def _train_and_evaluate(config: TrainConfig, strategy,
                              best_epoch=trainer.best_epoch)
   if trainer.ema:
     ckpt.ema = trainer.ema
+  budgeted = schedule.budget_active(config.time_budget_min, config.epochs,
+                                    config.warmup_epochs)
+  decide_at = schedule.decision_epoch(config.warmup_epochs)
+  if budgeted:
+    ckpt.num_epochs = trainer.num_epochs
   best_ckpt = tf.train.Checkpoint(model=trainer.model, epoch=trainer.epoch,
                                   best_auc=trainer.best_auc)
   temp_dir = None if chief else write_dir
@@ -555,6 +568,10 @@ def _train_and_evaluate(config: TrainConfig, strategy,
                  int(trainer.epoch.numpy()), int(trainer.step.numpy()))
   start_epoch = int(trainer.epoch.numpy())
   start_step = int(trainer.step.numpy())
+  if budgeted and start_epoch >= decide_at:
+    # Decided before the interruption: the schedule follows the checkpoint.
+    _set_length(trainer, int(trainer.num_epochs.numpy()), decide_at,
+                steps_per_epoch)
   history = [r for r in rundir.read_history(run.workdir)
              if int(r["epoch"]) <= start_epoch] if latest else []
 
@@ -577,11 +594,13 @@ def _train_and_evaluate(config: TrainConfig, strategy,
                if chief and config.tensorboard else None)
 
   epoch_times, step_times = [], []
-  for epoch in range(start_epoch, config.epochs):
+  epoch = start_epoch
+  while epoch < int(trainer.num_epochs.numpy()):
+    num_epochs = int(trainer.num_epochs.numpy())
     trainer.train_metrics.reset()
     done = start_step - epoch * steps_per_epoch if epoch == start_epoch else 0
     done = min(max(done, 0), steps_per_epoch)
-    bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}",
+    bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{num_epochs}",
                     chief and not config.log_every_steps)
     bar.update(done)
     t0 = time.perf_counter()
@@ -632,13 +651,16 @@ def _train_and_evaluate(config: TrainConfig, strategy,
     if chief:
       rundir.write_history(run, history)
       _summaries(tb_writer, row, epoch + 1)
+    if budgeted and epoch + 1 == decide_at:
+      num_epochs = _fit_to_budget(config, trainer, history, row,
+                                  steps_per_epoch, val_time, decide_at)
     logging.info(
         "epoch %d/%d: loss %.4f acc %.4f auc %.4f | val_loss %s val_acc %s "
         "val_auc %s | %.1f s, %.0f img/s, lr %.3g%s", epoch + 1,
-        config.epochs, row["loss"], row["accuracy"], row["auc"],
+        num_epochs, row["loss"], row["accuracy"], row["auc"],
         _fmt(row["val_loss"]), _fmt(row["val_accuracy"]), _fmt(row["val_auc"]),
         row["epoch_time_s"], row["images_per_s"], row["lr"],
-        _eta(epoch_times, config.epochs - epoch - 1))
+        _eta(epoch_times, num_epochs - epoch - 1))
     trainer.epoch.assign(epoch + 1)
     val_auc = row["val_auc"]
     if val_auc is not None and math.isfinite(val_auc) and (
@@ -650,9 +672,54 @@ def _train_and_evaluate(config: TrainConfig, strategy,
         if chief:
           artifacts.save_keras_model(trainer.model, run.best_model)
     latest_saver.save(int(trainer.step.numpy()))
+    epoch += 1
 
   return _finish(config, trainer, plan, run, chief, history, epoch_times,
                  step_times, num_params, write_dir)
+
+
+def _set_length(trainer: Trainer, num_epochs: int, decide_at: int,
+                steps_per_epoch: int) -> None:
+  """Sets a budgeted run's length and its cosine's decay to match."""
+  trainer.num_epochs.assign(num_epochs)
+  if hasattr(trainer.lr_schedule, "set_decay_steps"):
+    trainer.lr_schedule.set_decay_steps(
+        (num_epochs - decide_at) * steps_per_epoch)
+
+
+def _fit_to_budget(config: TrainConfig, trainer: Trainer, history: list,
+                   row: dict, steps_per_epoch: int, val_time: float,
+                   decide_at: int) -> int:
+  """Fixes a budgeted run's number of epochs at the end of epoch decide_at.
+
+  The pace is this epoch's time per step times a full epoch, plus its
+  validation (right after a mid-epoch resume the epoch's own wall time
+  would cover only part of it). Workers average their figures, so every
+  worker decides the same length.
+
+  Returns:
+    The run's number of epochs.
+  """
+  from hcd.train import schedule  # pylint: disable=g-import-not-at-top
+  elapsed = sum(r.get("epoch_time_s") or 0.0 for r in history)
+  pace = row["step_time_s"] * steps_per_epoch + val_time
+  elapsed, pace = runtime.mean_across_workers(trainer.strategy,
+                                              [elapsed, pace])
+  budget_s = 60.0 * config.time_budget_min
+  num_epochs = schedule.budget_epochs(budget_s, elapsed, pace, decide_at,
+                                      config.epochs)
+  _set_length(trainer, num_epochs, decide_at, steps_per_epoch)
+  end = elapsed + (num_epochs - decide_at) * pace
+  logging.info(
+      "time budget %.1f min: %d epochs took %.1f min, %.0f s per epoch; "
+      "training %d epochs in all (--epochs=%d)%s, ending at about %.1f "
+      "min%s", config.time_budget_min, decide_at, elapsed / 60, pace,
+      num_epochs, config.epochs,
+      f"; the learning rate anneals over the last {num_epochs - decide_at}"
+      if config.lr_schedule == "cosine" else "",
+      end / 60, " (over the budget: at least one epoch is left to anneal)"
+      if end > budget_s else "")
+  return num_epochs
 
 
 def _start_run_dir(run: rundir.RunDir, flags_text: str | None,
@@ -790,7 +857,7 @@ def _finish(config, trainer, plan, run, chief, history, epoch_times,
   best_epoch = int(trainer.best_epoch.numpy())
   if plan.val is None or best_epoch == 0:
     artifacts.save_keras_model(trainer.model, run.best_model)
-    best_epoch = config.epochs
+    best_epoch = len(history)
   y_true = y_prob = None
   if plan.val is not None:
     ds = pipeline.eval_dataset(plan.val, config.batch_size, with_ids=True)

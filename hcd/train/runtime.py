@@ -302,6 +302,26 @@ def barrier(strategy: tf.distribute.Strategy) -> None:
     all_reduce()
 
 
+def mean_across_workers(strategy: tf.distribute.Strategy,
+                        values: list[float]) -> list[float]:
+  """The mean of `values` over all workers (the values themselves on one).
+
+  For decisions every worker must take alike, from figures (timings) that
+  differ between them.
+  """
+  extended = strategy.extended
+  if not extended._in_multi_worker_mode():  # pylint: disable=protected-access
+    return list(values)
+  local = tf.constant(values, tf.float64)
+
+  @tf.function
+  def all_reduce():
+    value = strategy.run(lambda: tf.identity(local))
+    return strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
+
+  return [float(v) for v in all_reduce().numpy()]
+
+
 def onednn_enabled() -> bool | None:
   """Whether TensorFlow runs CPU ops through oneDNN (None if it cannot tell).
 

@@ -1,0 +1,95 @@
+"""Tests of hcd.train.schedule: the held cosine and the time budget's sums."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from hcd.train import schedule
+
+
+def _values(lr, steps):
+  return np.array([float(lr(tf.constant(s, tf.int64))) for s in steps])
+
+
+def test_without_a_hold_it_is_keras_cosine_decay():
+  steps = [0, 1, 5, 9, 10, 11, 37, 63, 99, 100, 130]
+  held = schedule.HeldCosineDecay(2e-3, warmup_steps=10, hold_steps=10,
+                                  decay_steps=90)
+  ref = keras.optimizers.schedules.CosineDecay(
+      2e-5, decay_steps=90, alpha=0.0, warmup_target=2e-3, warmup_steps=10)
+  np.testing.assert_allclose(_values(held, steps), _values(ref, steps),
+                             rtol=1e-6, atol=1e-12)
+
+
+def test_the_peak_holds_then_the_cosine_runs_late():
+  held = schedule.HeldCosineDecay(1.0, warmup_steps=10, hold_steps=30,
+                                  decay_steps=40)
+  warm = _values(held, range(0, 11))
+  assert warm[0] == pytest.approx(0.01) and np.all(np.diff(warm) > 0)
+  np.testing.assert_allclose(_values(held, range(10, 31)), 1.0, rtol=1e-6)
+  after = _values(held, [30, 40, 50, 70, 90])
+  want = [0.5 * (1 + math.cos(math.pi * t / 40)) for t in (0, 10, 20, 40, 40)]
+  np.testing.assert_allclose(after, want, rtol=1e-5, atol=1e-7)
+
+
+def test_decay_length_changes_inside_a_traced_function():
+  held = schedule.HeldCosineDecay(1.0, warmup_steps=0, hold_steps=20,
+                                  decay_steps=100)
+  traces = []
+
+  @tf.function
+  def lr_at(step):
+    traces.append(1)
+    return held(step)
+
+  s = tf.constant(45, tf.int64)  # 25 steps into the decay.
+  assert float(lr_at(s)) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+  held.set_decay_steps(50)
+  assert float(lr_at(s)) == pytest.approx(0.5)
+  assert float(lr_at(tf.constant(70, tf.int64))) == pytest.approx(0.0)
+  assert len(traces) == 1
+  assert held.get_config()["decay_steps"] == 50
+
+
+def test_bad_schedule_arguments_are_rejected():
+  with pytest.raises(ValueError, match="hold_steps 5 < warmup_steps 10"):
+    schedule.HeldCosineDecay(1.0, warmup_steps=10, hold_steps=5,
+                             decay_steps=5)
+  with pytest.raises(ValueError, match="decay_steps must be >= 1"):
+    schedule.HeldCosineDecay(1.0, warmup_steps=0, hold_steps=0,
+                             decay_steps=0)
+
+
+def test_budget_epochs():
+  # 30 min budget, 2 epochs took 10 min, 4 min per epoch: 5 more fit.
+  assert schedule.budget_epochs(1800, 600, 240, 2, 22) == 7
+  # Capped by --epochs.
+  assert schedule.budget_epochs(1800, 600, 60, 2, 10) == 10
+  # Over budget already: one epoch to anneal in.
+  assert schedule.budget_epochs(1800, 1900, 240, 2, 22) == 3
+  assert schedule.budget_epochs(1800, 1700, 240, 2, 22) == 3
+  # Exactly fits.
+  assert schedule.budget_epochs(1800, 600, 300, 2, 22) == 6
+
+
+def test_which_runs_a_budget_changes():
+  assert schedule.decision_epoch(0) == 2
+  assert schedule.decision_epoch(1) == 2
+  assert schedule.decision_epoch(2.5) == 3
+  assert schedule.budget_active(30, 22, 1)
+  assert not schedule.budget_active(0, 22, 1)
+  assert not schedule.budget_active(30, 2, 1)  # Nothing left to cut.
+
+
+def test_make_schedule_picks_the_plain_cosine_without_a_budget():
+  plain = schedule.make_schedule("cosine", 1e-3, 10, 100, 1)
+  assert type(plain) is keras.optimizers.schedules.CosineDecay
+  assert plain.decay_steps == 900 and plain.warmup_steps == 100
+  held = schedule.make_schedule("cosine", 1e-3, 10, 100, 1,
+                                time_budget_min=30)
+  assert isinstance(held, schedule.HeldCosineDecay)
+  assert held.hold_steps == 200 and held.get_config()["decay_steps"] == 800
+  assert schedule.make_schedule("constant", 1e-3, 10, 100, 1, 30) == 1e-3
