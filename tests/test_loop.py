@@ -374,6 +374,28 @@ def test_time_budget_sets_the_length_and_anneals_within_it(shards_dir,
   assert history[3]["lr"] == pytest.approx(0.0, abs=1e-9)
 
 
+def test_time_budget_can_end_with_a_short_epoch(shards_dir, tmp_path,
+                                                monkeypatch):
+  # Whatever the timings, say the budget left room for 2 whole epochs and
+  # 2 steps after epoch 2: the run trains 4 + 4 + 4 + 4 + 2 steps, the
+  # short fifth epoch validated like the others, the cosine at 0 there.
+  from hcd.train import schedule  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(schedule, "budget_steps", lambda *a: 18)
+  workdir = tmp_path / "run"
+  config = _config(shards_dir, workdir, epochs=8, lr_schedule="cosine",
+                   warmup_epochs=1, time_budget_min=30)
+  loop.train_and_evaluate(config, strategy=_strategy())
+  history = json.load(open(workdir / "history.json"))
+  assert [r["epoch"] for r in history] == [1, 2, 3, 4, 5]
+  assert history[4]["val_auc"] is not None
+  assert history[3]["lr"] > 0
+  assert history[4]["lr"] == pytest.approx(0.0, abs=1e-9)
+  ckpt = tf.train.load_checkpoint(tf.train.latest_checkpoint(
+      str(workdir / "checkpoints")))
+  assert ckpt.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE") == 18
+  assert ckpt.get_tensor("total_steps/.ATTRIBUTES/VARIABLE_VALUE") == 18
+
+
 def test_time_budget_must_not_be_negative(shards_dir, tmp_path):
   with pytest.raises(ConfigError, match="time_budget_min must be >= 0"):
     _config(shards_dir, tmp_path, time_budget_min=-1).validate()

@@ -63,16 +63,21 @@ def test_bad_schedule_arguments_are_rejected():
                              decay_steps=0)
 
 
-def test_budget_epochs():
-  # 30 min budget, 2 epochs took 10 min, 4 min per epoch: 5 more fit.
-  assert schedule.budget_epochs(1800, 600, 240, 2, 22) == 7
+def test_budget_steps():
+  # Epochs of 100 steps at 2 s plus 40 s of validation (240 s); 30 min
+  # budget, 2 epochs (200 steps) took 8 min: 5 whole epochs fit (20 min),
+  # and of the 2 min left, 80 s train 40 steps before a last validation.
+  assert schedule.budget_steps(1800, 480, 2.0, 40, 200, 100, 2200) == 740
+  # Whole epochs only, when nothing is left after them.
+  assert schedule.budget_steps(1800, 600, 2.0, 40, 200, 100, 2200) == 700
+  assert schedule.budget_steps(1800, 840, 2.0, 40, 200, 100, 2200) == 600
+  # Left time shorter than a validation pass: no short epoch.
+  assert schedule.budget_steps(1800, 820, 2.0, 40, 200, 100, 2200) == 600
   # Capped by --epochs.
-  assert schedule.budget_epochs(1800, 600, 60, 2, 10) == 10
-  # Over budget already: one epoch to anneal in.
-  assert schedule.budget_epochs(1800, 1900, 240, 2, 22) == 3
-  assert schedule.budget_epochs(1800, 1700, 240, 2, 22) == 3
-  # Exactly fits.
-  assert schedule.budget_epochs(1800, 600, 300, 2, 22) == 6
+  assert schedule.budget_steps(1800, 600, 0.1, 10, 200, 100, 1000) == 1000
+  # Over budget already: one whole epoch to anneal in.
+  assert schedule.budget_steps(1800, 1900, 2.0, 40, 200, 100, 2200) == 300
+  assert schedule.budget_steps(1800, 1700, 2.0, 40, 200, 100, 2200) == 300
 
 
 def test_which_runs_a_budget_changes():

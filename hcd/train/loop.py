@@ -176,10 +176,12 @@ class Trainer:
                                   name="best_auc")
       self.best_epoch = tf.Variable(0, dtype=tf.int64, trainable=False,
                                     name="best_epoch")
-      # The run's length: --epochs, or what its time budget allows once
-      # it is known (checkpointed, so a resumed run keeps the decision).
-      self.num_epochs = tf.Variable(config.epochs, dtype=tf.int64,
-                                    trainable=False, name="num_epochs")
+      # The run's length in steps: --epochs whole epochs, or what its time
+      # budget allows once that is known (checkpointed, so a resumed run
+      # keeps the decision).
+      self.total_steps = tf.Variable(config.epochs * steps_per_epoch,
+                                     dtype=tf.int64, trainable=False,
+                                     name="total_steps")
     self._nontrainable = list(self.model.non_trainable_variables)
     self._seed_index = [i for i, v in enumerate(self._nontrainable)
                         if v.name == _SEED_STATE]
@@ -555,7 +557,7 @@ def _train_and_evaluate(config: TrainConfig, strategy,
                                     config.warmup_epochs)
   decide_at = schedule.decision_epoch(config.warmup_epochs)
   if budgeted:
-    ckpt.num_epochs = trainer.num_epochs
+    ckpt.total_steps = trainer.total_steps
   best_ckpt = tf.train.Checkpoint(model=trainer.model, epoch=trainer.epoch,
                                   best_auc=trainer.best_auc)
   temp_dir = None if chief else write_dir
@@ -570,7 +572,7 @@ def _train_and_evaluate(config: TrainConfig, strategy,
   start_step = int(trainer.step.numpy())
   if budgeted and start_epoch >= decide_at:
     # Decided before the interruption: the schedule follows the checkpoint.
-    _set_length(trainer, int(trainer.num_epochs.numpy()), decide_at,
+    _set_length(trainer, int(trainer.total_steps.numpy()), decide_at,
                 steps_per_epoch)
   history = [r for r in rundir.read_history(run.workdir)
              if int(r["epoch"]) <= start_epoch] if latest else []
@@ -595,19 +597,22 @@ def _train_and_evaluate(config: TrainConfig, strategy,
 
   epoch_times, step_times = [], []
   epoch = start_epoch
-  while epoch < int(trainer.num_epochs.numpy()):
-    num_epochs = int(trainer.num_epochs.numpy())
+  while epoch * steps_per_epoch < int(trainer.total_steps.numpy()):
+    total_steps = int(trainer.total_steps.numpy())
+    num_epochs = -(-total_steps // steps_per_epoch)
+    # Whole epochs, but a time budget's last epoch may be shorter.
+    epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
     trainer.train_metrics.reset()
     done = start_step - epoch * steps_per_epoch if epoch == start_epoch else 0
-    done = min(max(done, 0), steps_per_epoch)
-    bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{num_epochs}",
+    done = min(max(done, 0), epoch_steps)
+    bar = _progress(epoch_steps, f"epoch {epoch + 1}/{num_epochs}",
                     chief and not config.log_every_steps)
     bar.update(done)
     t0 = time.perf_counter()
     trained = 0
     next_log = config.log_every_steps
-    while done < steps_per_epoch:
-      n = min(config.steps_per_loop, steps_per_epoch - done)
+    while done < epoch_steps:
+      n = min(config.steps_per_loop, epoch_steps - done)
       if config.checkpoint_every_steps:
         n = min(n, config.checkpoint_every_steps -
                 int(trainer.step.numpy()) % config.checkpoint_every_steps)
@@ -617,7 +622,7 @@ def _train_and_evaluate(config: TrainConfig, strategy,
       bar.update(n)
       if config.checkpoint_every_steps and (
           int(trainer.step.numpy()) % config.checkpoint_every_steps == 0) \
-          and done < steps_per_epoch:
+          and done < epoch_steps:
         latest_saver.save(int(trainer.step.numpy()))
       if config.log_every_steps and trained >= next_log:
         next_log += config.log_every_steps
@@ -625,7 +630,7 @@ def _train_and_evaluate(config: TrainConfig, strategy,
         elapsed = time.perf_counter() - t0
         if chief:
           logging.info("epoch %d step %d/%d: loss %.4f acc %.4f auc %.4f, "
-                       "%.0f img/s", epoch + 1, done, steps_per_epoch,
+                       "%.0f img/s", epoch + 1, done, epoch_steps,
                        m["loss"], m["accuracy"], m["auc"],
                        trained * global_batch / max(elapsed, 1e-9))
     bar.close()
@@ -678,47 +683,52 @@ def _train_and_evaluate(config: TrainConfig, strategy,
                  step_times, num_params, write_dir)
 
 
-def _set_length(trainer: Trainer, num_epochs: int, decide_at: int,
+def _set_length(trainer: Trainer, total_steps: int, decide_at: int,
                 steps_per_epoch: int) -> None:
   """Sets a budgeted run's length and its cosine's decay to match."""
-  trainer.num_epochs.assign(num_epochs)
+  trainer.total_steps.assign(total_steps)
   if hasattr(trainer.lr_schedule, "set_decay_steps"):
     trainer.lr_schedule.set_decay_steps(
-        (num_epochs - decide_at) * steps_per_epoch)
+        total_steps - decide_at * steps_per_epoch)
 
 
 def _fit_to_budget(config: TrainConfig, trainer: Trainer, history: list,
                    row: dict, steps_per_epoch: int, val_time: float,
                    decide_at: int) -> int:
-  """Fixes a budgeted run's number of epochs at the end of epoch decide_at.
+  """Fixes a budgeted run's length at the end of epoch decide_at.
 
-  The pace is this epoch's time per step times a full epoch, plus its
-  validation (right after a mid-epoch resume the epoch's own wall time
-  would cover only part of it). Workers average their figures, so every
-  worker decides the same length.
+  The pace is this epoch's time per step and its validation time (right
+  after a mid-epoch resume the epoch's own wall time would cover only part
+  of it). Workers average their figures, so every worker decides the same
+  length.
 
   Returns:
-    The run's number of epochs.
+    The run's number of epochs (the last one may be shorter).
   """
   from hcd.train import schedule  # pylint: disable=g-import-not-at-top
   elapsed = sum(r.get("epoch_time_s") or 0.0 for r in history)
-  pace = row["step_time_s"] * steps_per_epoch + val_time
-  elapsed, pace = runtime.mean_across_workers(trainer.strategy,
-                                              [elapsed, pace])
+  elapsed, step_s, val_s = runtime.mean_across_workers(
+      trainer.strategy, [elapsed, row["step_time_s"], val_time])
   budget_s = 60.0 * config.time_budget_min
-  num_epochs = schedule.budget_epochs(budget_s, elapsed, pace, decide_at,
-                                      config.epochs)
-  _set_length(trainer, num_epochs, decide_at, steps_per_epoch)
-  end = elapsed + (num_epochs - decide_at) * pace
+  done = decide_at * steps_per_epoch
+  total = schedule.budget_steps(budget_s, elapsed, step_s, val_s, done,
+                                steps_per_epoch,
+                                config.epochs * steps_per_epoch)
+  _set_length(trainer, total, decide_at, steps_per_epoch)
+  whole, partial = divmod(total, steps_per_epoch)
+  num_epochs = whole + (partial > 0)
+  end = elapsed + (total - done) * step_s + (num_epochs - decide_at) * val_s
   logging.info(
       "time budget %.1f min: %d epochs took %.1f min, %.0f s per epoch; "
-      "training %d epochs in all (--epochs=%d)%s, ending at about %.1f "
-      "min%s", config.time_budget_min, decide_at, elapsed / 60, pace,
-      num_epochs, config.epochs,
-      f"; the learning rate anneals over the last {num_epochs - decide_at}"
+      "training %d epochs in all (--epochs=%d)%s%s, ending at about %.1f "
+      "min%s", config.time_budget_min, decide_at, elapsed / 60,
+      steps_per_epoch * step_s + val_s, num_epochs, config.epochs,
+      f", the last with {partial} of {steps_per_epoch} steps" if partial
+      else "",
+      f"; the learning rate anneals over the last {total - done} steps"
       if config.lr_schedule == "cosine" else "",
       end / 60, " (over the budget: at least one epoch is left to anneal)"
-      if end > budget_s else "")
+      if end > budget_s + 1 else "")
   return num_epochs
 
 

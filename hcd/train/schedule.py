@@ -10,10 +10,11 @@ measures its own pace and fits the whole schedule into the budget:
   * epochs 1..D run as usual: the linear warm-up, then the peak learning
     rate held. D = max(2, ceil(warmup_epochs)): epoch 1 also traces the step
     functions, so epoch D is the first whose time is the run's pace.
-  * at the end of epoch D the run sets its number of epochs to what fits in
-    the budget at that pace (at most --epochs, at least D + 1 so that the
-    cosine has an epoch to anneal), and the cosine decays to 0 over the
-    epochs after D.
+  * at the end of epoch D the run sets its length to what fits in the
+    budget at that pace: whole epochs, then a shorter last one with the
+    steps still left (at most --epochs, at least D + 1 so that the cosine
+    has an epoch to anneal), and the cosine decays to 0 over the steps after
+    epoch D.
 
 Without a budget the schedule is Keras' CosineDecay with linear warm-up,
 unchanged. The budget counts the epochs' wall time, training and
@@ -96,24 +97,36 @@ def budget_active(time_budget_min: float, epochs: int,
   return time_budget_min > 0 and epochs > decision_epoch(warmup_epochs)
 
 
-def budget_epochs(budget_s: float, elapsed_s: float, pace_s: float,
-                  epochs_done: int, max_epochs: int) -> int:
-  """How many epochs a run trains in all, given its budget and pace.
+def budget_steps(budget_s: float, elapsed_s: float, step_s: float,
+                 val_s: float, steps_done: int, steps_per_epoch: int,
+                 max_steps: int) -> int:
+  """How many steps a run trains in all, given its budget and pace.
+
+  Whole epochs first, then a shorter last epoch with the steps that still
+  fit (every epoch, the short one too, ends with a validation pass), so the
+  budget is used instead of rounded down to whole epochs.
 
   Args:
     budget_s: the time budget in seconds.
     elapsed_s: time its epochs have taken so far.
-    pace_s: time of one epoch (training and validation).
-    epochs_done: epochs trained so far.
-    max_epochs: the most epochs to train (--epochs).
+    step_s: time of one training step.
+    val_s: time of one validation pass.
+    steps_done: steps trained so far (whole epochs).
+    steps_per_epoch: steps of a whole epoch.
+    max_steps: the most steps to train (--epochs whole epochs).
 
   Returns:
-    epochs_done plus the whole epochs that fit in what is left of the
-    budget, at least epochs_done + 1 (one epoch to anneal in) and at most
-    max_epochs.
+    The total number of steps: at least steps_done + steps_per_epoch (one
+    epoch to anneal in), at most max_steps.
   """
-  fit = math.floor((budget_s - elapsed_s) / max(pace_s, 1e-9))
-  return max(epochs_done + 1, min(max_epochs, epochs_done + fit))
+  step_s = max(step_s, 1e-9)
+  epoch_s = steps_per_epoch * step_s + val_s
+  left = budget_s - elapsed_s
+  whole = max(0, math.floor(left / epoch_s))
+  partial = max(0, math.floor((left - whole * epoch_s - val_s) / step_s))
+  total = steps_done + whole * steps_per_epoch + min(partial,
+                                                     steps_per_epoch - 1)
+  return max(steps_done + steps_per_epoch, min(max_steps, total))
 
 
 def make_schedule(lr_schedule: str, learning_rate: float, epochs: int,
