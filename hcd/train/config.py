@@ -138,10 +138,12 @@ class TrainConfig:
       0.0, "Wall-clock minutes for the epochs (training and validation; "
       "start-up and the final artifacts come on top). After epoch "
       "max(2, ceil(warmup_epochs)) the run measures its pace and trains the "
-      "epochs that fit, at most --epochs; with the cosine schedule the peak "
-      "learning rate holds until then and the cosine anneals to 0 over the "
-      "epochs left, so the model is annealed when the budget ends. "
-      "0: no budget, train --epochs.", group="model")
+      "whole epochs that fit, then a shorter last one with the steps still "
+      "left (at most --epochs); with the cosine schedule the peak learning "
+      "rate holds until then and the cosine anneals to 0 over the steps "
+      "left, so the model is annealed when the budget ends. The decision is "
+      "logged and checkpointed. 0: no budget, train --epochs.",
+      group="model")
   label_smoothing: float = setting(0.0, "Binary label smoothing.",
                                    group="model")
   ema_decay: float = setting(
