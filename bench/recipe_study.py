@@ -61,6 +61,9 @@ EXPERIMENTS = {
     "down64_budget29": ("combined: input resized to 64 px + "
                         "--time_budget_min=29",
                         ["--model_override=size=64", "--time_budget_min=29"]),
+    "down72_budget29": ("combined: input resized to 72 px + "
+                        "--time_budget_min=29",
+                        ["--model_override=size=72", "--time_budget_min=29"]),
     "stain0": ("no H&E stain jitter", ["--stain_jitter=0"]),
     "p4m_bs128": ("combined: P4M + batch 128, lr 4e-3",
                   ["--model=p4m_resnet", "--batch_size=128",
