@@ -291,15 +291,7 @@ def barrier(strategy: tf.distribute.Strategy) -> None:
   Used at the end of a multi-worker run: a worker that exits while another
   is still writing artifacts makes the latter's coordination heartbeats fail.
   """
-  extended = strategy.extended
-  if extended._in_multi_worker_mode():  # pylint: disable=protected-access
-
-    @tf.function
-    def all_reduce():
-      value = strategy.run(lambda: tf.constant(1.0))
-      return strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
-
-    all_reduce()
+  mean_across_workers(strategy, [1.0])
 
 
 def mean_across_workers(strategy: tf.distribute.Strategy,
