@@ -399,3 +399,56 @@ def test_time_budget_can_end_with_a_short_epoch(shards_dir, tmp_path,
 def test_time_budget_must_not_be_negative(shards_dir, tmp_path):
   with pytest.raises(ConfigError, match="time_budget_min must be >= 0"):
     _config(shards_dir, tmp_path, time_budget_min=-1).validate()
+
+
+def _ckpt_weights(workdir, step, **overrides):
+  """The model weights (in order) in a run's checkpoint after `step`."""
+  from hcd import models  # pylint: disable=g-import-not-at-top
+  model = models.build_model("resnet", **overrides)
+  tf.train.Checkpoint(model=model).read(
+      str(workdir / "checkpoints" / f"ckpt-{step}")).expect_partial()
+  return [np.array(v) for v in model.weights]
+
+
+def test_progressive_resizing_trains_small_then_full(shards_dir, tmp_path):
+  # Epoch 1 of a progressive run must be exactly epoch 1 of a run whose
+  # model resizes to 48 px; epoch 2 must then train at 96 px, i.e. differ
+  # from that run, and validation/saved models use the full input.
+  net = {"widths": (8,), "stem_widths": (8,), "dropout": 0.0}
+  kw = dict(model="resnet", epochs=2, lr_schedule="constant")
+  prog = tmp_path / "prog"
+  loop.train_and_evaluate(
+      _config(shards_dir, prog, progressive_size=48, progressive_epochs=1,
+              model_overrides=net, **kw), strategy=_strategy())
+  small = tmp_path / "small"
+  loop.train_and_evaluate(
+      _config(shards_dir, small, model_overrides={**net, "size": 48}, **kw),
+      strategy=_strategy())
+  a1 = _ckpt_weights(prog, 4, **net)
+  b1 = _ckpt_weights(small, 4, **net, size=48)
+  assert len(a1) == len(b1) > 4
+  for a, b in zip(a1, b1):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  a2 = _ckpt_weights(prog, 8, **net)
+  b2 = _ckpt_weights(small, 8, **net, size=48)
+  assert any(not np.allclose(a, b, rtol=1e-4, atol=1e-5)
+             for a, b in zip(a2, b2))
+  assert any(not np.allclose(a, b) for a, b in zip(a1, a2))
+  model = keras.models.load_model(str(prog / "model.keras"))
+  assert "resize" not in [layer.name for layer in model.layers]
+  assert json.load(open(prog / "config.json"))["progressive_size"] == 48
+
+
+def test_progressive_resizing_settings_are_validated(shards_dir, tmp_path):
+  with pytest.raises(ConfigError, match="progressive_epochs must be in 1..1"):
+    _config(shards_dir, tmp_path, progressive_size=48,
+            progressive_epochs=2).validate()
+  with pytest.raises(ConfigError, match="progressive_size must be >= 8"):
+    _config(shards_dir, tmp_path, progressive_epochs=1).validate()
+  with pytest.raises(ConfigError, match="exclude each other"):
+    _config(shards_dir, tmp_path, progressive_size=48, progressive_epochs=1,
+            time_budget_min=5).validate()
+  with pytest.raises(ConfigError, match="needs a model with a `size`"):
+    loop.train_and_evaluate(
+        _config(shards_dir, tmp_path / "tiny", progressive_size=48,
+                progressive_epochs=1), strategy=_strategy())

@@ -144,6 +144,16 @@ class TrainConfig:
       "left, so the model is annealed when the budget ends. The decision is "
       "logged and checkpointed. 0: no budget, train --epochs.",
       group="model")
+  progressive_size: int = setting(
+      0, "Progressive resizing: the first --progressive_epochs epochs train "
+      "on the input resized to this many px inside the model (bilinear, "
+      "keeping the whole patch; cheaper per image), the rest at the model's "
+      "own input, which validation, TTA and every saved model use. The "
+      "model must take a `size` override (the ResNets do). 0: off.",
+      group="model")
+  progressive_epochs: int = setting(
+      0, "Epochs at --progressive_size before the model's own input; fewer "
+      "than --epochs.", group="model")
   label_smoothing: float = setting(0.0, "Binary label smoothing.",
                                    group="model")
   ema_decay: float = setting(
@@ -247,6 +257,17 @@ class TrainConfig:
     check(self.warmup_epochs >= 0, "warmup_epochs must be >= 0")
     check(self.time_budget_min >= 0,
           f"time_budget_min must be >= 0, got {self.time_budget_min}")
+    if self.progressive_size or self.progressive_epochs:
+      check(self.progressive_size >= 8,
+            f"progressive_size must be >= 8 px, got {self.progressive_size}")
+      check(0 < self.progressive_epochs < self.epochs,
+            f"progressive_epochs must be in 1..{self.epochs - 1} (fewer than "
+            f"--epochs={self.epochs}), got {self.progressive_epochs}")
+      # The budget measures its pace at the decision epoch; at the smaller
+      # input that pace would under-count the full-size epochs after it.
+      check(not self.time_budget_min, "progressive_size and time_budget_min "
+            "exclude each other: the budget's pace, measured on the smaller "
+            "input, would not hold for the full-size epochs")
     check(self.weight_decay >= 0.0,
           f"weight_decay must be >= 0, got {self.weight_decay}")
     check(0.0 <= self.ema_decay < 1.0,
