@@ -64,10 +64,10 @@ EXPERIMENTS = {
     "down72_budget29": ("combined: input resized to 72 px + "
                         "--time_budget_min=29",
                         ["--model_override=size=72", "--time_budget_min=29"]),
-    "prog64_e9": ("progressive resizing: 7 epochs on the input resized to "
-                  "64 px, then 2 at 96 px (9 in all, one cosine)",
-                  ["--progressive_size=64", "--progressive_epochs=7",
-                   "--epochs=9"]),
+    "prog64_e11": ("progressive resizing: 8 epochs on the input resized to "
+                   "64 px, then 3 at 96 px (11 in all, one cosine)",
+                   ["--progressive_size=64", "--progressive_epochs=8",
+                    "--epochs=11"]),
     "prog64_e10": ("progressive resizing: 8 epochs at 64 px, then 2 at "
                    "96 px (10 in all, one cosine)",
                    ["--progressive_size=64", "--progressive_epochs=8",
