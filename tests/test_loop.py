@@ -343,6 +343,18 @@ def test_eta_skips_the_tracing_epoch_and_ends_at_zero():
   assert loop._eta([], 5) == ""
 
 
+def test_eta_counts_full_size_epochs_by_pixels_while_small(tmp_path):
+  config = _config(str(tmp_path), tmp_path, epochs=10, progressive_size=64,
+                   progressive_epochs=8)
+  # After epoch 3 of 10: 4 more at 64 px, then 2 at 96 px = 2.25 each.
+  assert loop._epochs_left(config, 3, 10) == pytest.approx(4 + 2 * 2.25)
+  assert loop._epochs_left(config, 8, 10) == 1  # Full size: measured.
+  config.model_overrides = {"size": 80}
+  assert loop._epochs_left(config, 7, 10) == pytest.approx(2 * 1.5625)
+  assert loop._epochs_left(_config(str(tmp_path), tmp_path, epochs=10), 3,
+                           10) == 6
+
+
 def test_time_budget_sets_the_length_and_anneals_within_it(shards_dir,
                                                            tmp_path):
   # A budget too short for more than the decision epoch (2) and one to
