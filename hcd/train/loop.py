@@ -638,8 +638,8 @@ def _train_and_evaluate(config: TrainConfig, strategy,
 
   epoch_times, step_times = [], []
   # The ETA comes from the epochs at the current input size (progressive
-  # resizing changes the cost per epoch).
-  phase_times = []
+  # resizing changes the cost per epoch): epoch_times[phase_start:].
+  phase_start = 0
   epoch = start_epoch
   while epoch * steps_per_epoch < int(trainer.total_steps.numpy()):
     total_steps = int(trainer.total_steps.numpy())
@@ -654,7 +654,7 @@ def _train_and_evaluate(config: TrainConfig, strategy,
                    epoch + 1, f"resized to {config.progressive_size} px"
                    if small else "at the model's own size")
       if epoch == config.progressive_epochs:
-        phase_times = []
+        phase_start = len(epoch_times)
     done = start_step - epoch * steps_per_epoch if epoch == start_epoch else 0
     done = min(max(done, 0), epoch_steps)
     bar = _progress(epoch_steps, f"epoch {epoch + 1}/{num_epochs}",
@@ -703,7 +703,6 @@ def _train_and_evaluate(config: TrainConfig, strategy,
     })
     if trained:
       epoch_times.append(row["epoch_time_s"])
-      phase_times.append(row["epoch_time_s"])
       step_times.append(row["step_time_s"])
     history.append(row)
     if chief:
@@ -718,7 +717,8 @@ def _train_and_evaluate(config: TrainConfig, strategy,
         num_epochs, row["loss"], row["accuracy"], row["auc"],
         _fmt(row["val_loss"]), _fmt(row["val_accuracy"]), _fmt(row["val_auc"]),
         row["epoch_time_s"], row["images_per_s"], row["lr"],
-        _eta(phase_times, _epochs_left(config, epoch, num_epochs)))
+        _eta(epoch_times[phase_start:],
+             _epochs_left(config, epoch, num_epochs)))
     trainer.epoch.assign(epoch + 1)
     val_auc = row["val_auc"]
     if val_auc is not None and math.isfinite(val_auc) and (
