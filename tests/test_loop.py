@@ -7,6 +7,7 @@ runs are in test_train_cli.py and test_multiworker.py.
 
 import csv
 import json
+import math
 import os
 
 import keras
@@ -392,7 +393,7 @@ def test_time_budget_can_end_with_a_short_epoch(shards_dir, tmp_path,
   # 2 steps after epoch 2: the run trains 4 + 4 + 4 + 4 + 2 steps, the
   # short fifth epoch validated like the others, the cosine at 0 there.
   from hcd.train import schedule  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(schedule, "budget_steps", lambda *a: 18)
+  monkeypatch.setattr(schedule, "budget_steps", lambda *a, **k: 18)
   workdir = tmp_path / "run"
   config = _config(shards_dir, workdir, epochs=8, lr_schedule="cosine",
                    warmup_epochs=1, time_budget_min=30)
@@ -406,6 +407,48 @@ def test_time_budget_can_end_with_a_short_epoch(shards_dir, tmp_path,
       str(workdir / "checkpoints")))
   assert ckpt.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE") == 18
   assert ckpt.get_tensor("total_steps/.ATTRIBUTES/VARIABLE_VALUE") == 18
+
+
+def test_time_budget_is_planned_again_after_each_epoch(shards_dir, tmp_path,
+                                                      monkeypatch):
+  # The budget first allows 7 epochs of 4 steps (28), then, as if the box
+  # slowed down, 18 steps from epoch 3 on. The run ends after a 2-step fifth
+  # epoch, and the learning rate follows one continuous cosine: at step 12
+  # where the first plan put it, then annealed to 0 over the 6 steps left.
+  # The run is interrupted after epoch 4 and resumed: the restored schedule
+  # carries on where the re-plan left it.
+  from hcd.train import schedule  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  def fake_budget(*args, min_steps=None):
+    calls.append((args[4], min_steps))  # steps done, minimum.
+    if len(calls) == 3 and crash:
+      raise RuntimeError("killed")
+    return 28 if len(calls) == 1 else 18
+
+  monkeypatch.setattr(schedule, "budget_steps", fake_budget)
+  workdir = tmp_path / "run"
+  config = _config(shards_dir, workdir, epochs=8, lr_schedule="cosine",
+                   warmup_epochs=1, time_budget_min=30)
+  crash = True
+  with pytest.raises(RuntimeError, match="killed"):
+    loop.train_and_evaluate(config, strategy=_strategy())
+  assert calls == [(8, None), (12, 1), (16, 1)]
+  crash = False
+  loop.train_and_evaluate(config, strategy=_strategy())
+  assert calls[3:] == [(16, 1)]  # Epoch 4 again, then the last epoch.
+  history = json.load(open(workdir / "history.json"))
+  assert [r["epoch"] for r in history] == [1, 2, 3, 4, 5]
+  lrs = [r["lr"] for r in history]
+  cos = lambda p: 1e-3 * 0.5 * (1 + math.cos(math.pi * p))
+  assert lrs[1] == pytest.approx(1e-3)
+  assert lrs[2] == pytest.approx(cos(4 / 20))  # 4 of the first plan's 20.
+  assert lrs[3] == pytest.approx(cos(0.2 + 0.8 * 4 / 6))
+  assert lrs[4] == pytest.approx(0.0, abs=1e-9)
+  ckpt = tf.train.load_checkpoint(tf.train.latest_checkpoint(
+      str(workdir / "checkpoints")))
+  assert ckpt.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE") == 18
+  assert ckpt.get_tensor("lr_plan/end_step/.ATTRIBUTES/VARIABLE_VALUE") == 18
 
 
 def test_time_budget_must_not_be_negative(shards_dir, tmp_path):

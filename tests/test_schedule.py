@@ -35,7 +35,7 @@ def test_the_peak_holds_then_the_cosine_runs_late():
   np.testing.assert_allclose(after, want, rtol=1e-5, atol=1e-7)
 
 
-def test_decay_length_changes_inside_a_traced_function():
+def test_a_replan_moves_the_end_not_the_current_value():
   held = schedule.HeldCosineDecay(1.0, warmup_steps=0, hold_steps=20,
                                   decay_steps=100)
   traces = []
@@ -45,13 +45,32 @@ def test_decay_length_changes_inside_a_traced_function():
     traces.append(1)
     return held(step)
 
-  s = tf.constant(45, tf.int64)  # 25 steps into the decay.
-  assert float(lr_at(s)) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
-  held.set_decay_steps(50)
-  assert float(lr_at(s)) == pytest.approx(0.5)
-  assert float(lr_at(tf.constant(70, tf.int64))) == pytest.approx(0.0)
+  # Planned at the hold's end (step 20) to end at step 70: the first plan of
+  # a budgeted run, a cosine over 50 steps.
+  held.replan(70, 20)
+  assert float(lr_at(tf.constant(20, tf.int64))) == pytest.approx(1.0)
+  at_45 = 0.5 * (1 + math.cos(math.pi / 2))
+  assert float(lr_at(tf.constant(45, tf.int64))) == pytest.approx(at_45)
+  # Re-planned at step 45 (progress 1/2) to end at step 55: the value at 45
+  # holds, the other half of the cosine runs over 10 steps.
+  held.replan(55, 45)
+  assert float(lr_at(tf.constant(45, tf.int64))) == pytest.approx(at_45)
+  assert float(lr_at(tf.constant(50, tf.int64))) == pytest.approx(
+      0.5 * (1 + math.cos(math.pi * 0.75)))
+  assert float(lr_at(tf.constant(55, tf.int64))) == pytest.approx(0.0)
+  assert float(lr_at(tf.constant(90, tf.int64))) == pytest.approx(0.0)
+  # The peak before the anchor is untouched.
+  assert float(lr_at(tf.constant(10, tf.int64))) == pytest.approx(1.0)
+  # Lengthened again at 50: still continuous, ends at 80.
+  before = float(lr_at(tf.constant(50, tf.int64)))
+  held.replan(80, 50)
+  assert float(lr_at(tf.constant(50, tf.int64))) == pytest.approx(before)
+  values = _values(held, range(50, 81))
+  assert np.all(np.diff(values) <= 1e-7) and values[-1] == pytest.approx(0)
+  # An end at or before the step it is planned at still leaves one step.
+  held.replan(50, 60)
+  assert held.get_config()["end_step"] == 61
   assert len(traces) == 1
-  assert held.get_config()["decay_steps"] == 50
 
 
 def test_bad_schedule_arguments_are_rejected():
@@ -78,6 +97,11 @@ def test_budget_steps():
   # Over budget already: one whole epoch to anneal in.
   assert schedule.budget_steps(1800, 1900, 2.0, 40, 200, 100, 2200) == 300
   assert schedule.budget_steps(1800, 1700, 2.0, 40, 200, 100, 2200) == 300
+  # A re-plan (the cosine under way) may end sooner: here at once.
+  assert schedule.budget_steps(1800, 1900, 2.0, 40, 200, 100, 2200,
+                               min_steps=1) == 201
+  assert schedule.budget_steps(1800, 1700, 2.0, 40, 250, 100, 2200,
+                               min_steps=1) == 280
 
 
 def test_which_runs_a_budget_changes():
@@ -96,5 +120,5 @@ def test_make_schedule_picks_the_plain_cosine_without_a_budget():
   held = schedule.make_schedule("cosine", 1e-3, 10, 100, 1,
                                 time_budget_min=30)
   assert isinstance(held, schedule.HeldCosineDecay)
-  assert held.hold_steps == 200 and held.get_config()["decay_steps"] == 800
+  assert held.hold_steps == 200 and held.get_config()["end_step"] == 1000
   assert schedule.make_schedule("constant", 1e-3, 10, 100, 1, 30) == 1e-3

@@ -141,8 +141,11 @@ class TrainConfig:
       "whole epochs that fit, then a shorter last one with the steps still "
       "left (at most --epochs); with the cosine schedule the peak learning "
       "rate holds until then and the cosine anneals to 0 over the steps "
-      "left, so the model is annealed when the budget ends. The decision is "
-      "logged and checkpointed. 0: no budget, train --epochs.",
+      "left, so the model is annealed when the budget ends. After every "
+      "later epoch but the last it plans again at the pace of the last two "
+      "epochs (a box's speed drifts within a run): the cosine's end moves, "
+      "its current value does not. Each plan is logged and checkpointed. "
+      "0: no budget, train --epochs.",
       group="model")
   progressive_size: int = setting(
       0, "Progressive resizing: the first --progressive_epochs epochs train "

@@ -599,6 +599,9 @@ def _train_and_evaluate(config: TrainConfig, strategy,
   decide_at = schedule.decision_epoch(config.warmup_epochs)
   if budgeted:
     ckpt.total_steps = trainer.total_steps
+    if isinstance(trainer.lr_schedule, schedule.HeldCosineDecay):
+      # Where the cosine stands and ends: a resumed run anneals as planned.
+      ckpt.lr_plan = tf.train.Checkpoint(**trainer.lr_schedule.variables)
   best_ckpt = tf.train.Checkpoint(model=trainer.model, epoch=trainer.epoch,
                                   best_auc=trainer.best_auc)
   temp_dir = None if chief else write_dir
@@ -611,10 +614,6 @@ def _train_and_evaluate(config: TrainConfig, strategy,
                  int(trainer.epoch.numpy()), int(trainer.step.numpy()))
   start_epoch = int(trainer.epoch.numpy())
   start_step = int(trainer.step.numpy())
-  if budgeted and start_epoch >= decide_at:
-    # Decided before the interruption: the schedule follows the checkpoint.
-    _set_length(trainer, int(trainer.total_steps.numpy()), decide_at,
-                steps_per_epoch)
   history = [r for r in rundir.read_history(run.workdir)
              if int(r["epoch"]) <= start_epoch] if latest else []
 
@@ -708,9 +707,15 @@ def _train_and_evaluate(config: TrainConfig, strategy,
     if chief:
       rundir.write_history(run, history)
       _summaries(tb_writer, row, epoch + 1)
-    if budgeted and epoch + 1 == decide_at:
-      num_epochs = _fit_to_budget(config, trainer, history, row,
-                                  steps_per_epoch, val_time, decide_at)
+    if budgeted and epoch + 1 >= decide_at and (
+        int(trainer.step.numpy()) < int(trainer.total_steps.numpy())):
+      # Decided at epoch decide_at, then planned again after every epoch
+      # but the last, at the pace of the last two.
+      num_epochs = _fit_to_budget(config, trainer, history,
+                                  step_times[-(1 if epoch + 1 == decide_at
+                                               else 2):],
+                                  val_time, steps_per_epoch,
+                                  first=epoch + 1 == decide_at)
     logging.info(
         "epoch %d/%d: loss %.4f acc %.4f auc %.4f | val_loss %s val_acc %s "
         "val_auc %s | %.1f s, %.0f img/s, lr %.3g%s", epoch + 1,
@@ -736,52 +741,71 @@ def _train_and_evaluate(config: TrainConfig, strategy,
                  step_times, num_params, write_dir)
 
 
-def _set_length(trainer: Trainer, total_steps: int, decide_at: int,
-                steps_per_epoch: int) -> None:
-  """Sets a budgeted run's length and its cosine's decay to match."""
-  trainer.total_steps.assign(total_steps)
-  if hasattr(trainer.lr_schedule, "set_decay_steps"):
-    trainer.lr_schedule.set_decay_steps(
-        total_steps - decide_at * steps_per_epoch)
-
-
 def _fit_to_budget(config: TrainConfig, trainer: Trainer, history: list,
-                   row: dict, steps_per_epoch: int, val_time: float,
-                   decide_at: int) -> int:
-  """Fixes a budgeted run's length at the end of epoch decide_at.
+                   step_times: list, val_time: float, steps_per_epoch: int,
+                   first: bool) -> int:
+  """Plans a budgeted run's length from the time spent and the pace.
 
-  The pace is this epoch's time per step and its validation time (right
-  after a mid-epoch resume the epoch's own wall time would cover only part
-  of it). Workers average their figures, so every worker decides the same
-  length.
+  The pace is the mean time per step of `step_times` (the decision epoch's
+  alone the first time, then the last two epochs': a box's speed drifts
+  within a run) and this epoch's validation time (right after a mid-epoch
+  resume the epoch's own wall time would cover only part of it). Workers
+  average their figures, so every worker plans the same length. The
+  cosine's end moves to the new last step; its value now stays.
+
+  Args:
+    config: the run's config.
+    trainer: the Trainer (total_steps and the schedule are set).
+    history: every epoch's row so far, this one's included.
+    step_times: time per step of the epochs that set the pace.
+    val_time: this epoch's validation time.
+    steps_per_epoch: steps of a whole epoch.
+    first: the decision at epoch decide_at (at least one more whole epoch,
+      logged in full) rather than a re-plan (at least one more step, logged
+      when the plan changes).
 
   Returns:
     The run's number of epochs (the last one may be shorter).
   """
   from hcd.train import schedule  # pylint: disable=g-import-not-at-top
   elapsed = sum(r.get("epoch_time_s") or 0.0 for r in history)
+  pace = sum(step_times) / max(len(step_times), 1)
   elapsed, step_s, val_s = runtime.mean_across_workers(
-      trainer.strategy, [elapsed, row["step_time_s"], val_time])
+      trainer.strategy, [elapsed, pace, val_time])
   budget_s = 60.0 * config.time_budget_min
-  done = decide_at * steps_per_epoch
+  done = int(trainer.step.numpy())
+  before = int(trainer.total_steps.numpy())
   total = schedule.budget_steps(budget_s, elapsed, step_s, val_s, done,
                                 steps_per_epoch,
-                                config.epochs * steps_per_epoch)
-  _set_length(trainer, total, decide_at, steps_per_epoch)
+                                config.epochs * steps_per_epoch,
+                                min_steps=None if first else 1)
+  trainer.total_steps.assign(total)
+  if isinstance(trainer.lr_schedule, schedule.HeldCosineDecay):
+    trainer.lr_schedule.replan(total, done)
   whole, partial = divmod(total, steps_per_epoch)
   num_epochs = whole + (partial > 0)
-  end = elapsed + (total - done) * step_s + (num_epochs - decide_at) * val_s
-  logging.info(
-      "time budget %.1f min: %d epochs took %.1f min, %.0f s per epoch; "
-      "training %d epochs in all (--epochs=%d)%s%s, ending at about %.1f "
-      "min%s", config.time_budget_min, decide_at, elapsed / 60,
-      steps_per_epoch * step_s + val_s, num_epochs, config.epochs,
-      f", the last with {partial} of {steps_per_epoch} steps" if partial
-      else "",
-      f"; the learning rate anneals over the last {total - done} steps"
-      if config.lr_schedule == "cosine" else "",
-      end / 60, " (over the budget: at least one epoch is left to anneal)"
-      if end > budget_s + 1 else "")
+  end = (elapsed + (total - done) * step_s +
+         (num_epochs - len(history)) * val_s)
+  last = (f", the last with {partial} of {steps_per_epoch} steps" if partial
+          else "")
+  over = (" (over the budget: at least one epoch is left to anneal)"
+          if end > budget_s + 1 and first else "")
+  if first:
+    logging.info(
+        "time budget %.1f min: %d epochs took %.1f min, %.0f s per epoch; "
+        "training %d epochs in all (--epochs=%d)%s%s, ending at about %.1f "
+        "min%s; planned again after each epoch", config.time_budget_min,
+        len(history), elapsed / 60, steps_per_epoch * step_s + val_s,
+        num_epochs, config.epochs, last,
+        f"; the learning rate anneals over the last {total - done} steps"
+        if config.lr_schedule == "cosine" else "", end / 60, over)
+  elif total != before:
+    logging.info(
+        "time budget %.1f min: %.1f min used, %.0f s per epoch over the last "
+        "%d; re-planned from %d to %d steps: %d epochs in all%s, ending at "
+        "about %.1f min", config.time_budget_min, elapsed / 60,
+        steps_per_epoch * step_s + val_s, len(step_times), before, total,
+        num_epochs, last, end / 60)
   return num_epochs
 
 

@@ -15,6 +15,13 @@ measures its own pace and fits the whole schedule into the budget:
     steps still left (at most --epochs, at least D + 1 so that the cosine
     has an epoch to anneal), and the cosine decays to 0 over the steps after
     epoch D.
+  * after every later epoch but the last it plans again, from the time
+    actually spent and the pace of the last two epochs (a 2-core box's speed
+    drifts by 15-40% within a run: one decision at epoch D ended runs up to
+    3 minutes early or 2 minutes late). The cosine's end moves, its current
+    value does not (`HeldCosineDecay.replan`), so the learning rate never
+    jumps; a box that slows down near the end anneals faster instead of
+    running over.
 
 Without a budget the schedule is Keras' CosineDecay with linear warm-up,
 unchanged. The budget counts the epochs' wall time, training and
@@ -30,12 +37,17 @@ import keras
 import tensorflow as tf
 
 
-class HeldCosineDecay(keras.optimizers.schedules.CosineDecay):
-  """CosineDecay with warm-up whose decay starts after a hold at the peak.
+class HeldCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
+  """Cosine decay to 0 with linear warm-up, a hold at the peak, and an end
+  that can move while the run trains.
 
-  The decay's length is a variable, so a run can set it once it knows how
-  many epochs its time budget allows (`set_decay_steps`) without retracing
-  the step functions that call the schedule.
+  After the warm-up the learning rate is peak * (1 + cos(pi * p)) / 2,
+  where the decay's progress p runs from 0 at `hold_steps` to 1 at the
+  run's last step. The end can be re-planned at any step (`replan`): p then
+  runs on from its value at that step to 1 at the new end, so the learning
+  rate never jumps; only the pace of the decay changes. Its state is three
+  variables (`variables`, checkpointed by the loop), so a re-plan does not
+  retrace the step functions that call the schedule.
   """
 
   def __init__(self, learning_rate: float, warmup_steps: int,
@@ -47,8 +59,7 @@ class HeldCosineDecay(keras.optimizers.schedules.CosineDecay):
       warmup_steps: linear warm-up from 1% of the peak (0: none).
       hold_steps: the step at which the decay starts (>= warmup_steps); the
         peak holds from the warm-up's end until then.
-      decay_steps: steps of the cosine decay to 0 (changed later with
-        `set_decay_steps`).
+      decay_steps: steps of the cosine decay to 0, until a re-plan.
 
     Raises:
       ValueError: hold_steps < warmup_steps or decay_steps < 1.
@@ -58,32 +69,64 @@ class HeldCosineDecay(keras.optimizers.schedules.CosineDecay):
                        f"{warmup_steps}")
     if decay_steps < 1:
       raise ValueError(f"decay_steps must be >= 1, got {decay_steps}")
-    self.decay_variable = tf.Variable(float(decay_steps), trainable=False,
-                                      dtype=tf.float32, name="decay_steps")
-    super().__init__(
-        initial_learning_rate=learning_rate * (0.01 if warmup_steps else 1.0),
-        decay_steps=self.decay_variable, alpha=0.0,
-        warmup_target=learning_rate if warmup_steps else None,
-        warmup_steps=warmup_steps)
-    self.hold_steps = hold_steps
+    self.learning_rate = float(learning_rate)
+    self.warmup_steps = int(warmup_steps)
+    self.hold_steps = int(hold_steps)
+    # The decay's progress is piecewise linear in the step: `anchor_progress`
+    # at `anchor_step`, 1 at `end_step`.
+    self.anchor_step = tf.Variable(float(hold_steps), trainable=False,
+                                   dtype=tf.float32, name="lr_anchor_step")
+    self.anchor_progress = tf.Variable(0.0, trainable=False, dtype=tf.float32,
+                                       name="lr_anchor_progress")
+    self.end_step = tf.Variable(float(hold_steps + decay_steps),
+                                trainable=False, dtype=tf.float32,
+                                name="lr_end_step")
+
+  @property
+  def variables(self) -> dict:
+    """The schedule's state by name, for a checkpoint."""
+    return {"anchor_step": self.anchor_step,
+            "anchor_progress": self.anchor_progress,
+            "end_step": self.end_step}
+
+  def _progress(self, step):
+    span = tf.maximum(self.end_step - self.anchor_step, 1.0)
+    p = self.anchor_progress + (1.0 - self.anchor_progress) * (
+        step - self.anchor_step) / span
+    return tf.clip_by_value(p, 0.0, 1.0)
 
   def __call__(self, step):
     step = tf.cast(step, tf.float32)
-    hold = float(self.hold_steps - self.warmup_steps)
-    # The hold maps onto the decay's first step; after it, the decay runs
-    # `hold` steps late.
-    step = tf.where(step < self.warmup_steps, step,
-                    tf.maximum(step - hold, float(self.warmup_steps)))
-    return super().__call__(step)
+    peak = self.learning_rate
+    decayed = peak * 0.5 * (1.0 + tf.cos(math.pi * self._progress(step)))
+    if not self.warmup_steps:
+      return decayed
+    # Keras CosineDecay's warm-up: linear from 1% of the peak.
+    start = 0.01 * peak
+    warm = start + (peak - start) * step / float(self.warmup_steps)
+    return tf.where(step < self.warmup_steps, warm, decayed)
 
-  def set_decay_steps(self, decay_steps: int) -> None:
-    self.decay_variable.assign(float(max(1, decay_steps)))
+  def replan(self, end_step: int, at_step: int) -> None:
+    """Moves the decay's end to `end_step`, from `at_step` on.
+
+    The learning rate at `at_step` stays what it was; from there the decay
+    runs to 0 at `end_step` (at least one step later).
+
+    Args:
+      end_step: the run's new last step.
+      at_step: the step the run stands at (the hold's end if earlier).
+    """
+    at = float(max(at_step, self.hold_steps))
+    progress = float(self._progress(tf.constant(at)))
+    self.anchor_progress.assign(progress)
+    self.anchor_step.assign(at)
+    self.end_step.assign(max(float(end_step), at + 1.0))
 
   def get_config(self):
-    config = super().get_config()
-    config["decay_steps"] = float(self.decay_variable.numpy())
-    config["hold_steps"] = self.hold_steps
-    return config
+    return {"learning_rate": self.learning_rate,
+            "warmup_steps": self.warmup_steps,
+            "hold_steps": self.hold_steps,
+            **{k: float(v.numpy()) for k, v in self.variables.items()}}
 
 
 def decision_epoch(warmup_epochs: float) -> int:
@@ -99,7 +142,7 @@ def budget_active(time_budget_min: float, epochs: int,
 
 def budget_steps(budget_s: float, elapsed_s: float, step_s: float,
                  val_s: float, steps_done: int, steps_per_epoch: int,
-                 max_steps: int) -> int:
+                 max_steps: int, min_steps: int | None = None) -> int:
   """How many steps a run trains in all, given its budget and pace.
 
   Whole epochs first, then a shorter last epoch with the steps that still
@@ -114,11 +157,16 @@ def budget_steps(budget_s: float, elapsed_s: float, step_s: float,
     steps_done: steps trained so far (whole epochs).
     steps_per_epoch: steps of a whole epoch.
     max_steps: the most steps to train (--epochs whole epochs).
+    min_steps: the fewest steps still to train, whatever the budget says
+      (default: steps_per_epoch, one epoch to anneal in; a re-plan, whose
+      cosine is already under way, passes 1).
 
   Returns:
-    The total number of steps: at least steps_done + steps_per_epoch (one
-    epoch to anneal in), at most max_steps.
+    The total number of steps: at least steps_done + min_steps, at most
+    max_steps.
   """
+  if min_steps is None:
+    min_steps = steps_per_epoch
   step_s = max(step_s, 1e-9)
   epoch_s = steps_per_epoch * step_s + val_s
   left = budget_s - elapsed_s
@@ -126,7 +174,7 @@ def budget_steps(budget_s: float, elapsed_s: float, step_s: float,
   partial = max(0, math.floor((left - whole * epoch_s - val_s) / step_s))
   total = steps_done + whole * steps_per_epoch + min(partial,
                                                      steps_per_epoch - 1)
-  return max(steps_done + steps_per_epoch, min(max_steps, total))
+  return max(steps_done + min_steps, min(max_steps, total))
 
 
 def make_schedule(lr_schedule: str, learning_rate: float, epochs: int,
@@ -141,7 +189,8 @@ def make_schedule(lr_schedule: str, learning_rate: float, epochs: int,
     steps_per_epoch: optimizer steps per epoch.
     warmup_epochs: linear warm-up (cosine only).
     time_budget_min: > 0: hold the peak until the decision epoch, and let
-      the run set the decay's length then (`HeldCosineDecay`).
+      the run set the decay's end then and move it later
+      (`HeldCosineDecay`).
 
   Returns:
     learning_rate itself (constant), keras CosineDecay, or HeldCosineDecay
