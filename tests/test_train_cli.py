@@ -174,6 +174,12 @@ def test_recipe_flagfiles_train_through_the_cli(tmp_path):
                                      "blocks_per_stage": 2}
   assert (pcam["mixed_precision"], pcam["epochs"], pcam["ema_decay"],
           pcam["weight_decay"]) == ("auto", 22, 0.9995, 0.05)
+  cpu = parse_flags(ws, "--flagfile=pcam_cpu.flags")
+  assert cpu["model_overrides"] == {"widths": [48, 96, 192],
+                                    "blocks_per_stage": 2, "size": 64}
+  assert (cpu["batch_size"], cpu["learning_rate"], cpu["time_budget_min"],
+          cpu["epochs"], cpu["workdir"]) == (128, 0.004, 29, 22,
+                                             "runs/pcam_cpu")
   gpu = parse_flags(ws, "--flagfile=kaggle_gpu.flags")
   assert (gpu["mixed_precision"], gpu["num_folds"], gpu["fold"],
           gpu["balance"]) == ("auto", 5, 0, "none")
