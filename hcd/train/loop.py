@@ -709,13 +709,12 @@ def _train_and_evaluate(config: TrainConfig, strategy,
       _summaries(tb_writer, row, epoch + 1)
     if budgeted and epoch + 1 >= decide_at and (
         int(trainer.step.numpy()) < int(trainer.total_steps.numpy())):
-      # Decided at epoch decide_at, then planned again after every epoch
-      # but the last, at the pace of the last two.
+      # Decided at epoch decide_at at its pace, then planned again after
+      # every epoch but the last, at the pace of the last two.
+      first = epoch + 1 == decide_at
       num_epochs = _fit_to_budget(config, trainer, history,
-                                  step_times[-(1 if epoch + 1 == decide_at
-                                               else 2):],
-                                  val_time, steps_per_epoch,
-                                  first=epoch + 1 == decide_at)
+                                  step_times[-(1 if first else 2):],
+                                  val_time, steps_per_epoch, first)
     logging.info(
         "epoch %d/%d: loss %.4f acc %.4f auc %.4f | val_loss %s val_acc %s "
         "val_auc %s | %.1f s, %.0f img/s, lr %.3g%s", epoch + 1,
