@@ -74,6 +74,11 @@ EXPERIMENTS = {
                               ["--model_override=size=72", "--batch_size=128",
                                "--learning_rate=0.004",
                                "--time_budget_min=29"]),
+    "down64_bs256_budget29": ("combined: input resized to 64 px + batch 256, "
+                              "lr 8e-3 + --time_budget_min=29",
+                              ["--model_override=size=64", "--batch_size=256",
+                               "--learning_rate=0.008",
+                               "--time_budget_min=29"]),
     "prog64_e11": ("progressive resizing: 8 epochs on the input resized to "
                    "64 px, then 3 at 96 px (11 in all, one cosine)",
                    ["--progressive_size=64", "--progressive_epochs=8",
