@@ -117,6 +117,10 @@ def test_mixed_precision_auto_follows_the_hardware(monkeypatch):
   assert runtime.resolve_mixed_precision("auto") == "none"
   hardware(None, {"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"})
   assert runtime.resolve_mixed_precision("auto") == "bf16"
+  hardware(None, {"avx2", "avx512f", "avx512_bf16"})  # e.g. AMD Zen 4
+  assert runtime.resolve_mixed_precision("auto") == "bf16"
+  hardware(None, {"avx2", "avx512f", "avx512_vnni"})  # int8 only
+  assert runtime.resolve_mixed_precision("auto") == "none"
   hardware((9, 0), set())
   assert runtime.resolve_mixed_precision("auto") == "bf16"
   hardware((7, 0), {"amx_bf16"})  # The GPU decides, not the host CPU.

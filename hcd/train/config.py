@@ -201,7 +201,7 @@ class TrainConfig:
       group="runtime")
   mixed_precision: str = setting(
       "none", "Mixed precision (fp16 adds dynamic loss scaling); auto: bf16 "
-      "on GPUs >= sm80 and AMX-BF16 CPUs, fp16 on sm7x GPUs, else none.",
+      "on GPUs >= sm80 and CPUs with AMX-BF16 or AVX512-BF16, fp16 on sm7x GPUs, else none.",
       choices=PRECISIONS, group="runtime")
   cpu_logical_devices: int = setting(
       0, "Split the CPU into N logical devices (multi-replica tests on a "

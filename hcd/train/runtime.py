@@ -165,6 +165,11 @@ def _cpu_flags() -> set[str]:
   return set()
 
 
+# CPU features (as /proc/cpuinfo names them) with bf16 dot-product
+# instructions that oneDNN uses for bf16 convolutions and matmuls.
+_NATIVE_BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+
+
 def _gpu_compute_capability() -> tuple[int, int] | None:
   """(major, minor) of the first GPU ((0, 0) if unknown); None without one."""
   gpus = tf.config.list_physical_devices("GPU")
@@ -178,11 +183,13 @@ def resolve_mixed_precision(mode: str = "none") -> str:
   """Resolves --mixed_precision: auto picks what the hardware runs natively.
 
   auto is bf16 on GPUs of compute capability >= 8.0 (bfloat16 tensor cores)
-  and on CPUs with AMX-BF16 (oneDNN runs bf16 convolutions on the tile unit:
-  the compact ResNet's step measured 1.45x faster than float32 on 2 Sapphire
-  Rapids cores, BENCHMARKS.md); fp16 on GPUs of compute capability 7.x
-  (fp16 tensor cores, no bf16); float32 elsewhere, where bfloat16 would be
-  emulated and slower (e.g. the P100 of the original notebook).
+  and on CPUs with native bf16 dot products, AMX-BF16 or AVX512-BF16
+  (oneDNN runs bf16 convolutions on them: the compact ResNet's step measured
+  1.45x faster than float32 on 2 Sapphire Rapids cores with AMX, and 1.51x on
+  2 AMD EPYC cores with AVX512-BF16, BENCHMARKS.md); fp16 on GPUs of compute
+  capability 7.x (fp16 tensor cores, no bf16); float32 elsewhere, where
+  bfloat16 would be emulated and slower (e.g. CPUs with AVX2 only, the P100
+  of the original notebook).
 
   Args:
     mode: "auto", "none", "bf16" or "fp16".
@@ -203,7 +210,7 @@ def resolve_mixed_precision(mode: str = "none") -> str:
     if capability >= (8, 0):
       return "bf16"
     return "fp16" if capability >= (7, 0) else "none"
-  return "bf16" if "amx_bf16" in _cpu_flags() else "none"
+  return "bf16" if _NATIVE_BF16_CPU_FLAGS & _cpu_flags() else "none"
 
 
 def set_mixed_precision(precision: str = "none") -> str:
