@@ -79,6 +79,13 @@ EXPERIMENTS = {
                               ["--model_override=size=64", "--batch_size=256",
                                "--learning_rate=0.008",
                                "--time_budget_min=29"]),
+    "fovea48_bs128_budget29": ("combined: two 48-px streams (the centre at "
+                               "full resolution, the whole patch at half; "
+                               "1.15x the compute of the 64-px input) + "
+                               "batch 128, lr 4e-3 + --time_budget_min=29",
+                               ["--model_override=fovea=48",
+                                "--batch_size=128", "--learning_rate=0.004",
+                                "--time_budget_min=29"]),
     "prog64_e11": ("progressive resizing: 8 epochs on the input resized to "
                    "64 px, then 3 at 96 px (11 in all, one cosine)",
                    ["--progressive_size=64", "--progressive_epochs=8",

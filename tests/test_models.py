@@ -129,7 +129,9 @@ def test_mixed_precision_keeps_float32_output(policy):
 
 def test_saved_models_load_in_safe_mode_without_hcd(built, tmp_path):
   # model1 uses no layer type that model2 lacks; skip its 35 MB file.
-  names = ["model2", "resnet", "efficientnet_v2_b0", "tiny"]
+  names = ["model2", "resnet", "efficientnet_v2_b0", "tiny", "fovea"]
+  built = {**built, "fovea": models.build_model(
+      "resnet", widths=(8, 16), stem_widths=(4, 4), fovea=48)}
   x = _images(4, seed=1)
   np.save(tmp_path / "x.npy", x)
   expected = {}
@@ -173,3 +175,42 @@ def test_python_m_hcd_models_prints_every_model(built):
     assert count == f"{built[name].count_params():,}"
     assert float(lr) == models.default_learning_rate(name)
   assert lines["model1"][1] == "8,868,929"
+
+
+def test_foveated_resnet_is_two_trunks_and_one_head():
+  # Each stream holds a whole trunk; the head sees both pooled vectors, so
+  # the count is 2 x (trunk) + (2 x 256 + 1) = 2 x (one-stream model) - 1.
+  one = models.build_model("resnet").count_params()
+  two = models.build_model("resnet", fovea=48)
+  assert two.count_params() == 2 * one - 1
+  y = np.asarray(two(_images(2), training=False))
+  assert y.shape == (2, 1) and y.dtype == np.float32
+
+
+def test_foveated_streams_see_the_centre_and_the_whole_patch():
+  model = models.build_model("resnet", widths=(8, 16), stem_widths=(4, 4),
+                             fovea=48)
+  pools = keras.Model(model.input, [model.get_layer("fovea_pool").output,
+                                     model.get_layer("context_pool").output])
+  x = _images(2, seed=3)
+  outside = x.copy()
+  outside[:, :20] = 255 - outside[:, :20]  # rows 0-19: outside the centre 48
+  centre = x.copy()
+  centre[:, 40:56, 40:56] = 255 - centre[:, 40:56, 40:56]
+  f0, c0 = (np.asarray(t) for t in pools(x, training=False))
+  f1, c1 = (np.asarray(t) for t in pools(outside, training=False))
+  f2, c2 = (np.asarray(t) for t in pools(centre, training=False))
+  np.testing.assert_array_equal(f0, f1)  # the fovea never sees the ring
+  assert not np.allclose(c0, c1)        # the context does
+  assert not np.allclose(f0, f2) and not np.allclose(c0, c2)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(fovea=48, size=64), "excludes crop and size"),
+    (dict(fovea=48, crop=80), "excludes crop and size"),
+    (dict(fovea=96), r"fovea must be in 8\.\.95"),
+    (dict(fovea=4), r"fovea must be in 8\.\.95"),
+])
+def test_foveated_resnet_refuses_bad_settings(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    models.build_model("resnet", **overrides)

@@ -66,13 +66,9 @@ def residual_trunk(name: str, widths, stem_widths, blocks_per_stage: int,
 
   Args:
     name: the model's name, for error messages.
-    widths: width of each residual stage; every stage after the first
-      halves the resolution (its first block has stride 2).
-    stem_widths: width of each stride-2 stem convolution.
-    blocks_per_stage: residual blocks per stage.
+    widths, stem_widths, blocks_per_stage, stem, block: see
+      `residual_stages`.
     crop, size: see `input_view`.
-    stem: callable(x, width, index) -> x, one stem convolution.
-    block: callable(x, width, strides, name) -> x, one residual block.
 
   Returns:
     (the uint8 keras.Input, the last stage's feature map).
@@ -81,16 +77,44 @@ def residual_trunk(name: str, widths, stem_widths, blocks_per_stage: int,
     ValueError: empty widths or stem_widths, blocks_per_stage < 1, bad crop
       or size.
   """
+  check_stages(name, widths, stem_widths, blocks_per_stage)
+  inputs, x = input_and_rescale()
+  x = input_view(x, crop, size)
+  return inputs, residual_stages(x, widths, stem_widths, blocks_per_stage,
+                                 stem, block)
+
+
+def check_stages(name: str, widths, stem_widths, blocks_per_stage: int):
+  """Raises ValueError unless there is a stage, a stem conv and a block."""
   if not widths or not stem_widths or blocks_per_stage < 1:
     raise ValueError(f"{name} needs at least one stage, one stem conv and "
                      f"one block per stage; got widths={widths}, "
                      f"stem_widths={stem_widths}, "
                      f"blocks_per_stage={blocks_per_stage}")
-  inputs, x = input_and_rescale()
-  x = input_view(x, crop, size)
+
+
+def residual_stages(x, widths, stem_widths, blocks_per_stage: int, stem,
+                    block, prefix: str = ""):
+  """Stem convolutions, then residual stages, on the tensor `x`.
+
+  Args:
+    x: the (rescaled) image tensor.
+    widths: width of each residual stage; every stage after the first
+      halves the resolution (its first block has stride 2).
+    stem_widths: width of each stride-2 stem convolution.
+    blocks_per_stage: residual blocks per stage.
+    stem: callable(x, width, index, name) -> x, one stem convolution.
+    block: callable(x, width, strides, name) -> x, one residual block.
+    prefix: prepended to every layer name, so that one model can hold
+      several trunks (the foveated ResNet's two streams).
+
+  Returns:
+    The last stage's feature map.
+  """
   for i, w in enumerate(stem_widths):
-    x = stem(x, w, i)
+    x = stem(x, w, i, f"{prefix}stem{i}")
   for s, w in enumerate(widths):
     for b in range(blocks_per_stage):
-      x = block(x, w, 2 if (s > 0 and b == 0) else 1, f"stage{s}_block{b}")
-  return inputs, x
+      x = block(x, w, 2 if (s > 0 and b == 0) else 1,
+                f"{prefix}stage{s}_block{b}")
+  return x

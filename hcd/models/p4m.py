@@ -255,7 +255,7 @@ def p4m_resnet(widths: Sequence[int] = (8, 16, 32),
   """
   inputs, x = common.residual_trunk(
       "p4m_resnet", widths, stem_widths, blocks_per_stage, crop, size,
-      stem=lambda x, w, i: _conv_bn(x, w, 3, 2, f"stem{i}", lifting=(i == 0)),
+      stem=lambda x, w, i, name: _conv_bn(x, w, 3, 2, name, lifting=(i == 0)),
       block=_basic_block)
   x = layers.GlobalAveragePooling2D(name="pool")(x)
   # Average each feature over its 8 orientations: invariance.

@@ -8,6 +8,9 @@ a float32 sigmoid. ~1.24M parameters. A reference run of this shape reached
 0.911 valid AUC on real PCam in 15 CPU-minutes with D4 augmentation and a
 warm-up + cosine learning rate.
 
+`fovea=48` makes it two streams of 48 px: the centre at full resolution and
+the whole patch at half, each with its own trunk (see `_foveated`).
+
 The last BatchNorm of each residual branch starts with gamma = 0, so every
 block starts as the identity (Goyal et al. 2017), which lets the net train
 at lr 1e-3 from the first step.
@@ -52,7 +55,7 @@ def _basic_block(x, filters: int, strides: int, name: str):
 def resnet(widths: Sequence[int] = (64, 128, 256), stem_widths: Sequence[int]
            = (32, 64), blocks_per_stage: int = 1,
            dropout: float = 0.3, crop: int = 0,
-           size: int = 0) -> keras.Model:
+           size: int = 0, fovea: int = 0) -> keras.Model:
   """Builds the compact ResNet.
 
   Args:
@@ -64,17 +67,56 @@ def resnet(widths: Sequence[int] = (64, 128, 256), stem_widths: Sequence[int]
     crop: centre crop in px before the stem (0: none; see
       common.input_view).
     size: resize to this many px after the crop (0: none).
+    fovea: 0, or two streams of `fovea` px each instead of one: the centre
+      fovea x fovea px at full resolution (the label concerns the centre
+      32 px) and the whole patch resized to fovea x fovea px (its context
+      at fovea/96 of the resolution), each through its own stem and stages,
+      their pooled features concatenated. Excludes crop and size.
 
   Returns:
     keras.Model: uint8 [B, 96, 96, 3] -> float32 probability [B, 1].
 
   Raises:
-    ValueError: empty widths, blocks_per_stage < 1, bad crop or size.
+    ValueError: empty widths, blocks_per_stage < 1, bad crop or size, a
+      fovea outside 8..95 or combined with crop or size.
   """
-  inputs, x = common.residual_trunk(
-      "resnet", widths, stem_widths, blocks_per_stage, crop, size,
-      stem=lambda x, w, i: _conv_bn(x, w, 3, 2, f"stem{i}"),
-      block=_basic_block)
-  x = layers.GlobalAveragePooling2D(name="pool")(x)
+  stem = lambda x, w, i, name: _conv_bn(x, w, 3, 2, name)
+  if fovea:
+    inputs, x = _foveated(fovea, crop, size, widths, stem_widths,
+                          blocks_per_stage, stem)
+  else:
+    inputs, x = common.residual_trunk(
+        "resnet", widths, stem_widths, blocks_per_stage, crop, size,
+        stem=stem, block=_basic_block)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
   x = layers.Dropout(dropout, name="dropout")(x)
   return keras.Model(inputs, common.probability_head(x), name="resnet")
+
+
+def _foveated(fovea: int, crop: int, size: int, widths, stem_widths,
+              blocks_per_stage: int, stem):
+  """The two pooled streams of `resnet(fovea=...)`: (inputs, features).
+
+  Why two streams: at a fixed compute budget on a CPU, a single stream must
+  shrink the whole patch (64 px: the tumour cells of the centre lose a third
+  of their resolution), while a centre crop alone loses the context ring
+  (-0.025 valid AUC on PCam, BENCHMARKS.md). Two streams of 48 px cost
+  2 x 48^2 = 1.1x the pixels of one 64 px stream and keep both.
+  """
+  side = common.IMAGE_SHAPE[0]
+  if not 8 <= fovea < side:
+    raise ValueError(f"fovea must be in 8..{side - 1} px, got {fovea}")
+  if crop or size:
+    raise ValueError(f"fovea={fovea} excludes crop and size (got crop="
+                     f"{crop}, size={size}): it sets both views itself")
+  common.check_stages("resnet", widths, stem_widths, blocks_per_stage)
+  inputs, x = common.input_and_rescale()
+  views = {"fovea": layers.CenterCrop(fovea, fovea, name="fovea_crop")(x),
+           "context": layers.Resizing(fovea, fovea, interpolation="bilinear",
+                                      name="context_resize")(x)}
+  pooled = []
+  for name, view in views.items():
+    y = common.residual_stages(view, widths, stem_widths, blocks_per_stage,
+                               stem, _basic_block, prefix=f"{name}_")
+    pooled.append(layers.GlobalAveragePooling2D(name=f"{name}_pool")(y))
+  return inputs, layers.Concatenate(name="pool")(pooled)
