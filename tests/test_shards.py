@@ -305,6 +305,45 @@ def test_scan_report_exclusions(tmp_path):
   assert "dark" in reasons[dark]
   assert r["manifest"]["source"]["scan_dir"] == str(tmp_path / "scan")
   assert r["manifest"]["num_examples"] == 12
+  assert r["manifest"]["options"]["dark_max"] == 10
+
+
+def test_scan_thresholds_are_the_ones_recorded_and_in_force(tmp_path):
+  # The scan decides what is dark; the manifest must say by which threshold
+  # (it used to record make_shards' own default of 10 beside "max 14 < 20").
+  quality = pytest.importorskip("hcd.data.quality")
+  from hcd.data import sources  # pylint: disable=g-import-not-at-top
+  root = tmp_path / "data"
+  make_kaggle(root, n=12, n_pos=4)
+  grey = add_image(root, np.full(features.IMAGE_SHAPE, 14, np.uint8), 0)
+  records, _, _ = sources.list_records(str(root), "train")
+  df, summary = quality.scan(records, workers=1, progress=False,
+                             dark_max=20)
+  quality.write_report(df, summary, str(tmp_path / "scan"))
+  r = make(root, tmp_path / "out", scan_dir=str(tmp_path / "scan"))
+  assert _reasons(r["manifest"]) == {grey: "scan: dark: max 14 < 20"}
+  assert r["manifest"]["options"]["dark_max"] == 20
+  assert r["manifest"]["options"]["bright_min"] == 245
+  with pytest.raises(writer.ShardError, match=r"--dark_max=10 disagrees.*"
+                     r"dark_max=20"):
+    make(root, tmp_path / "out2", scan_dir=str(tmp_path / "scan"),
+         dark_max=10)
+  assert not (tmp_path / "out2").exists()
+  make(root, tmp_path / "out3", scan_dir=str(tmp_path / "scan"), dark_max=20)
+  os.remove(tmp_path / "scan" / "scan_summary.json")
+  with pytest.raises(quality.ScanError, match="scan_summary.json"):
+    make(root, tmp_path / "out4", scan_dir=str(tmp_path / "scan"))
+
+
+def test_scan_report_of_other_data_is_refused(tmp_path):
+  quality = pytest.importorskip("hcd.data.quality")
+  from hcd.data import sources  # pylint: disable=g-import-not-at-top
+  root = tmp_path / "data"
+  make_kaggle(root, n=12, n_pos=4)
+  add_image(root, np.full(features.IMAGE_SHAPE, 3, np.uint8), 0)
+  records, _, _ = sources.list_records(str(root), "train")
+  df, summary = quality.scan(records, workers=1, progress=False)
+  quality.write_report(df, summary, str(tmp_path / "scan"))
   # A report of other data is refused rather than silently ignored.
   make_kaggle(tmp_path / "other", n=6, n_pos=3, seed=9)
   with pytest.raises(writer.ShardError, match="not in"):
@@ -394,6 +433,31 @@ def test_resume_after_crash_keeps_finished_shards(tmp_path, monkeypatch):
   assert not [f for f in os.listdir(out) if ".tmp-" in f]
   assert verify.verify(str(out), "train", progress=False)[0][
       "num_examples"] == 30
+
+
+def test_disk_full_names_the_shard_and_leaves_no_partial_file(tmp_path,
+                                                           monkeypatch):
+  # A failed write() names no file: "[Errno 28] No space left on device"
+  # alone does not say where. Both shard writers must name the shard.
+  import errno  # pylint: disable=g-import-not-at-top
+  make_kaggle(tmp_path / "data", n=12, n_pos=4)
+  out = tmp_path / "out"
+
+  def full(self, *pieces):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(tfrecord.RecordWriter, "write", full)
+  with pytest.raises(OSError) as e:
+    make(tmp_path / "data", out, num_shards=2)
+  assert e.value.errno == errno.ENOSPC
+  assert e.value.filename == str(out / "hcd-train.tfrecord-00000-of-00002")
+  assert not [f for f in os.listdir(out) if ".tmp-" in f]
+  path = tmp_path / "one.tfrecord"
+  with pytest.raises(OSError) as e:
+    writer.write_shard(str(path), np.zeros((1,) + features.IMAGE_SHAPE,
+                                           np.uint8), ["a"], [0])
+  assert e.value.filename == str(path)
+  assert sorted(os.listdir(tmp_path)) == ["data", "out"]
 
 
 def test_changed_input_rewrites_affected_shards(tmp_path):

@@ -791,6 +791,34 @@ def read_report(scan_dir: str, columns: Sequence[str] | None = None):
     raise ScanError(f"{path}: malformed scan report: {e}") from None
 
 
+def load_thresholds(scan_dir: str) -> dict[str, int]:
+  """The dark/bright thresholds a scan report was made with.
+
+  tools/make_shards --scan_dir records these in its manifest: the report,
+  not make_shards' own flags, decided which images are dark or bright.
+
+  Args:
+    scan_dir: a directory written by tools/scan_quality.
+
+  Returns:
+    {"dark_max": int, "bright_min": int}.
+
+  Raises:
+    ScanError: missing or malformed scan_summary.json, naming the path.
+  """
+  path = os.path.join(scan_dir, SUMMARY_JSON)
+  try:
+    with open(path, encoding="utf-8") as f:
+      found = json.load(f)["thresholds"]
+    return {k: int(found[k]) for k in ("dark_max", "bright_min")}
+  except OSError as e:
+    raise ScanError(f"{path}: cannot read the scan summary: "
+                    f"{e.strerror}") from None
+  except (ValueError, KeyError, TypeError) as e:
+    raise ScanError(f"{path}: no dark_max/bright_min thresholds in the "
+                    f"scan summary ({type(e).__name__}: {e})") from None
+
+
 def load_exclusions(scan_dir: str) -> dict[str, str]:
   """Returns {id: reason} for the images a scan says to exclude.
 

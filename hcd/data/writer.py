@@ -52,6 +52,7 @@ from hcd.data.manifest import shard_name
 from hcd.data.manifest import state_dir
 from hcd.data.tfrecord import encode_block_head
 from hcd.data.tfrecord import RecordWriter
+from hcd import fileio
 from hcd.fileio import atomic_write_text
 from hcd.fileio import file_size
 
@@ -185,6 +186,32 @@ def default_num_shards(num_images: int,
 # --- Writing shards -----------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _open_shard(path: str) -> Iterator[RecordWriter]:
+  """A RecordWriter on the shard's temporary name (`fileio.tmp_name`).
+
+  The caller renames `writer.path` to `path` when the shard is complete.
+  Whatever happens before that, the partial file is deleted; an OSError
+  (disk full, say) is re-raised naming the shard, since a failed write()
+  names no file and "No space left on device" alone does not say where.
+
+  Args:
+    path: the shard's final path.
+
+  Yields:
+    The open RecordWriter.
+  """
+  writer = None
+  try:
+    writer = RecordWriter(fileio.tmp_name(path))
+    yield writer
+  except OSError as e:
+    raise fileio.named_error(e, path) from None
+  finally:
+    if writer is not None:
+      writer.abort()  # A no-op once the file has been renamed into place.
+
+
 def write_shard(path: str, images: np.ndarray, ids: Sequence[str],
                 labels: Sequence[int],
                 block_size: int = features.BLOCK_SIZE) -> dict:
@@ -209,17 +236,13 @@ def write_shard(path: str, images: np.ndarray, ids: Sequence[str],
     raise ValueError(f"{path}: images must be uint8 "
                      f"{(n,) + features.IMAGE_SHAPE}, got {images.dtype} "
                      f"{images.shape}")
-  writer = RecordWriter(f"{path}.tmp-{os.getpid()}")
-  try:
+  with _open_shard(path) as writer:
     for s in range(0, n, block_size):
       block = images[s:s + block_size]
       writer.write(encode_block_head(block.nbytes, ids[s:s + block_size],
                                      labels[s:s + block_size]), block)
     num_bytes, sha = writer.close()
-  except BaseException:
-    writer.abort()
-    raise
-  os.replace(writer.path, path)
+    os.replace(writer.path, path)
   return {
       "file": os.path.basename(path),
       "num_examples": n,
@@ -364,7 +387,6 @@ def _write_shard_task(task: _ShardTask,
   flagged: list[dict] = []
   invalid: list[dict] = []
   counts: collections.Counter = collections.Counter()
-  writer = RecordWriter(f"{task.path}.tmp-{os.getpid()}")
   layouts = decode.TiffLayoutCache()
 
   def flush():
@@ -398,49 +420,46 @@ def _write_shard_task(task: _ShardTask,
     labels.clear()
     _maybe_die()
 
-  try:
-    with parallel.gc_paused():
-      for path, rid, label in task.members:
-        try:
-          img = screening.read_image(path, layouts)
-        except screening.Fault as e:
-          invalid.append({"id": rid, "path": path, "reason": e.reason})
-          continue
-        # A Kaggle id is the SHA-1 of the pixels: a mismatch means the file
-        # is not the image its name (and so its label) claims.
-        mismatch = screening.check_sha1(rid, img)
-        if mismatch:
-          invalid.append({"id": rid, "path": path, "reason": mismatch})
-          continue
-        block[len(ids)] = img
-        paths.append(path)
-        ids.append(rid)
-        labels.append(label)
-        if len(ids) == bs:
-          flush()
-      flush()
+  # Any failure, and a shard refused for its invalid images, leaves no
+  # partial file behind (_open_shard).
+  with _open_shard(task.path) as writer, parallel.gc_paused():
+    for path, rid, label in task.members:
+      try:
+        img = screening.read_image(path, layouts)
+      except screening.Fault as e:
+        invalid.append({"id": rid, "path": path, "reason": e.reason})
+        continue
+      # A Kaggle id is the SHA-1 of the pixels: a mismatch means the file
+      # is not the image its name (and so its label) claims.
+      mismatch = screening.check_sha1(rid, img)
+      if mismatch:
+        invalid.append({"id": rid, "path": path, "reason": mismatch})
+        continue
+      block[len(ids)] = img
+      paths.append(path)
+      ids.append(rid)
+      labels.append(label)
+      if len(ids) == bs:
+        flush()
+    flush()
     num_bytes, sha = writer.close()
-  except BaseException:
-    writer.abort()
-    raise
-  result = {"index": task.index, "fingerprint": task.fingerprint,
-            "entry": None, "excluded": excluded, "flagged": flagged,
-            "invalid": invalid}
-  if invalid and not task.skip_invalid:
-    writer.abort()
-    return result
-  result["excluded"] = excluded + invalid
-  result["invalid"] = []
-  result["entry"] = {
-      "file": os.path.basename(task.path),
-      "num_examples": sum(counts.values()),
-      "num_records": writer.num_records,
-      "label_counts": {str(k): v for k, v in sorted(counts.items())},
-      "bytes": num_bytes,
-      "sha256": sha,
-      "fingerprint": task.fingerprint,
-  }
-  os.replace(writer.path, task.path)
+    result = {"index": task.index, "fingerprint": task.fingerprint,
+              "entry": None, "excluded": excluded, "flagged": flagged,
+              "invalid": invalid}
+    if invalid and not task.skip_invalid:
+      return result
+    result["excluded"] = excluded + invalid
+    result["invalid"] = []
+    result["entry"] = {
+        "file": os.path.basename(task.path),
+        "num_examples": sum(counts.values()),
+        "num_records": writer.num_records,
+        "label_counts": {str(k): v for k, v in sorted(counts.items())},
+        "bytes": num_bytes,
+        "sha256": sha,
+        "fingerprint": task.fingerprint,
+    }
+    os.replace(writer.path, task.path)
   # The sidecar goes last: a shard without one is simply redone.
   atomic_write_text(task.sidecar, json.dumps(result) + "\n", fsync=False)
   return result
@@ -581,12 +600,39 @@ def _scan_exclusions(scan_dir: str) -> dict[str, str]:
   return quality.load_exclusions(scan_dir)
 
 
+def _thresholds(scan_dir: str | None, dark_max: int | None,
+                bright_min: int | None) -> tuple[int, int]:
+  """The dark/bright thresholds in force: asked for, the scan's, or default.
+
+  With a scan report the report decides what is dark or bright, so its
+  thresholds are the ones in force (and recorded in the manifest); asking
+  for others as well is refused rather than recorded but not applied.
+
+  Raises:
+    ShardError: a threshold asked for disagrees with the scan report's.
+    hcd.data.quality.ScanError: unreadable scan summary.
+  """
+  asked = {"dark_max": dark_max, "bright_min": bright_min}
+  if not scan_dir:
+    return (screening.DARK_MAX if dark_max is None else int(dark_max),
+            screening.BRIGHT_MIN if bright_min is None else int(bright_min))
+  from hcd.data import quality  # pylint: disable=g-import-not-at-top
+  scan = quality.load_thresholds(scan_dir)
+  for name, value in asked.items():
+    if value is not None and int(value) != scan[name]:
+      raise ShardError(
+          f"--{name}={value} disagrees with the scan report in {scan_dir} "
+          f"({name}={scan[name]}), which decides what is excluded; rerun "
+          f"tools/scan_quality with --{name}={value}, or drop --{name}")
+  return scan["dark_max"], scan["bright_min"]
+
+
 def make_split(data_dir: str, split: str, out_dir: str,
                workers: int | None = None, scan_dir: str | None = None,
                num_shards: int | None = None, labels_csv: str | None = None,
                skip_invalid: bool = False,
-               dark_max: int = screening.DARK_MAX,
-               bright_min: int = screening.BRIGHT_MIN,
+               dark_max: int | None = None,
+               bright_min: int | None = None,
                dark_bright: str = "auto",
                overwrite: bool = False, progress: bool = True,
                block_size: int = features.BLOCK_SIZE) -> dict:
@@ -609,8 +655,10 @@ def make_split(data_dir: str, split: str, out_dir: str,
     skip_invalid: exclude invalid inputs (label-CSV problems, unreadable or
       wrong-shape images, pixels that do not hash to their Kaggle id) and
       list them in the manifest, instead of refusing.
-    dark_max: an image whose max is below this is dark.
-    bright_min: an image whose min is above this is bright.
+    dark_max: an image whose max is below this is dark (None: the scan
+      report's with scan_dir, else screening.DARK_MAX).
+    bright_min: an image whose min is above this is bright (None: likewise,
+      screening.BRIGHT_MIN).
     dark_bright: "exclude" dark/bright images, "keep" them (listed under
       "flagged" in the manifest), or "auto": exclude from labelled splits
       unless a scan report decides, keep in unlabelled ones (a submission
@@ -629,7 +677,8 @@ def make_split(data_dir: str, split: str, out_dir: str,
   Raises:
     sources.DataError: missing data directory or bad labels (see sources).
     ShardError: invalid images without skip_invalid, a bad option, a scan
-      report of other data, or another run holding the split's lock.
+      report of other data or of other thresholds, or another run holding
+      the split's lock.
     hcd.data.quality.ScanError: a missing or malformed scan report.
     OSError: an unwritable out_dir.
   """
@@ -642,6 +691,7 @@ def make_split(data_dir: str, split: str, out_dir: str,
                      f"{list(DARK_BRIGHT_MODES)}")
   if block_size < 1:
     raise ShardError(f"block_size must be >= 1, got {block_size}")
+  dark_max, bright_min = _thresholds(scan_dir, dark_max, bright_min)
   workers = workers or os.cpu_count() or 1
   data_dir = os.path.abspath(data_dir)
   out_dir = os.path.abspath(out_dir)
