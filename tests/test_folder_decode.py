@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from hcd.data import decode
+from hcd.data import screening
 from hcd.data import sources
 from hcd.eval import inputs
 
@@ -145,3 +146,48 @@ def test_shards_and_folder_hold_the_same_pixels(tmp_path):
   for i, pixels in folder.items():
     np.testing.assert_array_equal(sharded[i], pixels, err_msg=i)
   np.testing.assert_array_equal(folder["plain2"], again)
+
+
+def test_refusals_are_worded_like_the_scanner_and_shard_writer(tmp_path):
+  cases = evalutil.write_edge_cases(tmp_path / "test")
+  (tmp_path / "test" / "empty.tif").write_bytes(b"")
+  (tmp_path / "test" / "garbage.tif").write_bytes(b"II*\x00garbage")
+  records = inputs.folder_records(str(tmp_path), "test")
+  gone = sources.Record("gone", str(tmp_path / "test" / "gone.tif"))
+  checked = inputs.check_images(records + [gone], progress=False)
+  reasons = {os.path.basename(p.path): p.reason for p in checked.problems}
+  refused = {n for n, (_, px, _) in cases.items() if px is None}
+  assert set(reasons) == refused | {"empty.tif", "garbage.tif", "gone.tif"}
+  # The skipped list must read as scan.csv and the manifest do: the same
+  # "<flag>: <detail>" that hcd.data.screening gives the scanner and writer.
+  for p in checked.problems:
+    with pytest.raises(screening.Fault) as e:
+      screening.read_image(p.path)
+    assert p.reason == e.value.reason, p.path
+  assert reasons["empty.tif"] == "unreadable: empty file (0 bytes)"
+  assert reasons["gone.tif"].startswith("unreadable: cannot read: ")
+  assert reasons["gray.tif"].startswith("bad_shape: grayscale")
+
+
+def test_plain_folder_lists_files_only_and_refuses_shared_ids(tmp_path):
+  evalutil.write_tiffs(tmp_path, evalutil.images(2), ["b", "a"])
+  (tmp_path / "c.tif").mkdir()  # A directory is not an image.
+  records = inputs.folder_records(str(tmp_path), "test")
+  assert [(r.id, os.path.basename(r.path)) for r in records] == [
+      ("a", "a.tif"), ("b", "b.tif")]
+  (tmp_path / "a.png").write_bytes(b"x")
+  with pytest.raises(sources.DataError,
+                     match=r"2 files share the id 'a': a\.png, a\.tif"):
+    inputs.folder_records(str(tmp_path), "test")
+
+
+def test_label_problems_suggest_no_flag_evaluation_lacks(tmp_path):
+  evalutil.write_tiffs(tmp_path / "train", evalutil.images(2), ["a", "b"])
+  (tmp_path / "train_labels.csv").write_text("id,label\na,1\nb,7\n")
+  with pytest.raises(sources.DataError) as e:
+    inputs.folder_records(str(tmp_path), "train")
+  msg = str(e.value)
+  assert "label '7' is not 0 or 1" in msg
+  # hcd_evaluate / hcd_predict have no --skip_invalid (their
+  # --skip_unreadable does not apply to labels).
+  assert "--skip_invalid" not in msg

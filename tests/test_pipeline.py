@@ -125,6 +125,17 @@ def test_group_csv_errors_name_file_and_row(tmp_path):
     pipeline.read_groups_csv(str(bad))
 
 
+def test_group_csv_with_byte_order_mark_and_blank_line(tmp_path):
+  p = tmp_path / "g.csv"
+  # A spreadsheet's byte-order mark and padded header; line 4 is blank, so
+  # the conflict is on line 5 as an editor numbers it.
+  p.write_text("\ufeff id , group \na,s1\nb,s2\n\nb,s3\n", encoding="utf-8")
+  with pytest.raises(pipeline.PipelineError, match=r"g.csv:5: id b"):
+    pipeline.read_groups_csv(str(p))
+  p.write_text("\ufeffid,group\na,s1\n\nb,s2\n", encoding="utf-8")
+  assert pipeline.read_groups_csv(str(p)) == {"a": "s1", "b": "s2"}
+
+
 def test_undersample_gives_equal_class_counts(data):
   shards_dir, by_id = data
   plan = pipeline.make_plan(shards_dir, balance="undersample",

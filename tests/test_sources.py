@@ -181,3 +181,93 @@ def test_real_kaggle_and_pcam_layouts():
                                             "valid")
     assert layout == "folders" and len(valid) == 3000
     assert sum(r.label for r in valid) == 1500
+
+
+def test_image_files_maps_names_to_ids_and_finds_shared_ids(tmp_path):
+  for n in ("b.tif", "a.png", "a.tif", "c.JPG", "notes.txt"):
+    (tmp_path / n).write_bytes(b"x")
+  (tmp_path / "d.tif").mkdir()  # A directory is not an image.
+  names, shared = sources.image_files(str(tmp_path))
+  assert names == {"b": "b.tif", "c": "c.JPG"}
+  assert shared == {"a": ["a.png", "a.tif"]}
+
+
+def test_kaggle_files_sharing_an_id_are_refused_or_skipped(tmp_path):
+  ids = _ids(3)
+  d = _kaggle(tmp_path, ids)
+  (tmp_path / "train" / f"{ids[1]}.png").write_bytes(b"x")
+  with pytest.raises(sources.DataError) as e:
+    sources.list_records(d, "train")
+  msg = str(e.value)
+  assert (f"{tmp_path / 'train'}: 2 files share the id '{ids[1]}': "
+          f"{ids[1]}.png, {ids[1]}.tif") in msg, msg
+  assert "--skip_invalid" in msg
+
+  records, problems, _ = sources.list_records(d, "train", skip_invalid=True)
+  assert [r.id for r in records] == [ids[0], ids[2]]
+  # One problem per file, none of them "id has no image file".
+  assert sorted(p.path for p in problems) == [
+      str(tmp_path / "train" / f"{ids[1]}.{ext}") for ext in ("png", "tif")]
+  assert {p.id for p in problems} == {ids[1]}
+  assert all("2 files share the id" in p.reason for p in problems)
+
+
+def test_unlabelled_files_sharing_an_id_are_refused_or_skipped(tmp_path):
+  d = _kaggle(tmp_path, [], test_ids=["a", "b"])
+  (tmp_path / "test" / "a.png").write_bytes(b"x")
+  with pytest.raises(sources.DataError, match="2 files share the id 'a': "
+                     "a.png, a.tif"):
+    sources.list_records(d, "test")
+  records, problems, _ = sources.list_records(d, "test", skip_invalid=True)
+  assert [r.id for r in records] == ["b"]  # Never two records "a".
+  assert [os.path.basename(p.path) for p in problems] == ["a.png", "a.tif"]
+
+
+def test_class_folder_files_sharing_an_id_are_refused(tmp_path):
+  _folders(tmp_path)
+  (tmp_path / "train" / "0" / "a.tif").write_bytes(b"x")  # Next to a.png.
+  with pytest.raises(sources.DataError) as e:
+    sources.list_records(str(tmp_path), "train", skip_invalid=True)
+  assert (f"{tmp_path / 'train' / '0'}: 2 files share the id 'a': a.png, "
+          f"a.tif") in str(e.value)
+
+
+def test_label_problem_hint_is_the_callers(tmp_path):
+  d, _, _ = _problem_case(tmp_path, "label")
+  with pytest.raises(sources.DataError) as e:
+    sources.list_records(d, "train", skip_hint=None)
+  assert "label '2' is not 0 or 1" in str(e.value)
+  assert "skip_invalid" not in str(e.value)
+  with pytest.raises(sources.DataError) as e:
+    sources.list_records(d, "train", skip_hint="pass --lenient")
+  assert str(e.value).endswith("\n(pass --lenient)")
+
+
+class _OwnError(ValueError):
+  pass
+
+
+def test_open_csv_byte_order_mark_spaces_and_missing_columns(tmp_path):
+  p = tmp_path / "t.csv"
+  p.write_text("\ufeff id , group \na,1\n", encoding="utf-8")
+  with sources.open_csv(str(p), ("id", "group"), "group CSV") as opened:
+    reader, header = opened
+    assert header == ["id", "group"] and list(reader) == [["a", "1"]]
+  with pytest.raises(_OwnError) as e:
+    with sources.open_csv(str(p), ("id", "label"), "labels CSV", _OwnError):
+      pass
+  msg = str(e.value)
+  assert msg.startswith(f"{p}: missing column(s) ['label']") and (
+      "no 'label' column" in msg), msg
+  with pytest.raises(_OwnError, match="nope.csv: cannot read labels CSV"):
+    with sources.open_csv(str(tmp_path / "nope.csv"), ("id",), "labels CSV",
+                          _OwnError):
+      pass
+  p.write_text("id\na\n" + "b" * 200_000 + "\n")  # Over csv's field limit.
+  with pytest.raises(_OwnError, match=r"t.csv:3: malformed x: field larger"):
+    with sources.open_csv(str(p), ("id",), "x", _OwnError) as (reader, _):
+      list(reader)
+  p.write_bytes(b"id\n\xff\n")
+  with pytest.raises(_OwnError, match=r"t.csv: malformed x: not UTF-8 text"):
+    with sources.open_csv(str(p), ("id",), "x", _OwnError) as (reader, _):
+      list(reader)

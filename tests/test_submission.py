@@ -176,3 +176,23 @@ def test_ids_with_comma_quote_newline_are_quoted_and_read_back(tmp_path):
     text = f.read()
   assert text == ('id,label\n"a,b",0.05\n"say ""hi""",'
                   f'{probs[1]!r}\n"two\nlines",{probs[2]!r}\n')
+
+
+def test_byte_order_mark_is_read_like_the_labels_csv(tmp_path):
+  # Spreadsheet programs save one; read as plain UTF-8 the header would be
+  # ['\ufeffid', 'label'] and the file refused for having no 'id' column.
+  p = tmp_path / "s.csv"
+  p.write_text("\ufeffid,label\nb,0.25\na,0.5\n", encoding="utf-8")
+  assert submission.read_sample_ids(str(p)) == ["b", "a"]
+  ids, probs = submission.read_submission(str(p))
+  assert ids == ["b", "a"] and probs.tolist() == [0.25, 0.5]
+  assert submission.validate_submission(str(p), ["b", "a"])["num_rows"] == 2
+
+
+def test_sample_submission_missing_column_names_file_and_column(tmp_path):
+  p = tmp_path / "sample.csv"
+  p.write_text("\ufeffname,label\na,0\n", encoding="utf-8")
+  with pytest.raises(submission.SubmissionError) as e:
+    submission.read_sample_ids(str(p))
+  assert str(e.value).startswith(f"{p}: missing column(s) ['id']")
+  assert "['name', 'label']" in str(e.value)  # The header found, no BOM.

@@ -293,30 +293,6 @@ class TiffLayoutCache:
       keys.add(key)
       self._count += 1
 
-  def check(self, data: bytes, name: str) -> tuple[int, int, bytes] | None:
-    """Validates data as `decode_bytes` does; returns its layout if plain.
-
-    A known layout needs no decode (its pixels are its strip's bytes, so it
-    is a valid 96x96 RGB uint8 image); anything else is decoded, validated
-    and learned.
-
-    Args:
-      data: the file's bytes.
-      name: the file name used in error messages.
-
-    Returns:
-      `layout(data)` after learning: the proof for the in-graph fast path,
-      or None when the file must go through the decoder.
-
-    Raises:
-      ImageError: the file is refused by `decode_bytes`.
-    """
-    known = self.layout(data)
-    if known is None:
-      self.learn(data, decode_bytes(data, name))
-      known = self.layout(data)
-    return known
-
 
 def _plain_strip_offset(data: bytes) -> int | None:
   """Where the pixels of a plain one-strip RGB TIFF start, else None.

@@ -48,7 +48,6 @@ the remedy (`tools/make_shards --verify`).
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import math
 import os
@@ -60,6 +59,7 @@ import tensorflow as tf
 
 from hcd.data import features
 from hcd.data import manifest as manifest_lib
+from hcd.data import sources
 from hcd.train.config import BALANCE_MODES
 
 _HASH_BUCKETS = 1 << 62
@@ -166,25 +166,19 @@ def read_groups_csv(path: str) -> dict[str, str]:
     dict id -> group.
 
   Raises:
-    PipelineError: unreadable file, missing columns, empty or conflicting
-      rows, naming the file and row.
+    PipelineError: unreadable or malformed file, missing columns, empty or
+      conflicting rows, naming the file and row.
   """
-  try:
-    f = open(path, newline="", encoding="utf-8")
-  except OSError as e:
-    raise PipelineError(
-        f"{path}: cannot read group CSV: {e.strerror}") from None
   groups: dict[str, str] = {}
-  with f:
-    reader = csv.DictReader(f)
-    cols = [c.strip() for c in (reader.fieldnames or [])]
-    if "id" not in cols or "group" not in cols:
-      raise PipelineError(f"{path}: expected a header with columns 'id' and "
-                          f"'group', found {cols}")
-    reader.fieldnames = cols
-    for rowno, row in enumerate(reader, start=2):
-      rid = (row.get("id") or "").strip()
-      grp = (row.get("group") or "").strip()
+  with sources.open_csv(path, ("id", "group"), "group CSV",
+                        PipelineError) as (reader, header):
+    i_id, i_group = header.index("id"), header.index("group")
+    for row in reader:
+      if not row:  # A blank line.
+        continue
+      rowno = reader.line_num  # The physical line, as an editor numbers it.
+      rid = row[i_id].strip() if len(row) > i_id else ""
+      grp = row[i_group].strip() if len(row) > i_group else ""
       if not rid or not grp:
         raise PipelineError(f"{path}:{rowno}: empty id or group")
       if groups.get(rid, grp) != grp:

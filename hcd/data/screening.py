@@ -359,6 +359,32 @@ def read_image(path: str,
   return img
 
 
+def check_image(path: str, layouts: decode.TiffLayoutCache):
+  """Reads and validates one image file as `read_image` does, for a reader
+  that slices the pixels itself (hcd_evaluate/hcd_predict's tf.data path).
+
+  Args:
+    path: the file.
+    layouts: the layout cache to consult and teach.
+
+  Returns:
+    The file's plain-strip layout (`decode.TiffLayoutCache.layout`), or None
+    when its pixels need the decoder.
+
+  Raises:
+    Fault: UNREADABLE or BAD_SHAPE, worded as in scan.csv and the manifest.
+  """
+  try:
+    data = read_file(path)
+  except OSError as e:
+    raise read_fault(e) from None
+  known = layouts.layout(data)
+  if known is None:
+    layouts.learn(data, validate(decode_raw(data, path), path))
+    known = layouts.layout(data)
+  return known
+
+
 def duplicate_of(ids: Sequence[str], digests: Sequence) -> dict[int, int]:
   """Finds the duplicates among images by the SHA-1 of their pixels.
 

@@ -7,8 +7,16 @@ Both produce a list of `Record(id, path, label)`; everything downstream
             <data_dir>/test/<id>.tif
   Folders:  <data_dir>/<split>/<label>/*.{tif,png,jpg}   (e.g. PCam exports)
 
-In the folder layout a file name can repeat across splits and classes, so the
-id is "<label>/<stem>", unique within a split.
+An image's id is its file name without the extension (`image_files`, for
+every layout); two files of one directory that would share an id (`a.tif`,
+`a.png`) are refused or, where the caller allows it, reported and left out,
+never silently merged or duplicated. In the folder layout a file name can
+repeat across splits and classes, so the id is "<label>/<stem>", unique
+within a split.
+
+Every CSV with a header (labels, sample submission, submission, group CSV,
+scan.csv) is opened by `open_csv`, so all accept a byte-order mark and name
+the file and the missing column the same way.
 
 Labels are joined to files by id, never by row position (the notebook dropped
 the wrong rows that way).
@@ -16,10 +24,11 @@ the wrong rows that way).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import os
-from typing import Iterable, NamedTuple
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 from hcd.data import parallel
 from hcd.data.decode import IMAGE_EXTS
@@ -28,6 +37,10 @@ from hcd.data.features import UNKNOWN_LABEL
 LABELS_CSV = "train_labels.csv"
 LAYOUT_KAGGLE = "kaggle"
 LAYOUT_FOLDERS = "folders"
+# The end of the label-problem error of the tools that have --skip_invalid
+# (tools/scan_quality, tools/make_shards); see `kaggle_records`.
+SKIP_INVALID_HINT = ("pass --skip_invalid to exclude them and list them in "
+                     "the report")
 
 
 class Record(NamedTuple):
@@ -53,25 +66,151 @@ class DataError(ValueError):
   """Bad source data; the message names the file and rows at fault."""
 
 
-def _list_images(directory: str) -> list[str]:
+def image_files(directory: str
+                ) -> tuple[dict[str, str], dict[str, list[str]]]:
+  """Lists the image files of a directory by id: the one file name -> id map.
+
+  An image's id is its file name without the extension. Every layout lists
+  through here (Kaggle, class folders, a plain folder of images), so ids are
+  derived one way and two files that would get the same id (`a.tif` and
+  `a.png`) are always caught instead of one silently replacing the other.
+
+  Args:
+    directory: the directory (not searched recursively); names ending in an
+      image extension (any case) that are regular files count.
+
+  Returns:
+    (names, shared), in no particular order: `names` maps each id that
+    exactly one file has to that file's name; `shared` maps each id that
+    several files have to their names, sorted. A shared id is not in
+    `names`: which file it means cannot be known.
+
+  Raises:
+    OSError: the directory cannot be listed.
+  """
   with os.scandir(directory) as it:
-    names = [e.name for e in it
-             if e.name.lower().endswith(IMAGE_EXTS) and e.is_file()]
-  names.sort()
-  return names
-
-
-def _stem(name: str) -> str:
+    listed = [e.name for e in it
+              if e.name.lower().endswith(IMAGE_EXTS) and e.is_file()]
   # Listed names always end in an image extension; rpartition is ~3x faster
   # than os.path.splitext, which matters for 220k files.
-  return name.rpartition(".")[0] or name
+  stems = [n.rpartition(".")[0] or n for n in listed]
+  names = dict(zip(stems, listed))
+  if len(names) == len(listed):
+    return names, {}
+  # Rare, so only now find out which ids repeat.
+  by_id: dict[str, list[str]] = {}
+  for stem, name in zip(stems, listed):
+    by_id.setdefault(stem, []).append(name)
+  shared = {i: sorted(ns) for i, ns in sorted(by_id.items()) if len(ns) > 1}
+  for i in shared:
+    del names[i]
+  return names, shared
 
 
-def _fmt_rows(items: Iterable[str], limit: int = 10) -> str:
-  items = list(items)
-  head = ", ".join(items[:limit])
-  more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
-  return head + more
+def _shared_reason(image_id: str, names: list[str]) -> str:
+  return (f"{len(names)} files share the id {image_id!r}: "
+          f"{', '.join(names)}")
+
+
+def _shared_ids_error(directory: str, shared: dict[str, list[str]],
+                      hint: str | None = None) -> DataError:
+  """The error naming the files that share an id (see `image_files`)."""
+  lines = [f"{directory}: {_shared_reason(i, ns)}"
+           for i, ns in list(shared.items())[:20]]
+  if len(shared) > len(lines):
+    lines.append(f"... and {len(shared) - len(lines)} more ids shared by "
+                 f"several files")
+  lines.append("(an image's id is its file name without the extension, so "
+               "it must be unique: rename or remove all but one file of each"
+               + (f"; or {hint}" if hint else "") + ")")
+  return DataError("\n".join(lines))
+
+
+def image_records(directory: str, id_prefix: str = "",
+                  label: int = UNKNOWN_LABEL) -> list[Record]:
+  """The images of one directory as records (see `image_files`).
+
+  Args:
+    directory: the directory.
+    id_prefix: put before each id (e.g. "1/" for a class folder).
+    label: every image's label.
+
+  Returns:
+    Records sorted by id (possibly none).
+
+  Raises:
+    DataError: several files share an id, naming them.
+    OSError: the directory cannot be listed.
+  """
+  names, shared = image_files(directory)
+  if shared:
+    raise _shared_ids_error(directory, shared)
+  prefix = os.path.join(directory, "")
+  return [Record(id_prefix + i, prefix + names[i], label)
+          for i in sorted(names)]
+
+
+def _quoted(items: Iterable[str], last: str) -> str:
+  """'a', 'b' <last> 'c'."""
+  items = [repr(i) for i in items]
+  return (f"{', '.join(items[:-1])} {last} {items[-1]}" if len(items) > 1
+          else "".join(items))
+
+
+@contextlib.contextmanager
+def open_csv(path: str, columns: Sequence[str], what: str,
+             error: type[Exception] = DataError
+             ) -> Iterator[tuple[Iterator[list[str]], list[str]]]:
+  """Opens a CSV file with a header row: the one way hcd reads one.
+
+  The file is read as UTF-8 with an optional byte-order mark (spreadsheet
+  programs often save one; read as plain UTF-8 it would turn `id` into
+  `\\ufeffid`), and the header cells are stripped of spaces.
+
+  Args:
+    path: the CSV file.
+    columns: the columns the header must name (in any order, among others).
+    what: what the file is, for messages (e.g. "labels CSV").
+    error: the exception type to raise, so that a caller's own error type
+      (and its callers' handlers) stay as they were; DataError by default.
+
+  Yields:
+    (reader, header): a csv.reader positioned after the header (its
+    `line_num` is the physical line of the last row read, as an editor
+    numbers it), and the stripped header cells.
+
+  Raises:
+    error: the file cannot be opened; a column is missing (naming the file,
+      the missing columns and the header found); or, while it is read
+      inside the `with` block, the file is not valid CSV (naming the line)
+      or not UTF-8 text.
+  """
+  try:
+    f = open(path, newline="", encoding="utf-8-sig")
+  except OSError as e:
+    raise error(f"{path}: cannot read {what}: {e.strerror}") from None
+  with f:
+    reader = csv.reader(f)
+    try:
+      header = [c.strip() for c in next(reader, [])]
+      missing = [c for c in columns if c not in header]
+      if missing:
+        raise error(
+            f"{path}: missing column(s) {missing}: header {header} has no "
+            f"{_quoted(missing, 'or')} column (a {what} needs a header "
+            f"naming {_quoted(columns, 'and')})")
+      yield reader, header
+    except csv.Error as e:
+      raise error(f"{path}:{reader.line_num}: malformed {what}: {e}"
+                  ) from None
+    except UnicodeDecodeError as e:
+      # No line: the file is decoded a block at a time, ahead of the rows.
+      raise error(f"{path}: malformed {what}: not UTF-8 text: {e}") from None
+
+
+_LABEL_COLUMNS = ("id", "label")
+_LABELS_WHAT = "labels CSV"
+_LABEL_VALUES = {"0": 0, "1": 1}
 
 
 def read_labels_csv(path: str) -> tuple[dict[str, int], list[Problem]]:
@@ -86,52 +225,27 @@ def read_labels_csv(path: str) -> tuple[dict[str, int], list[Problem]]:
     choice (see `kaggle_records`).
 
   Raises:
-    DataError: unreadable file or missing `id`/`label` columns.
+    DataError: unreadable or malformed file, or missing `id`/`label`
+      columns.
   """
-  try:
-    # utf-8-sig: spreadsheet programs often save a byte-order mark.
-    f = open(path, newline="", encoding="utf-8-sig")
-  except OSError as e:
-    raise DataError(f"{path}: cannot read labels CSV: {e.strerror}") from None
-  with f:
-    reader = csv.reader(f)
-    try:
-      fast = _parse_valid_labels(path, reader)
-      if fast is not None:
-        return fast, []
-      # Some row has a problem: reread row by row to name each one.
-      f.seek(0)
-      reader = csv.reader(f)
-      return _parse_labels(path, reader)
-    except (csv.Error, UnicodeDecodeError) as e:
-      raise DataError(f"{path}:{reader.line_num}: malformed labels CSV: "
-                      f"{e}") from None
+  with open_csv(path, _LABEL_COLUMNS, _LABELS_WHAT) as (reader, header):
+    fast = _parse_valid_labels(reader, header.index("id"),
+                               header.index("label"))
+  if fast is not None:
+    return fast, []
+  # Some row has a problem: reread row by row to name each one.
+  with open_csv(path, _LABEL_COLUMNS, _LABELS_WHAT) as (reader, header):
+    return _parse_labels(path, reader, header.index("id"),
+                         header.index("label"))
 
 
-def _header(path: str, reader) -> tuple[int, int]:
-  """The positions of the id and label columns.
-
-  Raises:
-    DataError: either column is missing.
-  """
-  cols = [c.strip() for c in next(reader, [])]
-  missing = [c for c in ("id", "label") if c not in cols]
-  if missing:
-    raise DataError(f"{path}: missing column(s) {missing}; found {cols}; "
-                    f"expected a header 'id,label'")
-  return cols.index("id"), cols.index("label")
-
-
-_LABEL_VALUES = {"0": 0, "1": 1}
-
-
-def _parse_valid_labels(path: str, reader) -> dict[str, int] | None:
+def _parse_valid_labels(reader, i_id: int, i_label: int
+                        ) -> dict[str, int] | None:
   """Labels by id if no row has a problem, else None (see `_parse_labels`).
 
   The common case in whole-list operations, ~3x faster than the row-by-row
   loop of `_parse_labels`, which names the rows at fault.
   """
-  i_id, i_label = _header(path, reader)
   rows = list(reader)
   width = max(i_id, i_label) + 1
   if any(len(r) < width for r in rows):  # Blank or short rows.
@@ -144,12 +258,11 @@ def _parse_valid_labels(path: str, reader) -> dict[str, int] | None:
   return dict(zip(ids, map(_LABEL_VALUES.__getitem__, values)))
 
 
-def _parse_labels(path: str, reader
+def _parse_labels(path: str, reader, i_id: int, i_label: int
                   ) -> tuple[dict[str, int], list[Problem]]:
   labels: dict[str, int] = {}
   problems: list[Problem] = []
   first_row: dict[str, int] = {}
-  i_id, i_label = _header(path, reader)
   for row in reader:
     if not row:  # A blank line.
       continue
@@ -175,7 +288,8 @@ def _parse_labels(path: str, reader
 
 
 def kaggle_records(data_dir: str, split: str, labels_csv: str | None = None,
-                   skip_invalid: bool = False
+                   skip_invalid: bool = False,
+                   skip_hint: str | None = SKIP_INVALID_HINT
                    ) -> tuple[list[Record], list[Problem]]:
   """Lists a split of the Kaggle layout, joining labels by id.
 
@@ -184,36 +298,43 @@ def kaggle_records(data_dir: str, split: str, labels_csv: str | None = None,
     split: "train" or "test" (any sub-directory name works).
     labels_csv: labels file; defaults to `<data_dir>/train_labels.csv` for
       the train split and none for other splits.
-    skip_invalid: report invalid rows, ids without files and files without
-      labels as problems instead of raising.
+    skip_invalid: report invalid rows, ids without files, files without
+      labels and files sharing an id (`a.tif`, `a.png`) as problems, and
+      leave those ids out, instead of raising.
+    skip_hint: how the caller's user asks for `skip_invalid` (it ends the
+      error's message, in parentheses); None when the caller has no way to.
 
   Returns:
     (records sorted by id, problems).
 
   Raises:
-    DataError: missing directory, or (unless skip_invalid) any label problem,
-      naming the rows and files.
+    DataError: missing directory, or (unless skip_invalid) files sharing an
+      id or any label problem, naming the rows and files.
   """
   image_dir = os.path.join(data_dir, split)
   if not os.path.isdir(image_dir):
     raise DataError(f"{image_dir}: no such directory (expected the Kaggle "
                     f"layout <data_dir>/{split}/<id>.tif)")
-  files = _list_images(image_dir)
+  by_id, shared = image_files(image_dir)
+  if shared and not skip_invalid:
+    raise _shared_ids_error(image_dir, shared, skip_hint)
+  prefix = os.path.join(image_dir, "")
+  shared_problems = [Problem(i, prefix + n, _shared_reason(i, names))
+                     for i, names in shared.items() for n in names]
   if labels_csv is None and split == "train":
     labels_csv = os.path.join(data_dir, LABELS_CSV)
-  prefix = os.path.join(image_dir, "")
   if labels_csv is None:
-    return [Record(_stem(n), prefix + n) for n in files], []
+    return ([Record(i, prefix + by_id[i]) for i in sorted(by_id)],
+            shared_problems)
 
   labels, problems = read_labels_csv(labels_csv)
-  # Set operations and inline stems: this join runs on 220k ids before any
-  # tool can start working.
-  by_id = {(n.rpartition(".")[0] or n): n for n in files}
-  no_file = sorted(labels.keys() - by_id.keys())
+  # Set operations: this join runs on 220k ids before any tool can start
+  # working. A shared id has its files (and its own problems) already.
+  no_file = sorted(labels.keys() - by_id.keys() - shared.keys())
   problem_ids = {p.id for p in problems}
   no_label = sorted(by_id.keys() - labels.keys() - problem_ids)
   problems += [Problem(i, labels_csv, "id has no image file") for i in no_file]
-  problems += [Problem(i, os.path.join(image_dir, by_id[i]),
+  problems += [Problem(i, prefix + by_id[i],
                        f"file has no label in {labels_csv}")
                for i in no_label]
   if problems and not skip_invalid:
@@ -222,11 +343,11 @@ def kaggle_records(data_dir: str, split: str, labels_csv: str | None = None,
     raise DataError(
         f"{labels_csv}: {len(problems)} label problem(s) for {image_dir}:\n" +
         "\n".join(lines) + (f"\n  ... and {more} more" if more > 0 else "") +
-        "\n(pass --skip_invalid to exclude them and list them in the report)")
+        (f"\n({skip_hint})" if skip_hint else ""))
   bad = {p.id for p in problems}
   records = [Record(i, prefix + by_id[i], labels[i])
              for i in sorted((by_id.keys() & labels.keys()) - bad)]
-  return records, problems
+  return records, problems + shared_problems
 
 
 def folder_records(data_dir: str, split: str) -> list[Record]:
@@ -237,7 +358,8 @@ def folder_records(data_dir: str, split: str) -> list[Record]:
 
   Raises:
     DataError: missing split directory, a class folder that is not 0 or 1,
-      or no images at all.
+      files of one class folder sharing an id (`a.tif`, `a.png`), or no
+      images at all.
   """
   split_dir = os.path.join(data_dir, split)
   if not os.path.isdir(split_dir):
@@ -250,9 +372,8 @@ def folder_records(data_dir: str, split: str) -> list[Record]:
     if name not in ("0", "1"):
       raise DataError(f"{os.path.join(split_dir, name)}: class folder must be "
                       f"named 0 or 1")
-    d = os.path.join(split_dir, name)
-    records += [Record(f"{name}/{_stem(n)}", os.path.join(d, n), int(name))
-                for n in _list_images(d)]
+    records += image_records(os.path.join(split_dir, name), f"{name}/",
+                             int(name))
   if not records:
     raise DataError(f"{split_dir}: no images found under 0/ or 1/")
   return sorted(records, key=lambda r: r.id)
@@ -268,9 +389,18 @@ def detect_layout(data_dir: str, split: str) -> str:
 
 
 def list_records(data_dir: str, split: str, labels_csv: str | None = None,
-                 skip_invalid: bool = False
+                 skip_invalid: bool = False,
+                 skip_hint: str | None = SKIP_INVALID_HINT
                  ) -> tuple[list[Record], list[Problem], str]:
   """Lists a split in whichever layout `data_dir` uses.
+
+  Args:
+    data_dir: the data directory.
+    split: the split (a sub-directory of data_dir).
+    labels_csv: see `kaggle_records`.
+    skip_invalid: see `kaggle_records` (the class-folder layout has no label
+      problems; files sharing an id there always raise).
+    skip_hint: see `kaggle_records`.
 
   Returns:
     (records, problems, layout).
@@ -285,5 +415,5 @@ def list_records(data_dir: str, split: str, labels_csv: str | None = None,
     if layout == LAYOUT_FOLDERS:
       return folder_records(data_dir, split), [], layout
     records, problems = kaggle_records(data_dir, split, labels_csv,
-                                       skip_invalid)
+                                       skip_invalid, skip_hint)
   return records, problems, layout

@@ -13,7 +13,6 @@ or an image folder (hcd.data.sources layouts), plus a scan.csv.
 
 from __future__ import annotations
 
-import csv
 import os
 from typing import Sequence
 
@@ -106,20 +105,13 @@ def read_flagged(scan_csv: str, max_images: int = 32):
     An image that cannot be read is shown as a grey placeholder.
 
   Raises:
-    EdaError: unreadable CSV or missing columns.
+    EdaError: unreadable or malformed CSV, or missing columns.
   """
-  try:
-    f = open(scan_csv, newline="", encoding="utf-8")
-  except OSError as e:
-    raise EdaError(f"{scan_csv}: cannot read scan report: {e.strerror}"
-                   ) from None
-  with f:
-    reader = csv.DictReader(f)
-    missing = {"id", "path", "flags"} - set(reader.fieldnames or [])
-    if missing:
-      raise EdaError(f"{scan_csv}: missing column(s) {sorted(missing)}; is "
-                     f"this a tools/scan_quality scan.csv?")
-    flagged = [r for r in reader if (r.get("flags") or "").strip()]
+  what = "tools/scan_quality scan.csv"
+  with sources.open_csv(scan_csv, ("id", "path", "flags"), what,
+                        EdaError) as (reader, header):
+    rows = (dict(zip(header, row)) for row in reader if row)
+    flagged = [r for r in rows if (r.get("flags") or "").strip()]
   images, labels, captions = [], [], []
   for r in flagged[:max_images]:
     try:

@@ -34,6 +34,7 @@ import numpy as np
 from hcd.data import decode
 from hcd.data import features
 from hcd.data import manifest as manifest_lib
+from hcd.data import screening
 from hcd.data import sources
 
 CHECK_CHUNK = 256
@@ -149,17 +150,27 @@ def folder_records(data_dir: str, split: str,
   hcd.data.sources); or, when that does not exist, `data_dir` itself as a
   plain folder of images (ids = file stems, labels unknown).
 
+  Args:
+    data_dir: the data directory (or a plain folder of images).
+    split: the split's sub-directory.
+    labels_csv: labels for the Kaggle layout (see sources.kaggle_records).
+
+  Returns:
+    Records sorted by id.
+
   Raises:
-    sources.DataError: no such folder, no images, or label problems.
+    sources.DataError: no such folder, no images, files sharing an id
+      (`a.tif` and `a.png`), or label problems.
   """
   if not os.path.isdir(os.path.join(data_dir, split)) and os.path.isdir(
       data_dir):
-    names = sorted(n for n in os.listdir(data_dir)
-                   if n.lower().endswith(decode.IMAGE_EXTS))
-    if names:
-      return [sources.Record(os.path.splitext(n)[0],
-                             os.path.join(data_dir, n)) for n in names]
-  records, _, _ = sources.list_records(data_dir, split, labels_csv)
+    records = sources.image_records(data_dir)
+    if records:
+      return records
+  # No skip_hint: evaluation and prediction have no --skip_invalid (their
+  # --skip_unreadable leaves out undecodable images, not label problems).
+  records, _, _ = sources.list_records(data_dir, split, labels_csv,
+                                       skip_hint=None)
   if not records:
     raise sources.DataError(f"{os.path.join(data_dir, split)}: no images")
   return records
@@ -185,11 +196,12 @@ def _check_chunk(records) -> Checked:
   cache = decode.TiffLayoutCache()
   found = Checked([], {})
   for r in records:
+    # The scanner's and the shard writer's checks, so a refusal is worded
+    # as in scan.csv and the manifest ("unreadable: ...", "bad_shape: ...").
     try:
-      layout = cache.check(decode.read_bytes(r.path), r.path)
-    except decode.ImageError as e:
-      found.problems.append(sources.Problem(
-          r.id, r.path, decode.strip_name(str(e), r.path)))
+      layout = screening.check_image(r.path, cache)
+    except screening.Fault as e:
+      found.problems.append(sources.Problem(r.id, r.path, e.reason))
       continue
     if layout is not None:
       found.layouts[r.path] = layout

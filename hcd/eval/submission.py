@@ -9,7 +9,6 @@ or duplicate id refuses the write with the ids listed.
 
 from __future__ import annotations
 
-import csv
 import os
 from typing import Sequence
 
@@ -55,19 +54,11 @@ def read_sample_ids(path: str) -> list[str]:
     The ids.
 
   Raises:
-    SubmissionError: unreadable file, no `id` column, empty ids (row
-      numbers), duplicates or no rows.
+    SubmissionError: unreadable or malformed file, no `id` column, empty
+      ids (row numbers), duplicates or no rows.
   """
-  try:
-    f = open(path, newline="", encoding="utf-8")
-  except OSError as e:
-    raise SubmissionError(f"{path}: cannot read sample submission: "
-                          f"{e.strerror}") from None
-  with f:
-    reader = csv.reader(f)
-    header = [c.strip() for c in next(reader, [])]
-    if "id" not in header:
-      raise SubmissionError(f"{path}: no 'id' column in header {header}")
+  with sources.open_csv(path, ("id",), "sample submission",
+                        SubmissionError) as (reader, header):
     col = header.index("id")
     ids, empty = [], []
     for rowno, row in enumerate(reader, start=2):
@@ -214,20 +205,21 @@ def write_submission(path: str, ids: Sequence[str], probs,
 def read_submission(path: str) -> tuple[list[str], np.ndarray]:
   """Reads a submission CSV back: (ids, probabilities).
 
+  Args:
+    path: the submission CSV (a byte-order mark is allowed).
+
+  Returns:
+    (ids, probabilities float64 [n]), in file order.
+
   Raises:
-    SubmissionError: missing file, wrong header, or a label that is not a
-      number (row named).
+    SubmissionError: missing or malformed file, wrong header, or a label
+      that is not a number (row named).
   """
-  try:
-    f = open(path, newline="", encoding="utf-8")
-  except OSError as e:
-    raise SubmissionError(f"{path}: cannot read: {e.strerror}") from None
   ids, probs = [], []
-  with f:
-    reader = csv.reader(f)
-    header = tuple(c.strip() for c in next(reader, []))
-    if header != HEADER:
-      raise SubmissionError(f"{path}: header {list(header)}, expected "
+  with sources.open_csv(path, HEADER, "submission",
+                        SubmissionError) as (reader, header):
+    if tuple(header) != HEADER:
+      raise SubmissionError(f"{path}: header {header}, expected "
                             f"{list(HEADER)}")
     for rowno, row in enumerate(reader, start=2):
       if len(row) != 2:
