@@ -179,6 +179,18 @@ def test_config_errors_are_clear(shards_dir, tmp_path):
                             strategy=_strategy())
 
 
+def test_divergence_is_reported_as_such(shards_dir, tmp_path):
+  # A learning rate of 1e38 sends the weights to inf in one Adam step; the
+  # run must stop saying so, not fail later on "bad" probabilities.
+  workdir = tmp_path / "run"
+  with pytest.raises(loop.TrainingDiverged,
+                     match=r"epoch 1: the training loss is nan.*diverged"):
+    loop.train_and_evaluate(_config(shards_dir, workdir, epochs=1,
+                                    learning_rate=1e38),
+                            strategy=_strategy())
+  assert not os.path.exists(workdir / "model.keras")
+
+
 def _val_predictions(workdir):
   rows = _read_csv(os.path.join(workdir, "val_predictions.csv"))
   return (np.array([int(r["label"]) for r in rows]),

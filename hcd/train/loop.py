@@ -137,6 +137,10 @@ def _bce(labels, probs, label_smoothing: float):
   return keras.ops.binary_crossentropy(target, probs)[:, 0]
 
 
+class TrainingDiverged(RuntimeError):
+  """The training loss became NaN or infinite."""
+
+
 class Trainer:
   """The model, augmenter, optimizer, metrics and compiled steps of a run.
 
@@ -687,6 +691,15 @@ def _train_and_evaluate(config: TrainConfig, strategy,
     bar.close()
     train_time = time.perf_counter() - t0
     row = {"epoch": epoch + 1, **trainer.train_metrics.result()}
+    if not math.isfinite(row["loss"]):
+      # Validation would only fail on the NaN probabilities, which reads
+      # like bad input; say what happened instead. This epoch is not
+      # checkpointed.
+      raise TrainingDiverged(
+          f"epoch {epoch + 1}: the training loss is {row['loss']}: training "
+          f"diverged at learning rate {trainer.current_lr():.3g} (peak "
+          f"{learning_rate:.3g}); lower --learning_rate (or add "
+          f"--warmup_epochs) and start again with a new --workdir")
     val_time = 0.0
     if val_ds is not None:
       tv0 = time.perf_counter()
