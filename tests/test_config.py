@@ -66,3 +66,50 @@ def test_negative_weight_decay_is_refused():
   with pytest.raises(config_lib.ConfigError, match="weight_decay must be >= 0"):
     config_lib.TrainConfig(weight_decay=-0.05).validate()
   config_lib.TrainConfig(weight_decay=0.05).validate()
+
+
+@pytest.mark.parametrize("field,bad,good", [
+    # -5 made the epoch loop take negative steps forever: a silent hang.
+    ("checkpoint_every_steps", -5, 0),
+    ("log_every_steps", -1, 0),
+    ("shuffle_blocks", 0, 1),
+    ("mix_size", 0, 1),
+    ("cpu_logical_devices", -2, 0),
+    ("adam_beta1", 1.0, 0.0),
+    ("adam_beta1", -0.1, 0.99),
+    ("adam_beta2", 1.5, 0.0),
+    ("adam_beta2", float("nan"), 0.999),
+    ("adam_epsilon", 0.0, 1e-12),
+    ("adam_epsilon", float("inf"), 1.0),
+    # Checked before only by the Augmenter, built after every shard was
+    # scanned, and as a plain ValueError.
+    ("color_jitter", 1.0, 0.99),
+    ("stain_jitter", -0.1, 0.0),
+    ("stain_jitter", float("nan"), 0.05),
+])
+def test_out_of_range_value_is_a_config_error_naming_it(field, bad, good):
+  with pytest.raises(config_lib.ConfigError, match=f"^{field} must be"):
+    config_lib.TrainConfig(**{field: bad}).validate()
+  config_lib.TrainConfig(**{field: good}).validate()  # The edge is allowed.
+
+
+def test_jitter_ranges_are_the_augmenters():
+  """TrainConfig.validate and the Augmenter accept exactly the same values."""
+  from hcd.models import augment  # pylint: disable=g-import-not-at-top
+  assert set(augment.JITTER_RANGES) == {"color_jitter", "stain_jitter",
+                                        "hue_jitter"}
+  for name, (low, high, _) in augment.JITTER_RANGES.items():
+    for value in (low - 1e-6, low, (low + high) / 2, high, high + 1e-6):
+      try:
+        augment.build_augmenter(**{name: value})
+      except ValueError as e:
+        augmenter_error = str(e)
+      else:
+        augmenter_error = None
+      try:
+        config_lib.TrainConfig(**{name: value}).validate()
+      except config_lib.ConfigError as e:
+        config_error = str(e)
+      else:
+        config_error = None
+      assert config_error == augmenter_error, (name, value)

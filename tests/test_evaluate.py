@@ -158,3 +158,49 @@ def test_cli_evaluate_run_defaults_to_its_validation_part(tmp_path, labelled):
   assert 0.0 <= m["roc_auc"] <= 1.0 and m["tta"] == 8
   assert m["threshold_method"] == "youden"
   assert (out / "roc.png").stat().st_size > 0
+
+
+def _evaluate_cli(*args):
+  code = "from hcd.cli.evaluate_main import run; run()"
+  return subprocess.run([sys.executable, "-c", code, *args],
+                        capture_output=True, text=True, env=evalutil.ENV,
+                        cwd=str(evalutil.REPO), timeout=240)
+
+
+@pytest.mark.parametrize("flag,value", [("tta", "3"), ("batch_size", "0")])
+def test_cli_evaluate_checks_flags_before_reading_data(tmp_path, labelled,
+                                                       flag, value):
+  """The same up-front checks as hcd_predict: usage errors naming the flag."""
+  _, run = labelled
+  r = _evaluate_cli(f"--workdir={run}", f"--data_dir={tmp_path / 'no_data'}",
+                    f"--out_dir={tmp_path / 'out'}", f"--{flag}={value}",
+                    "--noprogress")
+  assert r.returncode == 1, r.stderr
+  # absl prints a usage error last, after the usage text.
+  assert r.stderr.strip().splitlines()[-1].startswith(f"--{flag} must be"), (
+      r.stderr[-2000:])
+  assert "no_data" not in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_cli_evaluate_ensemble_without_workdir(tmp_path, labelled):
+  """--ensemble alone needs --out_dir; with it the mean is evaluated."""
+  shards_dir, run = labelled
+  other = evalutil.make_run(str(tmp_path / "other"),
+                            evalutil.invariant_model(seed=2))
+  args = [f"--ensemble={run},{other}", f"--shards_dir={shards_dir}",
+          "--split=valid", "--noprogress"]
+  r = _evaluate_cli(*args)
+  assert r.returncode == 1
+  assert r.stderr.strip().splitlines()[-1].startswith(
+      "--out_dir is required when --ensemble alone names the models"), (
+          r.stderr[-2000:])
+  assert not os.path.exists(os.path.join(run, "eval"))
+  assert not os.path.exists(os.path.join(other, "eval"))
+  out = tmp_path / "ensemble"
+  r = _evaluate_cli(*args, f"--out_dir={out}")
+  assert r.returncode == 0, r.stderr
+  with open(out / "metrics.json") as f:
+    m = json.load(f)
+  assert m["models"] == [os.path.abspath(rundir.model_file(r_))
+                         for r_ in (run, other)]
+  assert m["num_examples"] == 40

@@ -265,8 +265,8 @@ def test_cli_predict_folder_with_planar_tiff(tmp_path, tiny_run):
           f"--out={out}", "--noprogress")
   r = _cli("predict", *args)
   assert r.returncode == 1 and not out.exists()
-  assert f"{folder / 'transparent_rgba.tif'}: RGBA image with a non-opaque" \
-      in r.stderr
+  assert (f"{folder / 'transparent_rgba.tif'}: bad_shape: RGBA image with a "
+          f"non-opaque") in r.stderr
   assert "failed after" not in r.stderr and "planar" not in r.stderr
   r = _cli("predict", *args, "--skip_unreadable")
   assert r.returncode == 0, r.stderr
@@ -388,3 +388,33 @@ def test_bf16_model_runs_in_float32_where_bf16_is_not_native(
   got = native.predict(images, verbose=0)
   assert not np.array_equal(got, want)  # bf16 rounding: it did run in bf16
   np.testing.assert_allclose(got, want, atol=0.05)
+
+
+@pytest.mark.parametrize("flag,value", [("tta", "3"), ("batch_size", "0"),
+                                        ("skipped_prob", "1.5"),
+                                        ("skipped_prob", "nan")])
+def test_cli_predict_checks_flags_before_reading_data(tmp_path, tiny_run,
+                                                      flag, value):
+  """A bad value is a usage error naming the flag; no data is looked at."""
+  out = tmp_path / "s.csv"
+  r = _cli("predict", f"--workdir={tiny_run}",
+           f"--data_dir={tmp_path / 'no_data'}", f"--out={out}",
+           f"--{flag}={value}", "--noprogress")
+  assert r.returncode == 1, r.stderr
+  # absl prints a usage error last, after the usage text.
+  assert r.stderr.strip().splitlines()[-1].startswith(f"--{flag} must be"), (
+      r.stderr[-2000:])
+  assert "no_data" not in r.stderr and not out.exists()
+
+
+def test_predict_submission_refuses_a_bad_skipped_prob(tmp_path, tiny_run):
+  """The library checks it too, before loading a model."""
+  ids = [f"{k:040x}" for k in range(3)]
+  writer.write_arrays(evalutil.images(3), ids, [-1] * 3, str(tmp_path / "sh"),
+                      "test", 1)
+  src = inputs.open_source(shards_dir=str(tmp_path / "sh"), split="test")
+  with pytest.raises(ValueError, match="--skipped_prob must be a probability"):
+    predict.predict_submission([str(tmp_path / "no_model.keras")], src,
+                               str(tmp_path / "s.csv"), skipped_prob=-0.5,
+                               progress=False)
+  assert not (tmp_path / "s.csv").exists()

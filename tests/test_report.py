@@ -136,6 +136,21 @@ def test_eda_figures_from_folder_shards_and_scan(tmp_path):
   assert imgs_.dtype == np.uint8
 
 
+def test_eda_reads_a_scan_csv_with_byte_order_mark(tmp_path):
+  # Saved by a spreadsheet: the first column would read '\ufeffid'.
+  scan = tmp_path / "scan.csv"
+  scan.write_text("\ufeffid,path,label,flags\n"
+                  f"a,{tmp_path / 'missing.tif'},1,dark\n"
+                  f"b,{tmp_path / 'missing.tif'},0,\n", encoding="utf-8")
+  images, labels, captions, total = eda.read_flagged(str(scan))
+  assert total == 1 and labels == [1] and captions == ["a\ndark"]
+  assert images.shape == (1, 96, 96, 3)  # The grey placeholder.
+  scan.write_text("\ufeffid,flags\n", encoding="utf-8")
+  with pytest.raises(eda.EdaError, match=r"scan.csv: missing column\(s\) "
+                     r"\['path'\]"):
+    eda.read_flagged(str(scan))
+
+
 def test_cli_report(tmp_path, two_runs):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
@@ -161,8 +176,8 @@ def _fold_run(path, fold, num_folds, ids, labels, probs, auc, **cfg):
   evalutil.make_run(str(path), metrics={"roc_auc": auc})
   with open(os.path.join(path, "config.json")) as f:
     config = json.load(f)
-  config.update(num_folds=num_folds, fold=fold, shards_dir="shards",
-                train_split="train", split_seed=123, **cfg)
+  config.update({"num_folds": num_folds, "fold": fold, "shards_dir": "shards",
+                 "train_split": "train", "split_seed": 123, **cfg})
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(config, f)
   with open(os.path.join(path, "val_predictions.csv"), "w") as f:
@@ -208,3 +223,65 @@ def test_cross_validation_section_pools_out_of_fold_predictions(tmp_path):
   # Runs without folds give no section.
   out = report.compare_runs([plain], str(tmp_path / "rep4"))
   assert out["cross_validation"] == [] and out["oof_csv"] is None
+
+
+def test_two_recipes_on_the_same_folds_are_two_experiments(tmp_path):
+  """Comparing recipes on fixed folds: each recipe is its own experiment."""
+  from sklearn.metrics import roc_auc_score  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  labels = np.array([0, 1] * 20)
+  ids = [f"img{k}" for k in range(40)]
+  scores = {"resnet": np.clip(0.6 * labels + rng.normal(0.2, 0.2, 40), 0, 1),
+            "p4m_resnet": rng.uniform(0, 1, 40)}
+  runs_ = []
+  for model, probs in scores.items():
+    for k in range(2):
+      part = slice(20 * k, 20 * k + 20)
+      path = tmp_path / f"{model}_f{k}"
+      # What hcd_train records about each run differs between the folds of
+      # one recipe and must not split it.
+      runs_.append(_fold_run(
+          path, k, 2, ids[part], labels[part], probs[part],
+          roc_auc_score(labels[part], probs[part]), model=model,
+          workdir=str(path), steps_per_epoch=30 + k, val_steps=3 + k,
+          data={"val": {"num_examples": 20 + k}},
+          runtime={"gpus": ["GPU:0"] if k else []}, log_every_steps=10 * k))
+  out = report.compare_runs(runs_, str(tmp_path / "rep"))
+  resnet, p4m = out["cross_validation"]
+  for cv, model in ((resnet, "resnet"), (p4m, "p4m_resnet")):
+    assert cv["label"] == f"model={model}"
+    assert cv["runs"] == {"0": f"{model}_f0", "1": f"{model}_f1"}
+    assert cv["missing"] == [] and cv["num_examples"] == 40
+    assert cv["oof_auc"] == pytest.approx(roc_auc_score(labels,
+                                                        scores[model]))
+  assert resnet["oof_auc"] > p4m["oof_auc"]
+  with open(out["markdown"]) as f:
+    md = f.read()
+  assert "2 experiments, all on the same folds" in md
+  assert "### model=resnet" in md and "### model=p4m_resnet" in md
+  with open(out["oof_csv"]) as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 80
+  assert {r["experiment"] for r in rows} == {"model=resnet",
+                                             "model=p4m_resnet"}
+  # A second fold 0 of the same recipe is still a duplicate, named.
+  again = _fold_run(tmp_path / "resnet_again", 0, 2, ids[:20], labels[:20],
+                    scores["resnet"][:20], 0.9, model="resnet",
+                    workdir=str(tmp_path / "resnet_again"))
+  with pytest.raises(rundir.RunError,
+                     match="resnet_again: fold 0 of 2 is also run resnet_f0"):
+    report.compare_runs(runs_ + [again], str(tmp_path / "rep2"))
+
+
+def test_experiments_on_other_folds_are_said(tmp_path):
+  ids = [f"img{k}" for k in range(8)]
+  labels = [0, 1] * 4
+  runs_ = [_fold_run(tmp_path / f"s{seed}_f{k}", k, 2, ids[4 * k:4 * k + 4],
+                     labels[4 * k:4 * k + 4], [0.2, 0.8] * 2, 1.0,
+                     split_seed=seed)
+           for seed in (1, 2) for k in range(2)]
+  out = report.compare_runs(runs_, str(tmp_path / "rep"))
+  assert [cv["label"] for cv in out["cross_validation"]] == [
+      "split_seed=1", "split_seed=2"]
+  with open(out["markdown"]) as f:
+    assert "not all on the same folds (they differ in split_seed)" in f.read()

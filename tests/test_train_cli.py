@@ -204,3 +204,25 @@ def test_recipe_flagfiles_train_through_the_cli(tmp_path):
   assert config["runtime"]["mixed_precision"] == (
       runtime.resolve_mixed_precision("auto"))
   assert config["data"]["val"]["role"] == "val"
+
+
+def test_out_of_range_flags_fail_before_data_or_workdir(tmp_path):
+  """Checked by TrainConfig.validate, before any shard is read or written."""
+  ws = make_workspace(tmp_path, n=80)
+  # Real shards: the old code read them, then spun forever at step 0.
+  r = run_train(ws, "--model=tiny", "--epochs=1", "--steps_per_epoch=2",
+                "--batch_size=16", "--checkpoint_every_steps=-5",
+                "--workdir=runs/negative", timeout=120)
+  assert r.returncode == 2, r.stderr[-3000:]
+  assert "hcd_train: error: checkpoint_every_steps must be >= 0" in r.stderr
+  assert not (ws / "runs" / "negative").exists()
+  # Missing shards: the jitter range is checked before they are looked at
+  # (the Augmenter, built after the data plan, was the only check).
+  r = run_train(ws, "--model=tiny", "--stain_jitter=1.5",
+                f"--shards_dir={tmp_path / 'none'}", "--workdir=runs/jitter",
+                timeout=120)
+  assert r.returncode == 2, r.stderr[-3000:]
+  assert "hcd_train: error: stain_jitter must be in [0, 1), got 1.5" in (
+      r.stderr)
+  assert "manifest" not in r.stderr
+  assert not (ws / "runs" / "jitter").exists()

@@ -8,6 +8,7 @@ values into explicit arguments.
 
 from __future__ import annotations
 
+from absl import app
 from absl import flags
 
 FLAGS = flags.FLAGS
@@ -72,7 +73,7 @@ def define_evaluate_flags() -> None:
   flags.DEFINE_string(
       "out_dir", None, "Where metrics.json, roc.png, confusion_matrix.png and "
       "predictions.csv go (default: <workdir>/eval, or eval/ beside "
-      "--model_path).")
+      "--model_path; required when --ensemble alone names the models).")
 
 
 def define_predict_flags() -> None:
@@ -181,3 +182,64 @@ def model_paths(values) -> list[str]:
     for e in matches:
       (files if e.endswith(".keras") else run_dirs).append(e)
   return rundir.resolve_model_paths(run_dirs, files, values.model)
+
+
+def check_input_flags(values) -> None:
+  """Checks the flags hcd_evaluate and hcd_predict share, before any work.
+
+  The one up-front check of both binaries, called first in their mains:
+  a bad value fails in a second, before a model is loaded or a data
+  directory is listed (checking every image of a folder takes minutes).
+  The allowed values are the libraries' own (hcd.eval.predict), so these
+  checks and the libraries' cannot drift apart.
+
+  Args:
+    values: the parsed absl FlagValues of hcd_evaluate or hcd_predict;
+      --skipped_prob is checked where the binary defines it.
+
+  Raises:
+    absl.app.UsageError: naming the flag, what is allowed and the value.
+  """
+  from hcd.eval import predict  # pylint: disable=g-import-not-at-top
+  try:
+    predict.tta_transforms(values.tta)
+    if "skipped_prob" in values:
+      predict.check_skipped_prob(values.skipped_prob)
+  except ValueError as e:  # The message names the flag.
+    raise app.UsageError(str(e)) from None
+  if values.batch_size < 1:
+    raise app.UsageError(f"--batch_size must be >= 1 (images per "
+                         f"prediction batch), got {values.batch_size}")
+
+
+def evaluate_out_dir(values) -> str:
+  """Where hcd_evaluate writes: --out_dir, else beside the model it scores.
+
+  Args:
+    values: the parsed absl FlagValues of hcd_evaluate.
+
+  Returns:
+    --out_dir; else <workdir>/eval with --workdir; else eval/ beside
+    --model_path.
+
+  Raises:
+    absl.app.UsageError: no --out_dir and only --ensemble names the
+      models (an ensemble's metrics belong in no single member's
+      directory), or no model at all.
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  from hcd import rundir  # pylint: disable=g-import-not-at-top
+  if values.out_dir:
+    return values.out_dir
+  if values.workdir:
+    return rundir.RunDir(values.workdir).eval
+  if values.model_path:
+    return os.path.join(os.path.dirname(os.path.abspath(values.model_path)),
+                        rundir.EVAL_DIR)
+  if not values.ensemble:
+    raise app.UsageError("no model given: pass a run directory (--workdir), "
+                         "a .keras file (--model_path) or --ensemble")
+  raise app.UsageError(
+      "--out_dir is required when --ensemble alone names the models (no "
+      "--workdir or --model_path): the ensemble's metrics belong in no "
+      "single run's eval/ directory")

@@ -5,7 +5,6 @@
 """
 
 import json
-import os
 
 from absl import app
 from absl import flags
@@ -23,6 +22,9 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # First, before TensorFlow is imported or any file is looked at: the
+  # same checks as hcd_predict's.
+  eval_flags.check_input_flags(FLAGS)
   # Imported after flag parsing so --help stays fast.
   from hcd.eval import evaluate  # pylint: disable=g-import-not-at-top
   from hcd.eval import inputs  # pylint: disable=g-import-not-at-top
@@ -30,10 +32,7 @@ def main(argv):
   # Any failure is one error line (errors.guard), exit status 1.
   threshold = evaluate.parse_threshold(FLAGS.threshold)
   model_paths = eval_flags.model_paths(FLAGS)
-  out_dir = FLAGS.out_dir or (
-      rundir.RunDir(FLAGS.workdir).eval if FLAGS.workdir else
-      os.path.join(os.path.dirname(os.path.abspath(FLAGS.model_path)),
-                   rundir.EVAL_DIR))
+  out_dir = eval_flags.evaluate_out_dir(FLAGS)
   # Before any data is read: an unwritable --out_dir fails now.
   fileio.check_output_dir(out_dir)
   fileio.remove_stale_tmp(out_dir)

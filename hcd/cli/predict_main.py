@@ -28,6 +28,9 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # First, before TensorFlow is imported or any file is looked at: the
+  # same checks as hcd_evaluate's.
+  eval_flags.check_input_flags(FLAGS)
   # Imported after flag parsing so --help stays fast.
   from hcd.eval import export  # pylint: disable=g-import-not-at-top
   from hcd.eval import inputs  # pylint: disable=g-import-not-at-top
@@ -49,7 +52,6 @@ def main(argv):
   fileio.check_output_file(FLAGS.out)
   fileio.remove_stale_tmp(os.path.dirname(os.path.abspath(FLAGS.out)),
                           prefix=os.path.basename(FLAGS.out))
-  predict.tta_transforms(FLAGS.tta)  # Fail before reading any data.
   sample, defaulted = eval_flags.sample_submission_path(FLAGS)
   if defaulted:
     logging.info("using %s for the submission's ids and order (the data "

@@ -20,6 +20,7 @@ Python work per batch is bookkeeping.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from typing import Sequence
@@ -59,6 +60,29 @@ def tta_transforms(tta: int) -> list[int]:
     raise ValueError(f"--tta must be one of {TTA_CHOICES} (subgroups of the "
                      f"8 dihedral transforms), got {tta!r}")
   return list(range(tta))
+
+
+def check_skipped_prob(prob: float) -> float:
+  """Checks the probability written for skipped images (--skipped_prob).
+
+  Args:
+    prob: the probability.
+
+  Returns:
+    prob as a float.
+
+  Raises:
+    ValueError: prob is not a finite number in [0, 1] (a submission row
+      must be a probability; NaN is refused too).
+  """
+  try:
+    p = float(prob)
+  except (TypeError, ValueError):
+    p = math.nan
+  if not (math.isfinite(p) and 0.0 <= p <= 1.0):
+    raise ValueError(f"--skipped_prob must be a probability in [0, 1], got "
+                     f"{prob!r}")
+  return p
 
 
 def check_model(model, name: str = "model") -> None:
@@ -260,8 +284,10 @@ def predict_submission(model_paths: Sequence[str], source, out: str,
       listed) or invalid probabilities; nothing is written.
     hcd.rundir.RunError: a model that does not load.
     hcd.data.pipeline.ShardFileError: an unreadable shard (named).
+    ValueError: a bad tta or skipped_prob (before any model is loaded).
   """
   tta_transforms(tta)
+  skipped_prob = check_skipped_prob(skipped_prob)
   models = [load_model(p) for p in model_paths]
   t0 = time.perf_counter()
   with source.naming_bad_shard():

@@ -9,7 +9,7 @@ writes
                 section: per-fold AUC and the pooled out-of-fold AUC
   runs.csv      the same numbers, unformatted
   val_auc.png   the runs' validation-AUC curves overlaid
-  oof_predictions.csv   with K-fold runs: id,label,prob,fold,num_folds
+  oof_predictions.csv   with K-fold runs: id,label,prob,fold,num_folds,experiment
 
 Like hcd_train's metrics.json, the accuracy and AUC columns describe the
 final model: validation numbers from metrics.json (all validation images),

@@ -375,6 +375,49 @@ def mix_batch(images, labels, seed, mode: str, alpha: float = 0.2,
   return out, (1.0 - from_other) * labels + from_other * other_labels
 
 
+# The allowed range of each jitter strength, defined once: the Augmenter
+# checks its arguments against it, and hcd.train.config.TrainConfig.validate
+# checks the hcd_train flags of the same names (before any data is read).
+# (low, high, whether high itself is allowed). Colour and stain factors are
+# U(1-s, 1+s), so s >= 1 could zero or flip a channel; a hue shift of half a
+# turn already reaches every hue.
+JITTER_RANGES = {
+    "color_jitter": (0.0, 1.0, False),
+    "stain_jitter": (0.0, 1.0, False),
+    "hue_jitter": (0.0, 0.5, True),
+}
+
+
+def check_augment_args(**strengths: float) -> None:
+  """Checks jitter strengths against JITTER_RANGES.
+
+  Pure Python (no TensorFlow op), so a config can be checked before a model
+  or any data exists.
+
+  Args:
+    **strengths: name=value for any of color_jitter, stain_jitter,
+      hue_jitter (the hcd_train flags of the same names).
+
+  Raises:
+    ValueError: an unknown name, or a value outside its range (NaN
+      included); the message names the argument, the range and the value.
+  """
+  for name, value in strengths.items():
+    if name not in JITTER_RANGES:
+      raise ValueError(f"unknown augmentation argument {name!r}; known: "
+                       f"{', '.join(JITTER_RANGES)}")
+    low, high, closed = JITTER_RANGES[name]
+    try:
+      v = float(value)
+    except (TypeError, ValueError):
+      v = math.nan
+    # Written so that NaN fails every comparison and is refused.
+    ok = low <= v <= high if closed else low <= v < high
+    if not ok:
+      raise ValueError(f"{name} must be in [{low:g}, {high:g}"
+                       f"{']' if closed else ')'}, got {value!r}")
+
+
 @keras.saving.register_keras_serializable(package="hcd")
 class Augmenter(keras.layers.Layer):
   """Random D4 + stain/colour jitter; identity unless training=True.
@@ -390,16 +433,12 @@ class Augmenter(keras.layers.Layer):
     # mixed-precision compute dtype.
     kwargs.setdefault("autocast", False)
     super().__init__(**kwargs)
-    for name, value in (("color_jitter", color_jitter),
-                        ("stain_jitter", stain_jitter)):
-      if not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value}")
+    check_augment_args(color_jitter=color_jitter, stain_jitter=stain_jitter,
+                       hue_jitter=hue_jitter)
     self.flips = bool(flips)
     self.rot90 = bool(rot90)
     self.color_jitter = float(color_jitter)
     self.stain_jitter = float(stain_jitter)
-    if not 0.0 <= float(hue_jitter) <= 0.5:
-      raise ValueError(f"hue_jitter must be in [0, 0.5], got {hue_jitter}")
     self.hue_jitter = float(hue_jitter)
     self.seed = seed
     self.seed_generator = keras.random.SeedGenerator(seed)

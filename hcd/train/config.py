@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 BALANCE_MODES = ("undersample", "none", "reweight")
@@ -224,6 +225,9 @@ class TrainConfig:
   def validate(self) -> None:
     """Checks every value against its allowed range or choices.
 
+    Pure checks of the values: nothing is read, so an invalid run fails
+    before any data is scanned or anything is written.
+
     Raises:
       ConfigError: naming the setting and the allowed values.
     """
@@ -275,9 +279,38 @@ class TrainConfig:
           f"weight_decay must be >= 0, got {self.weight_decay}")
     check(0.0 <= self.ema_decay < 1.0,
           f"ema_decay must be in [0, 1), got {self.ema_decay}")
-    check(0.0 <= self.hue_jitter <= 0.5,
-          f"hue_jitter must be in [0, 0.5], got {self.hue_jitter}")
     check(self.mix_alpha > 0, f"mix_alpha must be > 0, got {self.mix_alpha}")
+    check(self.shuffle_blocks >= 1,
+          f"shuffle_blocks must be >= 1, got {self.shuffle_blocks}")
+    check(self.mix_size >= 1, f"mix_size must be >= 1 (values up to "
+          f"batch_size mix within each batch), got {self.mix_size}")
+    # Written so that NaN fails the comparison and is refused: Adam divides
+    # by 1 - beta**t and by sqrt(v) + epsilon.
+    for name in ("adam_beta1", "adam_beta2"):
+      value = getattr(self, name)
+      check(0.0 <= value < 1.0, f"{name} must be in [0, 1), got {value}")
+    check(0.0 < self.adam_epsilon < math.inf,
+          f"adam_epsilon must be > 0 and finite, got {self.adam_epsilon}")
+    check(self.cpu_logical_devices >= 0, f"cpu_logical_devices must be >= 0 "
+          f"(0 or 1: the CPU is not split), got {self.cpu_logical_devices}")
+    # A negative cadence would make the epoch loop take negative steps and
+    # spin forever without training (step % -N is <= 0).
+    check(self.checkpoint_every_steps >= 0, f"checkpoint_every_steps must be "
+          f">= 0 (0: checkpoint at epoch ends), got "
+          f"{self.checkpoint_every_steps}")
+    check(self.log_every_steps >= 0, f"log_every_steps must be >= 0 (0: a "
+          f"progress bar), got {self.log_every_steps}")
+    # The jitter ranges live with the augmenter that applies them; checked
+    # here too so that a bad value fails before the data plan scans every
+    # shard. Imported here: hcd.models.augment imports TensorFlow, and this
+    # module must stay importable without it.
+    from hcd.models import augment  # pylint: disable=g-import-not-at-top
+    try:
+      augment.check_augment_args(color_jitter=self.color_jitter,
+                                 stain_jitter=self.stain_jitter,
+                                 hue_jitter=self.hue_jitter)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
 
   def to_dict(self) -> dict:
     """The config as a JSON-friendly dict."""
