@@ -79,6 +79,12 @@ EXPERIMENTS = {
                               ["--model_override=size=64", "--batch_size=256",
                                "--learning_rate=0.008",
                                "--time_budget_min=29"]),
+    "down48_bs128_budget29": ("combined: input resized to 48 px + batch 128, "
+                              "lr 4e-3 + --time_budget_min=29 (0.56x the "
+                              "compute of 64 px: more epochs)",
+                              ["--model_override=size=48", "--batch_size=128",
+                               "--learning_rate=0.004",
+                               "--time_budget_min=29"]),
     "fovea48_bs128_budget29": ("combined: two 48-px streams (the centre at "
                                "full resolution, the whole patch at half; "
                                "1.15x the compute of the 64-px input) + "
