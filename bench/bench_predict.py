@@ -76,6 +76,8 @@ def main():
   if args.submission:
     return submission_run(args)
 
+  # Before TensorFlow: its oneDNN default (hcd/__init__.py).
+  import hcd  # pylint: disable=g-import-not-at-top,unused-import
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from hcd import models  # pylint: disable=g-import-not-at-top
   from hcd.data import decode  # pylint: disable=g-import-not-at-top

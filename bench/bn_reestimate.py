@@ -29,6 +29,8 @@ import os
 
 from absl import app
 from absl import flags
+# Before TensorFlow: its oneDNN default (hcd/__init__.py).
+import hcd  # pylint: disable=unused-import
 import keras
 import numpy as np
 import tensorflow as tf

@@ -35,6 +35,8 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# Before TensorFlow: its oneDNN default (hcd/__init__.py).
+import hcd  # pylint: disable=g-import-not-at-top,unused-import
 import pandas as pd  # pylint: disable=g-import-not-at-top
 import tensorflow as tf
 

@@ -32,7 +32,8 @@ processes hits them alike; each number is the median of the repeats of
 (wall time of --steps steps) / steps. The last line is a JSON object with
 every median, the overheads hcd / bare - 1 and fit / hcd, images/s and,
 with float32 among --precisions, each other precision's speed-up of the hcd
-step over float32. oneDNN is on, as in every hcd process (hcd/__init__.py);
+step over float32. oneDNN is on, as in every hcd process (hcd/__init__.py;
+hcd is imported before TensorFlow here, which that needs);
 TF_ENABLE_ONEDNN_OPTS=0 times TensorFlow's own default, Eigen convolutions
 on CPUs without AVX-512 VNNI/BF16 or AMX.
 """
@@ -49,6 +50,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
+# Before TensorFlow: its oneDNN default (hcd/__init__.py).
+import hcd  # pylint: disable=unused-import
 import keras
 import numpy as np
 import tensorflow as tf

@@ -325,8 +325,13 @@ def onednn_enabled() -> bool | None:
   """Whether TensorFlow runs CPU ops through oneDNN (None if it cannot tell).
 
   hcd turns it on by default (hcd/__init__.py); TF_ENABLE_ONEDNN_OPTS=0
-  turns it off.
+  turns it off. When tensorflow was imported before hcd without the
+  variable set, TensorFlow had already chosen its kernels, and its own
+  report would echo hcd's late default: then this says it cannot tell.
   """
+  import hcd  # pylint: disable=g-import-not-at-top
+  if hcd.ONEDNN_DEFAULT_TOO_LATE:
+    return None
   try:
     from tensorflow.python.util import _pywrap_util_port  # pylint: disable=g-import-not-at-top
     return bool(_pywrap_util_port.IsMklEnabled())
