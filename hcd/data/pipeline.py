@@ -173,12 +173,7 @@ def read_groups_csv(path: str) -> dict[str, str]:
   with sources.open_csv(path, ("id", "group"), "group CSV",
                         PipelineError) as (reader, header):
     i_id, i_group = header.index("id"), header.index("group")
-    for row in reader:
-      if not row:  # A blank line.
-        continue
-      rowno = reader.line_num  # The physical line, as an editor numbers it.
-      rid = row[i_id].strip() if len(row) > i_id else ""
-      grp = row[i_group].strip() if len(row) > i_group else ""
+    for rowno, (rid, grp) in sources.cells(reader, i_id, i_group):
       if not rid or not grp:
         raise PipelineError(f"{path}:{rowno}: empty id or group")
       if groups.get(rid, grp) != grp:

@@ -208,6 +208,24 @@ def open_csv(path: str, columns: Sequence[str], what: str,
       raise error(f"{path}: malformed {what}: not UTF-8 text: {e}") from None
 
 
+def cells(reader, *columns: int) -> Iterator[tuple[int, list[str]]]:
+  """The non-blank rows of an `open_csv` reader, by physical line.
+
+  Args:
+    reader: the reader `open_csv` yields.
+    *columns: positions of the cells wanted (from its header).
+
+  Yields:
+    (line, cells): the row's physical line, as an editor numbers it, and
+    its cells at `columns`, stripped ("" where the row is too short).
+  """
+  for row in reader:
+    if not row:  # A blank line.
+      continue
+    yield reader.line_num, [row[c].strip() if len(row) > c else ""
+                            for c in columns]
+
+
 _LABEL_COLUMNS = ("id", "label")
 _LABELS_WHAT = "labels CSV"
 _LABEL_VALUES = {"0": 0, "1": 1}
@@ -263,12 +281,7 @@ def _parse_labels(path: str, reader, i_id: int, i_label: int
   labels: dict[str, int] = {}
   problems: list[Problem] = []
   first_row: dict[str, int] = {}
-  for row in reader:
-    if not row:  # A blank line.
-      continue
-    rowno = reader.line_num  # The physical line, as an editor numbers it.
-    rid = row[i_id].strip() if len(row) > i_id else ""
-    raw = row[i_label].strip() if len(row) > i_label else ""
+  for rowno, (rid, raw) in cells(reader, i_id, i_label):
     if not rid:
       problems.append(Problem("", f"{path}:{rowno}", "row has an empty id"))
       continue
