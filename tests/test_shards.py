@@ -290,20 +290,31 @@ def test_dark_bright_excluded_from_train_flagged_in_test(tmp_path):
   assert [x["reason"] for x in m["flagged"]] == ["dark: max 0 < 10"]
 
 
-def test_scan_report_exclusions(tmp_path):
+def _data_and_scan(tmp_path, flat_value, **scan_kw):
+  """12 Kaggle images plus one flat one, and their scan report in scan/.
+
+  Returns:
+    (data root, the flat image's id, the scan directory).
+  """
   quality = pytest.importorskip("hcd.data.quality")
   from hcd.data import sources  # pylint: disable=g-import-not-at-top
   root = tmp_path / "data"
   make_kaggle(root, n=12, n_pos=4)
-  dark = add_image(root, np.full(features.IMAGE_SHAPE, 3, np.uint8), 0)
+  flat = add_image(root, np.full(features.IMAGE_SHAPE, flat_value, np.uint8),
+                   0)
   records, _, _ = sources.list_records(str(root), "train")
-  df, summary = quality.scan(records, workers=1, progress=False)
+  df, summary = quality.scan(records, workers=1, progress=False, **scan_kw)
   quality.write_report(df, summary, str(tmp_path / "scan"))
-  r = make(root, tmp_path / "out", scan_dir=str(tmp_path / "scan"))
+  return root, flat, str(tmp_path / "scan")
+
+
+def test_scan_report_exclusions(tmp_path):
+  root, dark, scan = _data_and_scan(tmp_path, 3)
+  r = make(root, tmp_path / "out", scan_dir=scan)
   reasons = _reasons(r["manifest"])
   assert list(reasons) == [dark] and reasons[dark].startswith("scan: ")
   assert "dark" in reasons[dark]
-  assert r["manifest"]["source"]["scan_dir"] == str(tmp_path / "scan")
+  assert r["manifest"]["source"]["scan_dir"] == scan
   assert r["manifest"]["num_examples"] == 12
   assert r["manifest"]["options"]["dark_max"] == 10
 
@@ -311,43 +322,28 @@ def test_scan_report_exclusions(tmp_path):
 def test_scan_thresholds_are_the_ones_recorded_and_in_force(tmp_path):
   # The scan decides what is dark; the manifest must say by which threshold
   # (it used to record make_shards' own default of 10 beside "max 14 < 20").
-  quality = pytest.importorskip("hcd.data.quality")
-  from hcd.data import sources  # pylint: disable=g-import-not-at-top
-  root = tmp_path / "data"
-  make_kaggle(root, n=12, n_pos=4)
-  grey = add_image(root, np.full(features.IMAGE_SHAPE, 14, np.uint8), 0)
-  records, _, _ = sources.list_records(str(root), "train")
-  df, summary = quality.scan(records, workers=1, progress=False,
-                             dark_max=20)
-  quality.write_report(df, summary, str(tmp_path / "scan"))
-  r = make(root, tmp_path / "out", scan_dir=str(tmp_path / "scan"))
+  from hcd.data import quality  # pylint: disable=g-import-not-at-top
+  root, grey, scan = _data_and_scan(tmp_path, 14, dark_max=20)
+  r = make(root, tmp_path / "out", scan_dir=scan)
   assert _reasons(r["manifest"]) == {grey: "scan: dark: max 14 < 20"}
   assert r["manifest"]["options"]["dark_max"] == 20
   assert r["manifest"]["options"]["bright_min"] == 245
   with pytest.raises(writer.ShardError, match=r"--dark_max=10 disagrees.*"
                      r"dark_max=20"):
-    make(root, tmp_path / "out2", scan_dir=str(tmp_path / "scan"),
-         dark_max=10)
+    make(root, tmp_path / "out2", scan_dir=scan, dark_max=10)
   assert not (tmp_path / "out2").exists()
-  make(root, tmp_path / "out3", scan_dir=str(tmp_path / "scan"), dark_max=20)
-  os.remove(tmp_path / "scan" / "scan_summary.json")
+  make(root, tmp_path / "out3", scan_dir=scan, dark_max=20)
+  os.remove(os.path.join(scan, "scan_summary.json"))
   with pytest.raises(quality.ScanError, match="scan_summary.json"):
-    make(root, tmp_path / "out4", scan_dir=str(tmp_path / "scan"))
+    make(root, tmp_path / "out4", scan_dir=scan)
 
 
 def test_scan_report_of_other_data_is_refused(tmp_path):
-  quality = pytest.importorskip("hcd.data.quality")
-  from hcd.data import sources  # pylint: disable=g-import-not-at-top
-  root = tmp_path / "data"
-  make_kaggle(root, n=12, n_pos=4)
-  add_image(root, np.full(features.IMAGE_SHAPE, 3, np.uint8), 0)
-  records, _, _ = sources.list_records(str(root), "train")
-  df, summary = quality.scan(records, workers=1, progress=False)
-  quality.write_report(df, summary, str(tmp_path / "scan"))
+  _, _, scan = _data_and_scan(tmp_path, 3)
   # A report of other data is refused rather than silently ignored.
   make_kaggle(tmp_path / "other", n=6, n_pos=3, seed=9)
   with pytest.raises(writer.ShardError, match="not in"):
-    make(tmp_path / "other", tmp_path / "out2", scan_dir=str(tmp_path / "scan"))
+    make(tmp_path / "other", tmp_path / "out2", scan_dir=scan)
 
 
 def test_label_problems_refused_or_listed(tmp_path):
