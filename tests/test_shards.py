@@ -358,6 +358,21 @@ def test_label_problems_refused_or_listed(tmp_path):
   assert _reasons(r["manifest"])[unlabelled].startswith("label: ")
 
 
+def test_files_sharing_an_id_are_listed_as_such(tmp_path):
+  # Not a label problem: the manifest says what is wrong with the id.
+  root = tmp_path / "data"
+  data = make_kaggle(root, n=10, n_pos=4)
+  shared = sorted(data)[0]
+  (root / "train" / f"{shared}.png").write_bytes(
+      imagecodecs.png_encode(data[shared][0]))
+  r = make(root, tmp_path / "out", skip_invalid=True)
+  reasons = [x["reason"] for x in r["manifest"]["excluded"]
+             if x["id"] == shared]
+  assert len(reasons) == 2
+  assert all(x.startswith("id: 2 files share the id") for x in reasons)
+  assert r["manifest"]["num_examples"] == 9
+
+
 def test_class_folder_layout(tmp_path):
   rng = np.random.default_rng(7)
   want = {}

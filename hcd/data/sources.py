@@ -56,10 +56,19 @@ class Record(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-  """A data problem that was skipped rather than raised."""
+  """A data problem that was skipped rather than raised.
+
+  Attributes:
+    id, path: the image (or the labels CSV row) at fault.
+    reason: what is wrong, readable.
+    kind: what sort of problem, the prefix of the reason in a shard
+      manifest: "label" (a labels CSV row, a file without a label, an id
+      without a file) or "id" (files sharing an id).
+  """
   id: str
   path: str
   reason: str
+  kind: str = "label"
 
 
 class DataError(ValueError):
@@ -332,7 +341,7 @@ def kaggle_records(data_dir: str, split: str, labels_csv: str | None = None,
   if shared and not skip_invalid:
     raise _shared_ids_error(image_dir, shared, skip_hint)
   prefix = os.path.join(image_dir, "")
-  shared_problems = [Problem(i, prefix + n, _shared_reason(i, names))
+  shared_problems = [Problem(i, prefix + n, _shared_reason(i, names), "id")
                      for i, names in shared.items() for n in names]
   if labels_csv is None and split == "train":
     labels_csv = os.path.join(data_dir, LABELS_CSV)

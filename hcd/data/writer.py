@@ -702,8 +702,8 @@ def make_split(data_dir: str, split: str, out_dir: str,
     removed_tmp = _remove_stale_tmp(out_dir, split)
     records, problems, layout = sources.list_records(
         data_dir, split, labels_csv, skip_invalid)
-    pre_excluded = [{"id": p.id, "path": p.path, "reason": f"label: {p.reason}"}
-                    for p in problems]
+    pre_excluded = [{"id": p.id, "path": p.path,
+                     "reason": f"{p.kind}: {p.reason}"} for p in problems]
     if scan_dir:
       report = _scan_exclusions(scan_dir)
       known = {r.id for r in records} | {p.id for p in problems}
