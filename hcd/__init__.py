@@ -31,7 +31,7 @@ if ONEDNN_DEFAULT_TOO_LATE:
       "TF_ENABLE_ONEDNN_OPTS=1 comes too late for this process: on CPUs "
       "without AVX-512 VNNI/BF16 or AMX its convolutions stay on Eigen "
       "(the compact ResNet's step: 1.3x slower on 2 AVX2 cores). Import hcd "
-      "first, or set TF_ENABLE_ONEDNN_OPTS "
-      "in the environment.", RuntimeWarning, stacklevel=2)
+      "first, or set TF_ENABLE_ONEDNN_OPTS in the environment.",
+      RuntimeWarning, stacklevel=2)
 
 __version__ = "0.1.0"

@@ -327,6 +327,14 @@ def read_file(path: str, chunk: int = 1 << 16) -> bytes:
     os.close(fd)
 
 
+def _read_or_fault(path: str) -> bytes:
+  """The file's bytes; an OSError becomes an UNREADABLE Fault."""
+  try:
+    return read_file(path)
+  except OSError as e:
+    raise read_fault(e) from None
+
+
 def read_image(path: str,
                layouts: decode.TiffLayoutCache | None = None) -> np.ndarray:
   """Reads, decodes and validates one image file.
@@ -345,10 +353,7 @@ def read_image(path: str,
   Raises:
     Fault: UNREADABLE (cannot read or decode) or BAD_SHAPE.
   """
-  try:
-    data = read_file(path)
-  except OSError as e:
-    raise read_fault(e) from None
+  data = _read_or_fault(path)
   if layouts is not None:
     known = layouts.lookup(data)
     if known is not None:
@@ -374,10 +379,7 @@ def check_image(path: str, layouts: decode.TiffLayoutCache):
   Raises:
     Fault: UNREADABLE or BAD_SHAPE, worded as in scan.csv and the manifest.
   """
-  try:
-    data = read_file(path)
-  except OSError as e:
-    raise read_fault(e) from None
+  data = _read_or_fault(path)
   known = layouts.layout(data)
   if known is None:
     layouts.learn(data, validate(decode_raw(data, path), path))

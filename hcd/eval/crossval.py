@@ -96,10 +96,14 @@ def recipe(config: dict[str, Any]) -> dict[str, Any]:
   return {k: v for k, v in config.items() if k not in _PER_RUN_KEYS}
 
 
-def _recipe_key(config: dict[str, Any]) -> str:
+def _canonical(value) -> str:
   # JSON with sorted keys: hashable, and equal for equal nested settings
   # (model_overrides is a dict).
-  return json.dumps(recipe(config), sort_keys=True, default=str)
+  return json.dumps(value, sort_keys=True, default=str)
+
+
+def _recipe_key(config: dict[str, Any]) -> str:
+  return _canonical(recipe(config))
 
 
 def _labels(recipes: Sequence[dict[str, Any]]) -> list[str]:
@@ -108,16 +112,14 @@ def _labels(recipes: Sequence[dict[str, Any]]) -> list[str]:
     return [""] * len(recipes)
   keys = sorted({k for r in recipes for k in r})
   differ = [k for k in keys
-            if len({json.dumps(r.get(k), sort_keys=True, default=str)
-                    for r in recipes}) > 1]
+            if len({_canonical(r.get(k)) for r in recipes}) > 1]
   # Every differing setting, so that two labels are never equal.
   return [", ".join(f"{k}={_text(r.get(k))}" for k in differ)
           for r in recipes]
 
 
 def _text(value) -> str:
-  return value if isinstance(value, str) else json.dumps(
-      value, sort_keys=True, default=str)
+  return value if isinstance(value, str) else _canonical(value)
 
 
 def cross_validation(loaded: Sequence[rundir.Run],
@@ -200,7 +202,7 @@ def markdown(groups: Sequence[FoldGroup]) -> str:
   lines = ["", "## Cross-validation", ""]
   if len(groups) > 1:
     differ = [k for k in _FOLD_KEYS
-              if len({_text(g.fold_settings.get(k)) for g in groups}) > 1]
+              if len({_canonical(g.fold_settings.get(k)) for g in groups}) > 1]
     lines += [f"{len(groups)} experiments, " + (
         "all on the same folds: their out-of-fold AUCs score the same "
         "images" if not differ else

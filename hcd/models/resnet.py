@@ -101,7 +101,9 @@ def _foveated(fovea: int, crop: int, size: int, widths, stem_widths,
   shrink the whole patch (64 px: the tumour cells of the centre lose a third
   of their resolution), while a centre crop alone loses the context ring
   (-0.025 valid AUC on PCam, BENCHMARKS.md). Two streams of 48 px cost
-  2 x 48^2 = 1.1x the pixels of one 64 px stream and keep both.
+  2 x 48^2 = 1.1x the pixels of one 64 px stream and keep both. Measured
+  on 2 CPU cores in 30 minutes, it lost to the one 64-px stream (0.910 vs
+  0.916 valid AUC with TTA; BENCHMARKS.md, tenth session).
   """
   side = common.IMAGE_SHAPE[0]
   if not 8 <= fovea < side:
@@ -111,9 +113,8 @@ def _foveated(fovea: int, crop: int, size: int, widths, stem_widths,
                      f"{crop}, size={size}): it sets both views itself")
   common.check_stages("resnet", widths, stem_widths, blocks_per_stage)
   inputs, x = common.input_and_rescale()
-  views = {"fovea": layers.CenterCrop(fovea, fovea, name="fovea_crop")(x),
-           "context": layers.Resizing(fovea, fovea, interpolation="bilinear",
-                                      name="context_resize")(x)}
+  views = {"fovea": common.input_view(x, crop=fovea),
+           "context": common.input_view(x, size=fovea)}
   pooled = []
   for name, view in views.items():
     y = common.residual_stages(view, widths, stem_widths, blocks_per_stage,
