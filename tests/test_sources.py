@@ -192,6 +192,23 @@ def test_image_files_maps_names_to_ids_and_finds_shared_ids(tmp_path):
   assert shared == {"a": ["a.png", "a.tif"]}
 
 
+def test_file_names_that_are_not_utf8_are_refused_by_name(tmp_path):
+  # Such a name lists as a str with surrogate escapes, which cannot be
+  # stored as an id; it used to end in a UnicodeEncodeError traceback deep
+  # in the shard writer (test split).
+  d = _kaggle(tmp_path, [], test_ids=["a", "b\u00e9"])  # UTF-8 e-acute: fine.
+  with open(os.path.join(os.fsencode(tmp_path / "test"), b"bad\xff.tif"),
+            "wb") as f:
+    f.write(b"x")
+  with pytest.raises(sources.DataError) as e:
+    sources.list_records(d, "test", skip_invalid=True)
+  assert (f"{tmp_path / 'test'}: 1 file name(s) are not valid UTF-8, so they "
+          f"cannot be ids: b'bad\\xff.tif'") in str(e.value), str(e.value)
+  os.remove(os.path.join(os.fsencode(tmp_path / "test"), b"bad\xff.tif"))
+  records, _, _ = sources.list_records(d, "test")
+  assert sorted(r.id for r in records) == ["a", "b\u00e9"]
+
+
 def test_kaggle_files_sharing_an_id_are_refused_or_skipped(tmp_path):
   ids = _ids(3)
   d = _kaggle(tmp_path, ids)

@@ -96,10 +96,20 @@ def image_files(directory: str
 
   Raises:
     OSError: the directory cannot be listed.
+    DataError: a file name is not valid UTF-8 (an id is stored as UTF-8
+      text in the shards, the manifest and the submission); names them.
   """
   with os.scandir(directory) as it:
     listed = [e.name for e in it
               if e.name.lower().endswith(IMAGE_EXTS) and e.is_file()]
+  undecodable = [n for n in listed if not _is_utf8(n)]
+  if undecodable:
+    shown = ", ".join(ascii(os.fsencode(n)) for n in undecodable[:20])
+    more = len(undecodable) - min(len(undecodable), 20)
+    raise DataError(
+        f"{directory}: {len(undecodable)} file name(s) are not valid UTF-8, "
+        f"so they cannot be ids: {shown}{f' and {more} more' if more else ''}"
+        f" (rename them, e.g. with `convmv -f latin1 -t utf8`)")
   # Listed names always end in an image extension; rpartition is ~3x faster
   # than os.path.splitext, which matters for 220k files.
   stems = [n.rpartition(".")[0] or n for n in listed]
@@ -114,6 +124,17 @@ def image_files(directory: str
   for i in shared:
     del names[i]
   return names, shared
+
+
+def _is_utf8(name: str) -> bool:
+  """Whether a listed name was valid UTF-8 on disk (no surrogate escapes)."""
+  if name.isascii():  # Every Kaggle name; the fast path for 220k files.
+    return True
+  try:
+    name.encode("utf-8")
+  except UnicodeEncodeError:
+    return False
+  return True
 
 
 def _shared_reason(image_id: str, names: list[str]) -> str:
