@@ -7,6 +7,7 @@ runs are in test_train_cli.py and test_multiworker.py.
 
 import csv
 import json
+import logging
 import math
 import os
 
@@ -420,6 +421,28 @@ def test_time_budget_can_end_with_a_short_epoch(shards_dir, tmp_path,
       str(workdir / "checkpoints")))
   assert ckpt.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE") == 18
   assert ckpt.get_tensor("total_steps/.ATTRIBUTES/VARIABLE_VALUE") == 18
+
+
+def test_a_budgeted_run_logs_its_plans_eta(shards_dir, tmp_path,
+                                          monkeypatch, caplog):
+  # Once planned, the ETA on each epoch line is the plan's own projection
+  # (here: one hour past the time spent), not a count of epochs times
+  # their median time, which once disagreed with the plan by up to an epoch.
+  from hcd.train import schedule  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(schedule, "budget_steps", lambda *a, **k: 18)
+  monkeypatch.setattr(schedule, "budget_end",
+                      lambda elapsed, *a: elapsed + 3600.0)
+  config = _config(shards_dir, tmp_path / "run", epochs=8,
+                   lr_schedule="cosine", warmup_epochs=1, time_budget_min=30)
+  with caplog.at_level(logging.INFO):
+    loop.train_and_evaluate(config, strategy=_strategy())
+  lines = [r.getMessage() for r in caplog.records
+           if r.getMessage().startswith("epoch ")]
+  assert [l.split(":")[0] for l in lines] == [
+      "epoch 1/8", "epoch 2/5", "epoch 3/5", "epoch 4/5", "epoch 5/5"]
+  for line in lines[1:4]:  # Planned after epochs 2-4.
+    assert line.endswith(", eta 1:00:00"), line
+  assert "eta" not in lines[4]
 
 
 def test_time_budget_is_planned_again_after_each_epoch(shards_dir, tmp_path,

@@ -82,6 +82,17 @@ def test_bad_schedule_arguments_are_rejected():
                              decay_steps=0)
 
 
+def test_budget_end_counts_the_short_last_epoch_by_its_steps():
+  # The plan of test_budget_steps: 740 steps, 540 still to train at 2 s,
+  # and 6 validations of 40 s (epochs 3-8, the 8th with 40 steps): the run
+  # ends at exactly its 1,800-s budget, not an epoch later.
+  assert schedule.budget_end(480, 2.0, 40, 200, 740, 100, 2) == 1800
+  # Whole epochs only: 5 more of 240 s.
+  assert schedule.budget_end(600, 2.0, 40, 200, 700, 100, 2) == 1800
+  # Nothing left to train: no time left either.
+  assert schedule.budget_end(900, 2.0, 40, 300, 300, 100, 3) == 900
+
+
 def test_budget_steps():
   # Epochs of 100 steps at 2 s plus 40 s of validation (240 s); 30 min
   # budget, 2 epochs (200 steps) took 8 min: 5 whole epochs fit (20 min),

@@ -720,22 +720,24 @@ def _train_and_evaluate(config: TrainConfig, strategy,
     if chief:
       rundir.write_history(run, history)
       _summaries(tb_writer, row, epoch + 1)
+    eta = _eta(epoch_times[phase_start:],
+               _epochs_left(config, epoch, num_epochs))
     if budgeted and epoch + 1 >= decide_at and (
         int(trainer.step.numpy()) < int(trainer.total_steps.numpy())):
       # Decided at epoch decide_at at its pace, then planned again after
-      # every epoch but the last, at the pace of the last two.
+      # every epoch but the last, at the pace of the last two. The ETA is
+      # the plan's own projection, so the two never disagree.
       first = epoch + 1 == decide_at
-      num_epochs = _fit_to_budget(config, trainer, history,
-                                  step_times[-(1 if first else 2):],
-                                  val_time, steps_per_epoch, first)
+      num_epochs, time_left = _fit_to_budget(
+          config, trainer, history, step_times[-(1 if first else 2):],
+          val_time, steps_per_epoch, first)
+      eta = _eta_text(time_left)
     logging.info(
         "epoch %d/%d: loss %.4f acc %.4f auc %.4f | val_loss %s val_acc %s "
         "val_auc %s | %.1f s, %.0f img/s, lr %.3g%s", epoch + 1,
         num_epochs, row["loss"], row["accuracy"], row["auc"],
         _fmt(row["val_loss"]), _fmt(row["val_accuracy"]), _fmt(row["val_auc"]),
-        row["epoch_time_s"], row["images_per_s"], row["lr"],
-        _eta(epoch_times[phase_start:],
-             _epochs_left(config, epoch, num_epochs)))
+        row["epoch_time_s"], row["images_per_s"], row["lr"], eta)
     trainer.epoch.assign(epoch + 1)
     val_auc = row["val_auc"]
     if val_auc is not None and math.isfinite(val_auc) and (
@@ -777,7 +779,8 @@ def _fit_to_budget(config: TrainConfig, trainer: Trainer, history: list,
       when the plan changes).
 
   Returns:
-    The run's number of epochs (the last one may be shorter).
+    (the run's number of epochs (the last one may be shorter), the seconds
+    of epoch time the plan still needs: the ETA).
   """
   from hcd.train import schedule  # pylint: disable=g-import-not-at-top
   elapsed = sum(r.get("epoch_time_s") or 0.0 for r in history)
@@ -796,8 +799,8 @@ def _fit_to_budget(config: TrainConfig, trainer: Trainer, history: list,
     trainer.lr_schedule.replan(total, done)
   whole, partial = divmod(total, steps_per_epoch)
   num_epochs = whole + (partial > 0)
-  end = (elapsed + (total - done) * step_s +
-         (num_epochs - len(history)) * val_s)
+  end = schedule.budget_end(elapsed, step_s, val_s, done, total,
+                            steps_per_epoch, len(history))
   last = (f", the last with {partial} of {steps_per_epoch} steps" if partial
           else "")
   over = (" (over the budget: at least one epoch is left to anneal)"
@@ -818,7 +821,7 @@ def _fit_to_budget(config: TrainConfig, trainer: Trainer, history: list,
         "about %.1f min", config.time_budget_min, elapsed / 60,
         steps_per_epoch * step_s + val_s, len(step_times), before, total,
         num_epochs, last, end / 60)
-  return num_epochs
+  return num_epochs, end - elapsed
 
 
 def _start_run_dir(run: rundir.RunDir, flags_text: str | None,
@@ -948,12 +951,20 @@ def _eta(epoch_times: list[float], remaining: float) -> str:
 
   The median of the epochs after the first: the first also traces the step
   functions, and a CPU run of pcam.flags lasts 30 minutes to 2 hours
-  depending on the box, which a user wants to know after one epoch.
+  depending on the box, which a user wants to know after one epoch. (A
+  budgeted run, once planned, logs its plan's projection instead.)
   """
   if remaining <= 0 or not epoch_times:
     return ""
   typical = statistics.median(epoch_times[1:] or epoch_times)
-  return ", eta " + str(datetime.timedelta(seconds=round(typical * remaining)))
+  return _eta_text(typical * remaining)
+
+
+def _eta_text(seconds: float) -> str:
+  """", eta h:mm:ss" for `seconds` > 0, else ""."""
+  if seconds <= 0:
+    return ""
+  return ", eta " + str(datetime.timedelta(seconds=round(seconds)))
 
 
 def _finish(config, trainer, plan, run, chief, history, epoch_times,

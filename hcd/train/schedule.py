@@ -177,6 +177,33 @@ def budget_steps(budget_s: float, elapsed_s: float, step_s: float,
   return max(steps_done + min_steps, min(max_steps, total))
 
 
+def budget_end(elapsed_s: float, step_s: float, val_s: float,
+               steps_done: int, total_steps: int, steps_per_epoch: int,
+               epochs_done: int) -> float:
+  """When a planned run's epochs end, in seconds of epoch time from its start.
+
+  The one projection behind both the plan's "ending at about" and the ETA
+  of every epoch line of a budgeted run: the steps still to train at
+  `step_s` each, plus one validation pass per epoch still to come, the short
+  last epoch counted by its steps, not as a whole epoch.
+
+  Args:
+    elapsed_s: time the epochs have taken so far.
+    step_s: time of one training step.
+    val_s: time of one validation pass.
+    steps_done: steps trained so far.
+    total_steps: the planned total (budget_steps).
+    steps_per_epoch: steps of a whole epoch.
+    epochs_done: epochs trained (and validated) so far.
+
+  Returns:
+    The projected epoch time of the whole run, in seconds.
+  """
+  epochs = -(-total_steps // steps_per_epoch)  # The short last one counts.
+  return (elapsed_s + max(0, total_steps - steps_done) * step_s +
+          max(0, epochs - epochs_done) * val_s)
+
+
 def make_schedule(lr_schedule: str, learning_rate: float, epochs: int,
                   steps_per_epoch: int, warmup_epochs: float,
                   time_budget_min: float = 0.0):
