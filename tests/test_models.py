@@ -214,3 +214,40 @@ def test_foveated_streams_see_the_centre_and_the_whole_patch():
 def test_foveated_resnet_refuses_bad_settings(overrides, match):
   with pytest.raises(ValueError, match=match):
     models.build_model("resnet", **overrides)
+
+
+def test_stride3_stem_reaches_the_64px_grid_with_the_same_weights():
+  # stem_strides=(3, 2) takes 96 px to 16 px, where the 64-px input enters
+  # the stages, with the same convolutions (so the same parameter count).
+  at64 = models.build_model("resnet", size=64)
+  s3 = models.build_model("resnet", stem_strides=(3, 2))
+  assert s3.count_params() == at64.count_params()
+  for model in (at64, s3):
+    assert model.get_layer("stem1_relu").output.shape[1:3] == (16, 16)
+  assert s3.get_layer("stem0_conv").strides == (3, 3)
+  y = np.asarray(s3(_images(2), training=False))
+  assert y.shape == (2, 1) and np.all(np.isfinite(y))
+
+
+def test_stride3_stem_sees_every_pixel_once():
+  # 3x3 kernels at stride 3 tile the 96 px exactly: changing one pixel
+  # changes exactly one output position of the first stem convolution.
+  model = models.build_model("resnet", widths=(8,), stem_widths=(4, 4),
+                             stem_strides=(3, 2))
+  stem0 = keras.Model(model.input, model.get_layer("stem0_conv").output)
+  x = _images(1, seed=5)
+  for row, col in [(0, 0), (47, 50), (95, 95)]:
+    y = x.copy()
+    y[0, row, col] = 255 - y[0, row, col]
+    diff = np.abs(np.asarray(stem0(y)) - np.asarray(stem0(x))).sum(axis=-1)
+    changed = np.argwhere(diff[0] > 0)
+    assert changed.tolist() == [[row // 3, col // 3]]
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(stem_strides=(3,)), dict(stem_strides=(5, 2)),
+    dict(stem_strides=(0, 2)), dict(stem_strides=(2.0, 2)),
+])
+def test_stem_strides_refuses_bad_settings(overrides):
+  with pytest.raises(ValueError, match="stem_strides must hold one stride"):
+    models.build_model("resnet", **overrides)
