@@ -289,18 +289,32 @@ def read_predictions(path: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     missing.
 
   Raises:
-    RunError: a file that is not id,label,prob (named).
+    RunError: a file that is not id,label,prob, naming it (and the line of
+      a bad row).
   """
+  # Late import: hcd.data pulls in the image codecs, which most users of
+  # this module (reports, plots) never need.
+  from hcd.data import sources  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(path):
     return [], np.zeros(0, np.int64), np.zeros(0)
-  with open(path, newline="", encoding="utf-8") as f:
-    rows = list(csv.DictReader(f))
-  try:
-    return ([r["id"] for r in rows],
-            np.array([int(r["label"]) for r in rows], np.int64),
-            np.array([float(r["prob"]) for r in rows]))
-  except (KeyError, TypeError, ValueError) as e:
-    raise RunError(f"{path}: not an id,label,prob CSV ({e})") from None
+  columns = ("id", "label", "prob")
+  ids, labels, probs = [], [], []
+  with sources.open_csv(path, columns, "predictions CSV",
+                        error=RunError) as (reader, header):
+    at = [header.index(c) for c in columns]
+    for row in reader:
+      if not row:  # A blank line.
+        continue
+      # Not sources.cells: an id is kept exactly as written, spaces and all.
+      i, label, prob = (row[c] if c < len(row) else "" for c in at)
+      try:
+        labels.append(int(label))
+        probs.append(float(prob))
+      except ValueError:
+        raise RunError(f"{path}:{reader.line_num}: not an id,label,prob row: "
+                       f"label {label!r}, prob {prob!r}") from None
+      ids.append(i)
+  return ids, np.array(labels, np.int64), np.array(probs, np.float64)
 
 
 def _number(v):
@@ -361,7 +375,7 @@ def read_history(workdir: str) -> list[dict[str, Any]]:
   if os.path.isfile(run.history_json):
     return _history_rows(read_json(run.history_json), run.history_json)
   if os.path.isfile(run.history_csv):
-    with open(run.history_csv, newline="", encoding="utf-8") as f:
+    with open(run.history_csv, newline="", encoding="utf-8-sig") as f:
       return [{k: _number(v) for k, v in row.items()}
               for row in csv.DictReader(f)]
   return []

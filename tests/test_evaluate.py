@@ -85,6 +85,22 @@ def test_predictions_csv_quotes_odd_ids(tmp_path):
   np.testing.assert_array_equal(probs, preds.probs)
 
 
+def test_read_predictions_takes_a_bom_and_names_a_bad_line(tmp_path):
+  path = tmp_path / "p.csv"
+  path.write_bytes("\ufeffid,label,prob\r\n a ,1,0.25\r\n\r\nb,0,0.5\r\n"
+                   .encode("utf-8"))  # As a spreadsheet program saves it.
+  ids, labels, probs = rundir.read_predictions(str(path))
+  assert ids == [" a ", "b"] and labels.tolist() == [1, 0]
+  np.testing.assert_array_equal(probs, [0.25, 0.5])
+  path.write_text("id,label,prob\na,1,0.25\nb,0,high\n")
+  with pytest.raises(rundir.RunError, match=r"p\.csv:3: not an id,label,prob "
+                     r"row: label '0', prob 'high'"):
+    rundir.read_predictions(str(path))
+  path.write_text("id,prob\na,0.25\n")
+  with pytest.raises(rundir.RunError, match=r"missing column\(s\) \['label'\]"):
+    rundir.read_predictions(str(path))
+
+
 def test_chosen_threshold(tmp_path, labelled):
   shards_dir, run = labelled
   src = inputs.open_source(shards_dir=shards_dir, split="valid")

@@ -201,6 +201,12 @@ def test_report_round_trip_and_exclusions(bad_dir, tmp_path):
       excluded[dark_id])
   assert excluded["empty"] == "unreadable: empty file (0 bytes)"
   assert quality.excluded_ids(result.dataframe()) == excluded
+  # Saved again by a spreadsheet program, with a byte-order mark: the same.
+  text = open(csv_path, encoding="utf-8").read()
+  with open(csv_path, "w", encoding="utf-8-sig", newline="") as f:
+    f.write(text)
+  assert quality.to_csv_text(quality.read_report(str(tmp_path))) == (
+      quality.to_csv_text(back))
 
 
 def test_load_exclusions_errors_name_the_path(tmp_path):

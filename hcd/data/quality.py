@@ -25,7 +25,6 @@ TensorFlow.
 
 from __future__ import annotations
 
-import csv
 import datetime
 import itertools
 import json
@@ -40,6 +39,7 @@ import hcd
 from hcd.data import decode
 from hcd.data import parallel
 from hcd.data import screening
+from hcd.data import sources
 from hcd.fileio import atomic_write_text
 from hcd.data.features import IMAGE_SHAPE
 
@@ -768,16 +768,10 @@ def read_report(scan_dir: str, columns: Sequence[str] | None = None):
   if not os.path.isfile(path):
     raise ScanError(f"{path}: no scan report (run tools/scan_quality "
                     f"--out_dir={scan_dir} first)")
-  try:
-    with open(path, newline="", encoding="utf-8") as f:
-      header = next(csv.reader(f), [])
-  except (OSError, UnicodeDecodeError, csv.Error) as e:
-    raise ScanError(f"{path}: cannot read scan report: {e}") from None
   need = list(columns) if columns else list(COLUMNS)
-  missing = [c for c in need if c not in header]
-  if missing:
-    raise ScanError(f"{path}: not a tools/scan_quality report: missing "
-                    f"column(s) {missing}")
+  with sources.open_csv(path, need, "tools/scan_quality report",
+                        error=ScanError):
+    pass  # The header check (a byte-order mark allowed, as pandas below).
   dtypes = {c: str for c in _TEXT}
   dtypes.update(_INTS)
   dtypes.update({"sha1_match": "boolean", "label": np.int64})
@@ -785,7 +779,7 @@ def read_report(scan_dir: str, columns: Sequence[str] | None = None):
   dtypes.update({c: np.float64 for c in _FLOATS})
   try:
     return pd.read_csv(path, usecols=need, dtype={c: dtypes[c] for c in need},
-                       keep_default_na=False,
+                       encoding="utf-8-sig", keep_default_na=False,
                        na_values={c: [""] for c in need if c not in _TEXT})
   except (ValueError, TypeError, pd.errors.ParserError) as e:
     raise ScanError(f"{path}: malformed scan report: {e}") from None
