@@ -99,6 +99,13 @@ EXPERIMENTS = {
                              ["--model_override=stem_strides=(3,2)",
                               "--batch_size=128", "--learning_rate=0.004",
                               "--time_budget_min=29"]),
+    "stem23_bs128_budget29": ("combined: the full 96 px through stem strides "
+                              "2 then 3 (the first conv at full resolution; "
+                              "1.02x the compute of the 64-px input) + batch "
+                              "128, lr 4e-3 + --time_budget_min=29",
+                              ["--model_override=stem_strides=(2,3)",
+                               "--batch_size=128", "--learning_rate=0.004",
+                               "--time_budget_min=29"]),
     "prog64_e11": ("progressive resizing: 8 epochs on the input resized to "
                    "64 px, then 3 at 96 px (11 in all, one cosine)",
                    ["--progressive_size=64", "--progressive_epochs=8",
