@@ -106,6 +106,13 @@ EXPERIMENTS = {
                               ["--model_override=stem_strides=(2,3)",
                                "--batch_size=128", "--learning_rate=0.004",
                                "--time_budget_min=29"]),
+    "down64_bs128_budget29_stain0": ("pcam_cpu.flags without H&E stain "
+                                     "jitter (0 instead of 0.05)",
+                                     ["--model_override=size=64",
+                                      "--batch_size=128",
+                                      "--learning_rate=0.004",
+                                      "--time_budget_min=29",
+                                      "--stain_jitter=0"]),
     "prog64_e11": ("progressive resizing: 8 epochs on the input resized to "
                    "64 px, then 3 at 96 px (11 in all, one cosine)",
                    ["--progressive_size=64", "--progressive_epochs=8",
