@@ -180,6 +180,7 @@ def test_recipe_flagfiles_train_through_the_cli(tmp_path):
   assert (cpu["batch_size"], cpu["learning_rate"], cpu["time_budget_min"],
           cpu["epochs"], cpu["workdir"]) == (128, 0.004, 29, 22,
                                              "runs/pcam_cpu")
+  assert (cpu["stain_jitter"], pcam["stain_jitter"]) == (0.0, 0.05)
   gpu = parse_flags(ws, "--flagfile=kaggle_gpu.flags")
   assert (gpu["mixed_precision"], gpu["num_folds"], gpu["fold"],
           gpu["balance"]) == ("auto", 5, 0, "none")
