@@ -10,8 +10,10 @@ warm-up + cosine learning rate.
 
 `fovea=48` makes it two streams of 48 px: the centre at full resolution and
 the whole patch at half, each with its own trunk (see `_foveated`).
-`stem_strides=(3, 2)` takes the full 96 px to the 16-px grid of the 64-px
-input at that input's compute: a learned downsampling instead of a resize.
+`stem_strides=(3, 2)` or `(2, 3)` takes the full 96 px to the 16-px grid of
+the 64-px input at that input's compute: a learned downsampling instead of a
+resize. Measured on 2 CPU cores in 30 minutes, (2, 3) tied the resize and
+(3, 2) lost to it (BENCHMARKS.md, eleventh session).
 
 The last BatchNorm of each residual branch starts with gamma = 0, so every
 block starts as the identity (Goyal et al. 2017), which lets the net train
