@@ -301,17 +301,14 @@ def read_predictions(path: str) -> tuple[list[str], np.ndarray, np.ndarray]:
   ids, labels, probs = [], [], []
   with sources.open_csv(path, columns, "predictions CSV",
                         error=RunError) as (reader, header):
-    at = [header.index(c) for c in columns]
-    for row in reader:
-      if not row:  # A blank line.
-        continue
-      # Not sources.cells: an id is kept exactly as written, spaces and all.
-      i, label, prob = (row[c] if c < len(row) else "" for c in at)
+    # An id is kept exactly as written, spaces and all.
+    for line, (i, label, prob) in sources.cells(
+        reader, *(header.index(c) for c in columns), strip=False):
       try:
         labels.append(int(label))
         probs.append(float(prob))
       except ValueError:
-        raise RunError(f"{path}:{reader.line_num}: not an id,label,prob row: "
+        raise RunError(f"{path}:{line}: not an id,label,prob row: "
                        f"label {label!r}, prob {prob!r}") from None
       ids.append(i)
   return ids, np.array(labels, np.int64), np.array(probs, np.float64)

@@ -238,22 +238,25 @@ def open_csv(path: str, columns: Sequence[str], what: str,
       raise error(f"{path}: malformed {what}: not UTF-8 text: {e}") from None
 
 
-def cells(reader, *columns: int) -> Iterator[tuple[int, list[str]]]:
+def cells(reader, *columns: int, strip: bool = True
+          ) -> Iterator[tuple[int, list[str]]]:
   """The non-blank rows of an `open_csv` reader, by physical line.
 
   Args:
     reader: the reader `open_csv` yields.
     *columns: positions of the cells wanted (from its header).
+    strip: strip spaces from the cells (False: keep them exactly as
+      written, e.g. ids in a file hcd wrote itself).
 
   Yields:
     (line, cells): the row's physical line, as an editor numbers it, and
-    its cells at `columns`, stripped ("" where the row is too short).
+    its cells at `columns` ("" where the row is too short).
   """
   for row in reader:
     if not row:  # A blank line.
       continue
-    yield reader.line_num, [row[c].strip() if len(row) > c else ""
-                            for c in columns]
+    got = [row[c] if len(row) > c else "" for c in columns]
+    yield reader.line_num, [c.strip() for c in got] if strip else got
 
 
 _LABEL_COLUMNS = ("id", "label")

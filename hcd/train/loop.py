@@ -720,8 +720,6 @@ def _train_and_evaluate(config: TrainConfig, strategy,
     if chief:
       rundir.write_history(run, history)
       _summaries(tb_writer, row, epoch + 1)
-    eta = _eta(epoch_times[phase_start:],
-               _epochs_left(config, epoch, num_epochs))
     if budgeted and epoch + 1 >= decide_at and (
         int(trainer.step.numpy()) < int(trainer.total_steps.numpy())):
       # Decided at epoch decide_at at its pace, then planned again after
@@ -732,6 +730,9 @@ def _train_and_evaluate(config: TrainConfig, strategy,
           config, trainer, history, step_times[-(1 if first else 2):],
           val_time, steps_per_epoch, first)
       eta = _eta_text(time_left)
+    else:
+      eta = _eta(epoch_times[phase_start:],
+                 _epochs_left(config, epoch, num_epochs))
     logging.info(
         "epoch %d/%d: loss %.4f acc %.4f auc %.4f | val_loss %s val_acc %s "
         "val_auc %s | %.1f s, %.0f img/s, lr %.3g%s", epoch + 1,
