@@ -469,10 +469,10 @@ def test_time_budget_is_planned_again_after_each_epoch(shards_dir, tmp_path,
   crash = True
   with pytest.raises(RuntimeError, match="killed"):
     loop.train_and_evaluate(config, strategy=_strategy())
-  assert calls == [(8, None), (12, 1), (16, 1)]
+  assert calls == [(8, None), (12, 0), (16, 0)]
   crash = False
   loop.train_and_evaluate(config, strategy=_strategy())
-  assert calls[3:] == [(16, 1)]  # Epoch 4 again, then the last epoch.
+  assert calls[3:] == [(16, 0)]  # Epoch 4 again, then the last epoch.
   history = json.load(open(workdir / "history.json"))
   assert [r["epoch"] for r in history] == [1, 2, 3, 4, 5]
   lrs = [r["lr"] for r in history]
@@ -485,6 +485,37 @@ def test_time_budget_is_planned_again_after_each_epoch(shards_dir, tmp_path,
       str(workdir / "checkpoints")))
   assert ckpt.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE") == 18
   assert ckpt.get_tensor("lr_plan/end_step/.ATTRIBUTES/VARIABLE_VALUE") == 18
+
+
+def test_a_replan_with_no_step_left_ends_the_run_at_once(shards_dir, tmp_path,
+                                                        monkeypatch, caplog):
+  # The first plan allows 7 epochs of 4 steps; after epoch 3 the box has
+  # slowed so much that no step fits (or none would repay a validation
+  # pass): epoch 3 is the last, with no 1-step epoch after it, and the run
+  # still writes its final model and metrics.
+  from hcd.train import schedule  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  def fake_budget(*args, min_steps=None):
+    calls.append((args[4], min_steps))
+    return 28 if len(calls) == 1 else args[4]  # Then: the steps done.
+
+  monkeypatch.setattr(schedule, "budget_steps", fake_budget)
+  workdir = tmp_path / "run"
+  config = _config(shards_dir, workdir, epochs=8, lr_schedule="cosine",
+                   warmup_epochs=1, time_budget_min=30)
+  with caplog.at_level(logging.INFO):
+    metrics = loop.train_and_evaluate(config, strategy=_strategy())
+  assert calls == [(8, None), (12, 0)]
+  history = json.load(open(workdir / "history.json"))
+  assert [r["epoch"] for r in history] == [1, 2, 3]
+  assert metrics["epochs"] == 3
+  assert (workdir / "model.keras").exists()
+  assert any("re-planned from 28 to 12 steps: 3 epochs in all" in
+             r.getMessage() for r in caplog.records)
+  ckpt = tf.train.load_checkpoint(tf.train.latest_checkpoint(
+      str(workdir / "checkpoints")))
+  assert ckpt.get_tensor("total_steps/.ATTRIBUTES/VARIABLE_VALUE") == 12
 
 
 def test_time_budget_must_not_be_negative(shards_dir, tmp_path):

@@ -110,9 +110,17 @@ def test_budget_steps():
   assert schedule.budget_steps(1800, 1700, 2.0, 40, 200, 100, 2200) == 300
   # A re-plan (the cosine under way) may end sooner: here at once.
   assert schedule.budget_steps(1800, 1900, 2.0, 40, 200, 100, 2200,
-                               min_steps=1) == 201
+                               min_steps=0) == 200
   assert schedule.budget_steps(1800, 1700, 2.0, 40, 250, 100, 2200,
-                               min_steps=1) == 280
+                               min_steps=0) == 280
+  # 50 s left: 5 steps (10 s) would fit before a 40-s validation pass, not
+  # worth the pass; 80 s left: 20 steps (40 s) are.
+  assert schedule.budget_steps(1800, 1750, 2.0, 40, 300, 100, 2200,
+                               min_steps=0) == 300
+  assert schedule.budget_steps(1800, 1720, 2.0, 40, 300, 100, 2200,
+                               min_steps=0) == 320
+  # The same at the decision, after whole epochs: 4 epochs and no 5-step one.
+  assert schedule.budget_steps(1800, 790, 2.0, 40, 200, 100, 2200) == 600
 
 
 def test_which_runs_a_budget_changes():

@@ -776,8 +776,8 @@ def _fit_to_budget(config: TrainConfig, trainer: Trainer, history: list,
     val_time: this epoch's validation time.
     steps_per_epoch: steps of a whole epoch.
     first: the decision at epoch decide_at (at least one more whole epoch,
-      logged in full) rather than a re-plan (at least one more step, logged
-      when the plan changes).
+      logged in full) rather than a re-plan (logged when the plan changes;
+      it may end the run with this epoch).
 
   Returns:
     (the run's number of epochs (the last one may be shorter), the seconds
@@ -794,7 +794,7 @@ def _fit_to_budget(config: TrainConfig, trainer: Trainer, history: list,
   total = schedule.budget_steps(budget_s, elapsed, step_s, val_s, done,
                                 steps_per_epoch,
                                 config.epochs * steps_per_epoch,
-                                min_steps=None if first else 1)
+                                min_steps=None if first else 0)
   trainer.total_steps.assign(total)
   if isinstance(trainer.lr_schedule, schedule.HeldCosineDecay):
     trainer.lr_schedule.replan(total, done)

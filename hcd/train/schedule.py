@@ -12,7 +12,8 @@ measures its own pace and fits the whole schedule into the budget:
     functions, so epoch D is the first whose time is the run's pace.
   * at the end of epoch D the run sets its length to what fits in the
     budget at that pace: whole epochs, then a shorter last one with the
-    steps still left (at most --epochs, at least D + 1 so that the cosine
+    steps still left if they train at least as long as its validation
+    pass takes (at most --epochs, at least D + 1 so that the cosine
     has an epoch to anneal), and the cosine decays to 0 over the steps after
     epoch D.
   * after every later epoch but the last it plans again, from the time
@@ -21,7 +22,8 @@ measures its own pace and fits the whole schedule into the budget:
     3 minutes early or 2 minutes late). The cosine's end moves, its current
     value does not (`HeldCosineDecay.replan`), so the learning rate never
     jumps; a box that slows down near the end anneals faster instead of
-    running over.
+    running over, and where not one step more fits (or is worth a
+    validation pass), the epoch just trained is the last.
 
 Without a budget the schedule is Keras' CosineDecay with linear warm-up,
 unchanged. The budget counts the epochs' wall time, training and
@@ -147,7 +149,10 @@ def budget_steps(budget_s: float, elapsed_s: float, step_s: float,
 
   Whole epochs first, then a shorter last epoch with the steps that still
   fit (every epoch, the short one too, ends with a validation pass), so the
-  budget is used instead of rounded down to whole epochs.
+  budget is used instead of rounded down to whole epochs. The short epoch
+  is planned only when it trains at least as long as its validation pass
+  takes: a few steps at the cosine's tail cannot repay a pass of 10-15 s
+  (two 29-minute runs once ended with 1-4 step epochs).
 
   Args:
     budget_s: the time budget in seconds.
@@ -159,7 +164,7 @@ def budget_steps(budget_s: float, elapsed_s: float, step_s: float,
     max_steps: the most steps to train (--epochs whole epochs).
     min_steps: the fewest steps still to train, whatever the budget says
       (default: steps_per_epoch, one epoch to anneal in; a re-plan, whose
-      cosine is already under way, passes 1).
+      cosine is already under way, passes 0: the run may end at once).
 
   Returns:
     The total number of steps: at least steps_done + min_steps, at most
@@ -172,6 +177,8 @@ def budget_steps(budget_s: float, elapsed_s: float, step_s: float,
   left = budget_s - elapsed_s
   whole = max(0, math.floor(left / epoch_s))
   partial = max(0, math.floor((left - whole * epoch_s - val_s) / step_s))
+  if partial * step_s < val_s:
+    partial = 0
   total = steps_done + whole * steps_per_epoch + min(partial,
                                                      steps_per_epoch - 1)
   return max(steps_done + min_steps, min(max_steps, total))
