@@ -18,8 +18,11 @@ setup: $(STAMP)
 demo: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) tools/demo --workspace=demo_workspace
 
+# One pytest worker per core, each test file on one worker (its module
+# fixtures, e.g. the tiny shards, are built once): most of a test's time is
+# single-threaded Python and tracing, so 2 workers use a 2-core box fully.
 test: $(STAMP)
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -n auto --dist loadfile
 
 clean-demo:
 	rm -rf demo_workspace
