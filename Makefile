@@ -19,8 +19,9 @@ demo: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) tools/demo --workspace=demo_workspace
 
 # One pytest worker per core, each test file on one worker (its module
-# fixtures, e.g. the tiny shards, are built once): most of a test's time is
-# single-threaded Python and tracing, so 2 workers use a 2-core box fully.
+# fixtures, e.g. the tiny shards, are built once). Much of a test's time is
+# single-threaded Python, imports and tracing, so on 2 cores two workers run
+# the suite 1.7x faster than one process (9m19s vs 15m50s, same box).
 test: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -n auto --dist loadfile
 
