@@ -183,13 +183,8 @@ EXPERIMENTS = {
               ["--weight_decay=0.1"]),
     "wd0": ("no weight decay (plain Adam) instead of the base's 0.05",
             ["--weight_decay=0"]),
-    "wd0_drop0": ("no weight decay and no dropout (0 instead of 0.3) "
-                  "before the classifier",
-                  ["--weight_decay=0", "--model_override=dropout=0"]),
     "drop0": ("no dropout before the classifier (0 instead of 0.3)",
               ["--model_override=dropout=0"]),
-    "lr6e-3": ("peak learning rate 6e-3 instead of the base's",
-               ["--learning_rate=0.006"]),
     # For boxes without bf16 hardware, where pcam.flags' 22 epochs take hours:
     # which shape gives more at a fixed 30 minutes (pass --epochs to fit).
     "shallow_wide": ("the compact ResNet's default shape (1 block/stage at "
