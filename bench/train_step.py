@@ -3,7 +3,7 @@
 
   .venv/bin/python bench/train_step.py [--flagfile=pcam.flags] [--model=...]
       [--steps=20] [--repeats=5] [--jit=both|true|false]
-      [--precisions=none,bf16]
+      [--precisions=none,bf16] [--batchnorm=fused,keras]
 
 The recipe is hcd_train's own: every hcd_train flag (and --flagfile) is
 accepted and turned into the same TrainConfig, so `--flagfile=pcam.flags`
@@ -32,12 +32,16 @@ processes hits them alike; each number is the median of the repeats of
 (wall time of --steps steps) / steps. The last line is a JSON object with
 every median, the overheads hcd / bare - 1 and fit / hcd, images/s and,
 with float32 among --precisions, each other precision's speed-up of the hcd
-step over float32. oneDNN is on, as in every hcd process (hcd/__init__.py;
+step over float32. --batchnorm=fused,keras times hcd's BatchNormalization
+(TensorFlow's fused kernel, hcd.models.batchnorm) against Keras 3's own
+unfused one in the same run, the two interleaved round by round like the
+methods, and reports the fused kernel's speed-up of each method. oneDNN is on, as in every hcd process (hcd/__init__.py;
 hcd is imported before TensorFlow here, which that needs);
 TF_ENABLE_ONEDNN_OPTS=0 times TensorFlow's own default, Eigen convolutions
 on CPUs without AVX-512 VNNI/BF16 or AMX.
 """
 
+import contextlib
 import json
 import os
 import platform
@@ -59,6 +63,7 @@ import tensorflow as tf
 from hcd import models
 from hcd.cli import flags as train_flags
 from hcd.models import augment
+from hcd.models import batchnorm
 from hcd.train import loop
 from hcd.train import runtime
 
@@ -69,6 +74,10 @@ _JIT = flags.DEFINE_enum("jit", "both", ["both", "true", "false"],
 _PRECISIONS = flags.DEFINE_list(
     "precisions", [], "Mixed precisions to time in turn (none, bf16, fp16, "
     "auto), e.g. none,bf16; default: the recipe's --mixed_precision.")
+_BATCHNORM = flags.DEFINE_list(
+    "batchnorm", ["fused"], "BatchNormalization kernels to time in turn: "
+    "fused (hcd's, TensorFlow's FusedBatchNormV3) and/or keras (Keras 3's "
+    "unfused ops).")
 
 
 def batch(batch_size, seed=0):
@@ -152,8 +161,11 @@ def fit_step_fn(config, jit, lr, steps):
                                                **config.model_overrides)])
   opt = loop.make_optimizer(config, lr, 100)
   if config.ema_decay:  # Keras' own EMA (of the trainable weights).
-    opt = opt.from_config({**opt.get_config(), "use_ema": True,
-                           "ema_momentum": config.ema_decay})
+    # Set before the optimizer is built (compile builds it). A from_config
+    # copy would need the lr schedule registered with Keras and would drop
+    # the weight-decay exclusions.
+    inner = getattr(opt, "inner_optimizer", opt)  # fp16: the loss scaler's
+    inner.use_ema, inner.ema_momentum = True, config.ema_decay
   model.compile(optimizer=opt, loss=_bce(config),
                 metrics=["accuracy", keras.metrics.AUC()], jit_compile=jit,
                 steps_per_execution=steps)
@@ -183,17 +195,23 @@ def main(argv):
   precisions = [runtime.resolve_mixed_precision(p) for p in
                 _PRECISIONS.value or [config.mixed_precision]]
   results = {}
+  bad = set(_BATCHNORM.value) - {"fused", "keras"}
+  if bad:
+    raise app.UsageError(f"--batchnorm takes fused and/or keras, got {bad}")
   for precision, jit in [(p, j) for p in precisions for j in jits]:
     # Models and optimizers take the policy in force when they are built.
     runtime.set_mixed_precision(precision)
     config.mixed_precision = precision
     tag = ("xla" if jit else "noxla") + (
         "" if precision == "none" else f"_{precision}")
-    fns = {
-        "bare": bare_step_fn(config, jit, lr),
-        "hcd": hcd_step_fn(config, jit, lr, steps),
-        "fit": fit_step_fn(config, jit, lr, steps),
-    }
+    fns = {}
+    for bn in _BATCHNORM.value:
+      suffix = "" if bn == "fused" else "_kerasbn"
+      with (batchnorm.keras_kernel() if bn == "keras" else
+            contextlib.nullcontext()):
+        fns[f"bare{suffix}"] = bare_step_fn(config, jit, lr)
+        fns[f"hcd{suffix}"] = hcd_step_fn(config, jit, lr, steps)
+        fns[f"fit{suffix}"] = fit_step_fn(config, jit, lr, steps)
     n = tf.constant(steps, tf.int64)
     for fn in fns.values():  # Trace, compile and warm up.
       fn(images_t, labels_t, n)
@@ -207,13 +225,22 @@ def main(argv):
       ms = 1000 * statistics.median(ts)
       results[f"{name}_{tag}_ms"] = ms
       results[f"{name}_{tag}_img_s"] = config.batch_size / (ms / 1000)
-      print(f"{config.model} batch {config.batch_size} {tag:10s} {name:4s}: "
+      print(f"{config.model} batch {config.batch_size} {tag:10s} {name:11s}: "
             f"{ms:8.1f} ms/step  (runs: "
             f"{', '.join(f'{1000 * t:.1f}' for t in ts)})", flush=True)
-    results[f"hcd_over_bare_{tag}"] = (results[f"hcd_{tag}_ms"] /
-                                       results[f"bare_{tag}_ms"] - 1)
-    results[f"fit_over_hcd_{tag}"] = (results[f"fit_{tag}_ms"] /
-                                      results[f"hcd_{tag}_ms"])
+    for suffix in ("", "_kerasbn"):
+      if f"hcd{suffix}_{tag}_ms" not in results:
+        continue
+      results[f"hcd{suffix}_over_bare_{tag}"] = (
+          results[f"hcd{suffix}_{tag}_ms"] / results[f"bare{suffix}_{tag}_ms"]
+          - 1)
+      results[f"fit{suffix}_over_hcd_{tag}"] = (
+          results[f"fit{suffix}_{tag}_ms"] / results[f"hcd{suffix}_{tag}_ms"])
+    if len(_BATCHNORM.value) > 1:
+      for method in ("bare", "hcd", "fit"):
+        results[f"fused_speedup_{method}_{tag}"] = (
+            results[f"{method}_kerasbn_{tag}_ms"] /
+            results[f"{method}_{tag}_ms"])
   runtime.set_mixed_precision("none")
   if "none" in precisions and len(precisions) > 1:
     for p in precisions:

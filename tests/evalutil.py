@@ -15,6 +15,7 @@ import keras
 import numpy as np
 import tifffile
 
+from hcd import models
 from hcd.data import decode
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -61,8 +62,10 @@ def make_run(workdir, model=None, name="tiny", lr=1e-3, history=None,
   """Writes a run directory as hcd_train does. Returns its path."""
   os.makedirs(workdir, exist_ok=True)
   if model is not None:
-    model.save(os.path.join(workdir, "best.keras"))
-    model.save(os.path.join(workdir, "model.keras"))
+    # As hcd_train saves: hcd's own layers swapped for standard ones.
+    saved = models.standard_model(model)
+    saved.save(os.path.join(workdir, "best.keras"))
+    saved.save(os.path.join(workdir, "model.keras"))
     num_params = num_params or model.count_params()
   history = history or []
   config = {"model": name, "learning_rate": lr, "batch_size": 32,

@@ -368,7 +368,7 @@ def test_bf16_model_runs_in_float32_where_bf16_is_not_native(
   finally:
     runtime.set_mixed_precision("none")
   path = str(tmp_path / "bf16.keras")
-  trained.save(path)
+  models.standard_model(trained).save(path)
   images = evalutil.images(16)
   reference = models.build_model("tiny")  # float32, the same weights
   reference.set_weights(trained.get_weights())

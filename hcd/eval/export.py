@@ -25,6 +25,7 @@ import shutil
 import numpy as np
 
 import hcd
+from hcd import models
 from hcd.data.features import IMAGE_SHAPE
 from hcd.eval import predict
 from hcd import fileio
@@ -80,7 +81,7 @@ def export_model(model_path: str, out_dir: str,
   # Keras insists on the .keras suffix, so the temporary name keeps it.
   keras_path = os.path.join(out_dir, "model.keras")
   tmp = os.path.join(out_dir, f"model.tmp-{os.getpid()}.keras")
-  model.save(tmp)
+  models.standard_model(model).save(tmp)
   got = keras.saving.load_model(tmp, compile=False, safe_mode=True)(
       batch, training=False)
   if not np.allclose(np.asarray(got), want, atol=CHECK_ATOL):

@@ -4,9 +4,12 @@ Every model maps a uint8 batch [B, 96, 96, 3] to the float32 probability of
 tumour [B, 1]. The cast to float and the /255 are the model's first layer
 (`Rescaling`), so the input pipeline ships 4x fewer bytes to the device, and
 the last layer is `Dense(1, sigmoid, dtype="float32")` so mixed precision
-still returns float32 probabilities. Models hold only standard Keras layers:
-a saved `.keras` file loads with `keras.saving.load_model(safe_mode=True)`
-without hcd installed. Augmentation is not part of any model (see
+still returns float32 probabilities. Models are built from standard Keras
+layers plus two of hcd's, each with a standard equivalent that
+`standard_model` swaps in whenever hcd saves: `FusedBatchNorm` (Keras'
+BatchNormalization through TensorFlow's fused kernel, hcd.models.batchnorm)
+and the P4M group convolution. So a saved `.keras` file loads with
+`keras.saving.load_model(safe_mode=True)` without hcd installed. Augmentation is not part of any model (see
 `hcd.models.augment`).
 
 The table maps a name to a `ModelSpec`; builders are imported lazily so that
@@ -172,7 +175,8 @@ def standard_model(model):
   `keras.saving.load_model(safe_mode=True)` without hcd installed. A custom
   layer opts in by defining `standard_equivalent()` -> (standard layer,
   its weights); e.g. a P4M group convolution becomes the plain Conv2D of
-  its expanded kernel. Models without such layers are returned as they are.
+  its expanded kernel, and a FusedBatchNorm the BatchNormalization it
+  computes. Models without such layers are returned as they are.
 
   Args:
     model: a functional keras.Model from the table.
@@ -225,7 +229,6 @@ def float32_copy(model):
     A functional copy whose layers all compute in float32 (`model` itself
     if it already does).
   """
-  import keras  # pylint: disable=g-import-not-at-top
   if compute_precision(model) == "none":
     return model
 
@@ -236,6 +239,37 @@ def float32_copy(model):
       config["dtype"] = "float32"
     return layer.__class__.from_config(config)
 
+  return _rebuilt(model, clone)
+
+
+def fused_model(model):
+  """The model with every BatchNormalization run by the fused kernel.
+
+  A loaded .keras file holds Keras' BatchNormalization (`standard_model`);
+  prediction swaps it back for hcd's `FusedBatchNorm`, which computes the
+  same with one TensorFlow op (hcd.models.batchnorm), and lets TensorFlow's
+  graph optimiser fold it into the convolution before it.
+
+  Args:
+    model: a functional keras.Model.
+
+  Returns:
+    A functional copy with the same weights (`model` itself if it holds no
+    BatchNormalization layer).
+  """
+  import keras  # pylint: disable=g-import-not-at-top
+  from hcd.models import batchnorm  # pylint: disable=g-import-not-at-top
+  plain = keras.layers.BatchNormalization
+  if not any(type(l) is plain for l in model.layers):
+    return model
+  return _rebuilt(model, lambda layer: (
+      batchnorm.FusedBatchNorm if type(layer) is plain else layer.__class__
+  ).from_config(layer.get_config()))
+
+
+def _rebuilt(model, clone):
+  """A functional copy of `model` made of clone(layer), with its weights."""
+  import keras  # pylint: disable=g-import-not-at-top
   copy = keras.models.clone_model(model, clone_function=clone)
   copy.set_weights(model.get_weights())
   return copy

@@ -12,6 +12,7 @@ import keras
 from keras import layers
 
 from hcd.models import common
+from hcd.models.batchnorm import FusedBatchNorm
 
 
 def model1(dropout: float = 0.2) -> keras.Model:
@@ -28,7 +29,7 @@ def model1(dropout: float = 0.2) -> keras.Model:
   x = layers.Conv2D(64, 3, padding="same", activation="relu")(x)
   x = layers.MaxPooling2D(2)(x)
   x = layers.Dropout(dropout)(x)
-  x = layers.BatchNormalization()(x)
+  x = FusedBatchNorm()(x)
   x = layers.Flatten()(x)
   x = layers.Dense(60, activation="relu")(x)
   x = layers.Dense(30, activation="relu")(x)
@@ -40,7 +41,7 @@ def _model2_graph(name: str, dropout: float) -> keras.Model:
   x = layers.Conv2D(32, 3, padding="same", activation="relu")(x)
   x = layers.MaxPooling2D(2)(x)
   x = layers.Dropout(dropout)(x)
-  x = layers.BatchNormalization()(x)
+  x = FusedBatchNorm()(x)
   x = layers.Flatten()(x)
   x = layers.Dense(30, activation="relu")(x)
   return keras.Model(inputs, common.probability_head(x), name=name)

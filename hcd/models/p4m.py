@@ -33,7 +33,8 @@ the defaults (4, 8 / 8, 16, 32) give the channel counts and nearly the
 compute of the compact ResNet (32, 64 / 64, 128, 256) at ~1/8 of its
 weights.
 
-Saving: `P4MConv2D` is the only non-standard layer. `standard_model` (used
+Saving: `P4MConv2D` is the one non-standard layer besides hcd's
+`FusedBatchNorm` (hcd.models.batchnorm). `standard_model` (used
 whenever hcd saves a .keras file) rebuilds the network with plain `Conv2D`
 layers holding the 8 expanded orientations of each kernel, so a saved model
 loads in Keras safe mode without hcd and computes the same function.
@@ -49,6 +50,7 @@ from keras import layers
 import numpy as np
 
 from hcd.models import common
+from hcd.models.batchnorm import FusedBatchNorm
 
 GROUP_ORDER = 8
 
@@ -194,7 +196,7 @@ def _group_bn(x, name: str, zero_gamma: bool = False):
   h, w, c = x.shape[1], x.shape[2], x.shape[3]
   x = layers.Reshape((h, w, GROUP_ORDER, c // GROUP_ORDER),
                      name=f"{name}_split")(x)
-  x = layers.BatchNormalization(
+  x = FusedBatchNorm(
       axis=-1, gamma_initializer="zeros" if zero_gamma else "ones",
       name=name)(x)
   return layers.Reshape((h, w, c), name=f"{name}_join")(x)

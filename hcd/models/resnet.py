@@ -28,6 +28,7 @@ import keras
 from keras import layers
 
 from hcd.models import common
+from hcd.models.batchnorm import FusedBatchNorm
 
 
 def _conv_bn(x, filters: int, kernel: int, strides: int, name: str,
@@ -35,7 +36,7 @@ def _conv_bn(x, filters: int, kernel: int, strides: int, name: str,
   x = layers.Conv2D(filters, kernel, strides=strides, padding="same",
                     use_bias=False, kernel_initializer="he_normal",
                     name=f"{name}_conv")(x)
-  x = layers.BatchNormalization(
+  x = FusedBatchNorm(
       gamma_initializer="zeros" if zero_gamma else "ones",
       name=f"{name}_bn")(x)
   if activation:

@@ -6,6 +6,7 @@ import keras
 from keras import layers
 
 from hcd.models import common
+from hcd.models.batchnorm import FusedBatchNorm
 
 
 def tiny(width: int = 8) -> keras.Model:
@@ -22,7 +23,7 @@ def tiny(width: int = 8) -> keras.Model:
   """
   inputs, x = common.input_and_rescale()
   x = layers.Conv2D(width, 3, strides=4, padding="same", use_bias=False)(x)
-  x = layers.BatchNormalization()(x)
+  x = FusedBatchNorm()(x)
   x = layers.Activation("relu")(x)
   x = layers.Conv2D(2 * width, 3, strides=2, padding="same",
                     activation="relu")(x)
