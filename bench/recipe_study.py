@@ -132,6 +132,11 @@ EXPERIMENTS = {
     "p4m_bs128_ema": ("combined: P4M + batch 128, lr 4e-3 + EMA 0.998",
                       ["--model=p4m_resnet", "--batch_size=128",
                        "--learning_rate=0.004", "--ema_decay=0.998"]),
+    "p4m_cpu": ("with --base=pcam_cpu.flags: the P4M ResNet at the same "
+                "channels (6/12/24 features x 8 orientations = 48/96/192, stem "
+                "4/8 x 8 = 32/64; 2 blocks per stage, 64 px from the base)",
+                ["--model=p4m_resnet", "--model_override=widths=(6,12,24)",
+                 "--model_override=stem_widths=(4,8)"]),
     "as_is": ("the --base flagfile unchanged (with --base=pcam.flags: the "
               "shipped recipe at its full budget)", []),
     "stain0.1": ("stronger H&E stain jitter (0.1)", ["--stain_jitter=0.1"]),

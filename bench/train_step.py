@@ -35,8 +35,9 @@ with float32 among --precisions, each other precision's speed-up of the hcd
 step over float32. --batchnorm=fused,keras times hcd's BatchNormalization
 (TensorFlow's fused kernel, hcd.models.batchnorm) against Keras 3's own
 unfused one in the same run, the two interleaved round by round like the
-methods, and reports the fused kernel's speed-up of each method. oneDNN is on, as in every hcd process (hcd/__init__.py;
-hcd is imported before TensorFlow here, which that needs);
+methods, and reports the fused kernel's speed-up of each method. oneDNN is
+on, as in every hcd process (hcd/__init__.py; hcd is imported before
+TensorFlow here, which that needs);
 TF_ENABLE_ONEDNN_OPTS=0 times TensorFlow's own default, Eigen convolutions
 on CPUs without AVX-512 VNNI/BF16 or AMX.
 """

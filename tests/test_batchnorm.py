@@ -129,26 +129,3 @@ def test_saved_models_hold_the_standard_layer():
                              np.asarray(model(x, training=False)),
                              rtol=1e-5, atol=1e-6)
 
-
-def test_loaded_models_run_the_fused_kernel_again(tmp_path):
-  from hcd.eval import predict  # pylint: disable=g-import-not-at-top
-  keras.utils.set_random_seed(1)
-  model = models.build_model("resnet", widths=(8, 16), stem_widths=(4, 8))
-  x = np.random.default_rng(6).integers(0, 256, (3, 96, 96, 3), np.uint8)
-  model(x, training=True)
-  path = str(tmp_path / "m.keras")
-  models.standard_model(model).save(path)
-  loaded = predict.load_model(path)
-  fused = [l for l in loaded.layers if isinstance(l, FusedBatchNorm)]
-  assert len(fused) == sum(isinstance(l, FusedBatchNorm)
-                           for l in model.layers)
-  assert all(l.fused for l in fused)
-  np.testing.assert_allclose(np.asarray(loaded(x, training=False)),
-                             np.asarray(model(x, training=False)),
-                             rtol=1e-5, atol=1e-6)
-  # A model without BatchNormalization comes back as it is.
-  inputs = keras.Input((96, 96, 3), dtype="uint8")
-  plain = keras.Model(inputs, keras.layers.Dense(1)(
-      keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1.0)(
-          inputs))))
-  assert models.fused_model(plain) is plain

@@ -115,11 +115,9 @@ def load_model(path: str):
     path: a .keras file (e.g. from hcd.rundir.resolve_model_paths).
 
   Returns:
-    The keras.Model (not compiled), its BatchNormalization layers run by
-    the fused kernel (hcd.models.fused_model); a mixed-precision model
-    whose compute type this machine has no native support for runs in
-    float32 (hcd.models.float32_copy). Save it through
-    hcd.models.standard_model.
+    The keras.Model (not compiled); a mixed-precision model whose compute
+    type this machine has no native support for runs in float32
+    (hcd.models.float32_copy).
 
   Raises:
     hcd.rundir.RunError: missing file, a file Keras cannot load (or that
@@ -137,7 +135,6 @@ def load_model(path: str):
   check_model(model, path)
   from hcd import models  # pylint: disable=g-import-not-at-top
   from hcd.train import runtime  # pylint: disable=g-import-not-at-top
-  model = models.fused_model(model)
   precision = models.compute_precision(model)
   if precision not in ("none", runtime.resolve_mixed_precision("auto")):
     # E.g. trained in bf16 on a GPU or an AMX CPU, predicting on a CPU

@@ -9,8 +9,8 @@ layers plus two of hcd's, each with a standard equivalent that
 `standard_model` swaps in whenever hcd saves: `FusedBatchNorm` (Keras'
 BatchNormalization through TensorFlow's fused kernel, hcd.models.batchnorm)
 and the P4M group convolution. So a saved `.keras` file loads with
-`keras.saving.load_model(safe_mode=True)` without hcd installed. Augmentation is not part of any model (see
-`hcd.models.augment`).
+`keras.saving.load_model(safe_mode=True)` without hcd installed.
+Augmentation is not part of any model (see `hcd.models.augment`).
 
 The table maps a name to a `ModelSpec`; builders are imported lazily so that
 `import hcd.models` (e.g. to validate a flag) does not import TensorFlow.
@@ -229,6 +229,7 @@ def float32_copy(model):
     A functional copy whose layers all compute in float32 (`model` itself
     if it already does).
   """
+  import keras  # pylint: disable=g-import-not-at-top
   if compute_precision(model) == "none":
     return model
 
@@ -239,37 +240,6 @@ def float32_copy(model):
       config["dtype"] = "float32"
     return layer.__class__.from_config(config)
 
-  return _rebuilt(model, clone)
-
-
-def fused_model(model):
-  """The model with every BatchNormalization run by the fused kernel.
-
-  A loaded .keras file holds Keras' BatchNormalization (`standard_model`);
-  prediction swaps it back for hcd's `FusedBatchNorm`, which computes the
-  same with one TensorFlow op (hcd.models.batchnorm), and lets TensorFlow's
-  graph optimiser fold it into the convolution before it.
-
-  Args:
-    model: a functional keras.Model.
-
-  Returns:
-    A functional copy with the same weights (`model` itself if it holds no
-    BatchNormalization layer).
-  """
-  import keras  # pylint: disable=g-import-not-at-top
-  from hcd.models import batchnorm  # pylint: disable=g-import-not-at-top
-  plain = keras.layers.BatchNormalization
-  if not any(type(l) is plain for l in model.layers):
-    return model
-  return _rebuilt(model, lambda layer: (
-      batchnorm.FusedBatchNorm if type(layer) is plain else layer.__class__
-  ).from_config(layer.get_config()))
-
-
-def _rebuilt(model, clone):
-  """A functional copy of `model` made of clone(layer), with its weights."""
-  import keras  # pylint: disable=g-import-not-at-top
   copy = keras.models.clone_model(model, clone_function=clone)
   copy.set_weights(model.get_weights())
   return copy
