@@ -81,6 +81,19 @@ def test_falls_back_to_keras_where_the_kernel_does_not_apply():
   assert "FusedBatchNormV3" not in {op.type for op in graph.get_operations()}
 
 
+def test_keras_kernel_builds_unfused_layers_that_keep_their_choice():
+  from hcd.models import batchnorm  # pylint: disable=g-import-not-at-top
+  with batchnorm.keras_kernel():
+    unfused = FusedBatchNorm()
+  assert not unfused.fused and FusedBatchNorm().fused
+  copy = FusedBatchNorm.from_config(unfused.get_config())
+  assert not copy.fused
+  copy.build((2, 3, 3, 4))
+  graph = tf.function(lambda x: copy(x, training=True)
+                      ).get_concrete_function(tf.zeros((2, 3, 3, 4))).graph
+  assert "FusedBatchNormV3" not in {op.type for op in graph.get_operations()}
+
+
 def test_inside_an_xla_compiled_training_step():
   keras_bn, fused = _pair((8, 6, 6, 4))
   x = tf.constant(np.random.default_rng(3).normal(size=(8, 6, 6, 4)),

@@ -6,8 +6,9 @@ passes over each activation forward, and more for the gradient
 (keras-team/keras-core#225, "BatchNorm is slow"). tf.keras 2 called
 TensorFlow's fused kernel instead, `FusedBatchNormV3`: one pass each way,
 run by oneDNN on CPUs and cuDNN on GPUs. On the 2-core CPU box the
-unfused layer was 14% of a training step of hcd's ResNet (BENCHMARKS.md,
-tenth session).
+unfused layer was 14% of a training step of hcd's ResNet, and this layer
+made the step of `pcam_cpu.flags` 1.11x faster (BENCHMARKS.md, "Training
+step").
 
 `FusedBatchNorm` is Keras' layer (same arguments, weights, statistics and
 arithmetic, within float rounding) that calls the fused kernel where it
