@@ -79,6 +79,8 @@ _BATCHNORM = flags.DEFINE_list(
     "batchnorm", ["fused"], "BatchNormalization kernels to time in turn: "
     "fused (hcd's, TensorFlow's FusedBatchNormV3) and/or keras (Keras 3's "
     "unfused ops).")
+# Result-key suffix of each --batchnorm kernel (hcd_noxla_ms, hcd_kerasbn_noxla_ms).
+_BN_SUFFIX = {"fused": "", "keras": "_kerasbn"}
 
 
 def batch(batch_size, seed=0):
@@ -196,7 +198,7 @@ def main(argv):
   precisions = [runtime.resolve_mixed_precision(p) for p in
                 _PRECISIONS.value or [config.mixed_precision]]
   results = {}
-  bad = set(_BATCHNORM.value) - {"fused", "keras"}
+  bad = set(_BATCHNORM.value) - set(_BN_SUFFIX)
   if bad:
     raise app.UsageError(f"--batchnorm takes fused and/or keras, got {bad}")
   for precision, jit in [(p, j) for p in precisions for j in jits]:
@@ -207,7 +209,7 @@ def main(argv):
         "" if precision == "none" else f"_{precision}")
     fns = {}
     for bn in _BATCHNORM.value:
-      suffix = "" if bn == "fused" else "_kerasbn"
+      suffix = _BN_SUFFIX[bn]
       with (batchnorm.keras_kernel() if bn == "keras" else
             contextlib.nullcontext()):
         fns[f"bare{suffix}"] = bare_step_fn(config, jit, lr)
@@ -229,9 +231,7 @@ def main(argv):
       print(f"{config.model} batch {config.batch_size} {tag:10s} {name:11s}: "
             f"{ms:8.1f} ms/step  (runs: "
             f"{', '.join(f'{1000 * t:.1f}' for t in ts)})", flush=True)
-    for suffix in ("", "_kerasbn"):
-      if f"hcd{suffix}_{tag}_ms" not in results:
-        continue
+    for suffix in (_BN_SUFFIX[bn] for bn in _BATCHNORM.value):
       results[f"hcd{suffix}_over_bare_{tag}"] = (
           results[f"hcd{suffix}_{tag}_ms"] / results[f"bare{suffix}_{tag}_ms"]
           - 1)
