@@ -79,7 +79,7 @@ _BATCHNORM = flags.DEFINE_list(
     "batchnorm", ["fused"], "BatchNormalization kernels to time in turn: "
     "fused (hcd's, TensorFlow's FusedBatchNormV3) and/or keras (Keras 3's "
     "unfused ops).")
-# Result-key suffix of each --batchnorm kernel (hcd_noxla_ms, hcd_kerasbn_noxla_ms).
+# Result-key suffix of each --batchnorm kernel (hcd_kerasbn_noxla_ms, ...).
 _BN_SUFFIX = {"fused": "", "keras": "_kerasbn"}
 
 
