@@ -137,6 +137,11 @@ EXPERIMENTS = {
                 "4/8 x 8 = 32/64; 2 blocks per stage, 64 px from the base)",
                 ["--model=p4m_resnet", "--model_override=widths=(6,12,24)",
                  "--model_override=stem_widths=(4,8)"]),
+    "centre_pool": ("with --base=pcam_cpu.flags: the ResNet's last feature "
+                    "map pooled over its centre cells (the centre third of "
+                    "the patch, where the label is decided) beside the "
+                    "global average pooling; 192 more weights",
+                    ["--model_override=centre_pool=True"]),
     "as_is": ("the --base flagfile unchanged (with --base=pcam.flags: the "
               "shipped recipe at its full budget)", []),
     "stain0.1": ("stronger H&E stain jitter (0.1)", ["--stain_jitter=0.1"]),

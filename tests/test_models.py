@@ -252,3 +252,40 @@ def test_stride3_stem_sees_every_pixel_once():
 def test_stem_strides_refuses_bad_settings(overrides):
   with pytest.raises(ValueError, match="stem_strides must hold one stride"):
     models.build_model("resnet", **overrides)
+
+
+def test_centre_pool_adds_the_centre_cells_features_to_the_head():
+  # The head sees [global mean, centre mean] of the last map: one more
+  # weight per channel of the last stage, nothing else.
+  plain = models.build_model("resnet", size=64)
+  model = models.build_model("resnet", size=64, centre_pool=True)
+  assert model.count_params() == plain.count_params() + 256
+  last = model.get_layer("pool_centre_crop").input
+  probe = keras.Model(model.input, [last, model.get_layer("pool").output])
+  fmap, pooled = (np.asarray(t) for t in probe(_images(2), training=False))
+  assert fmap.shape[1:3] == (4, 4) and pooled.shape == (2, 512)
+  np.testing.assert_allclose(pooled[:, :256], fmap.mean(axis=(1, 2)),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(pooled[:, 256:],
+                             fmap[:, 1:3, 1:3].mean(axis=(1, 2)),
+                             rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("grid,cells", [(3, 1), (4, 2), (6, 2), (8, 4),
+                                        (9, 3)])
+def test_centre_cells_cover_the_centre_third_and_stay_centred(grid, cells):
+  from hcd.models import common  # pylint: disable=g-import-not-at-top
+  x = keras.Input((grid, grid, 2))
+  model = keras.Model(x, common.centre_and_global_pool(x))
+  fmap = np.arange(grid * grid * 2, dtype=np.float32).reshape(
+      1, grid, grid, 2)
+  centre = np.asarray(model(fmap))[0, 2:]
+  lo = (grid - cells) // 2
+  np.testing.assert_allclose(
+      centre, fmap[0, lo:lo + cells, lo:lo + cells].mean(axis=(0, 1)))
+  assert cells * 3 >= grid and (grid - cells) % 2 == 0
+
+
+def test_centre_pool_refuses_the_foveated_resnet():
+  with pytest.raises(ValueError, match="centre_pool applies to the single"):
+    models.build_model("resnet", fovea=48, centre_pool=True)

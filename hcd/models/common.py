@@ -60,6 +60,42 @@ def input_view(x, crop: int = 0, size: int = 0):
   return x
 
 
+def centre_and_global_pool(x, name: str = "pool"):
+  """Global average pooling, concatenated with pooling over the centre cells.
+
+  Why: the label concerns only the centre 32x32 px of the 96 px patch, but
+  global average pooling weighs every cell of the last feature map alike,
+  so tumour in the context ring (label 0) and in the centre (label 1) pool
+  to similar features. Pooling the cells over the centre third as well
+  lets the classifier weigh them apart, for C more inputs to one Dense
+  unit and no convolution.
+
+  Args:
+    x: the last stage's [B, H, W, C] feature map, H == W.
+    name: prefix of the layers' names ("<name>" is the concatenation).
+
+  Returns:
+    [B, 2C]: the whole map's mean features, then the centre cells'.
+
+  Raises:
+    ValueError: a non-square map.
+  """
+  grid = x.shape[1]
+  if grid is None or grid != x.shape[2]:
+    raise ValueError(f"centre pooling needs a square feature map, got "
+                     f"{tuple(x.shape[1:3])}")
+  # The fewest cells that cover the centre third and stay centred (same
+  # parity as the grid): 4 -> 2, 6 -> 2, 3 -> 1, 8 -> 4.
+  cells = -(-grid // 3)
+  if (grid - cells) % 2:
+    cells += 1
+  margin = (grid - cells) // 2
+  centre = layers.Cropping2D(margin, name=f"{name}_centre_crop")(x)
+  pooled = [layers.GlobalAveragePooling2D(name=f"{name}_global")(x),
+            layers.GlobalAveragePooling2D(name=f"{name}_centre")(centre)]
+  return layers.Concatenate(name=name)(pooled)
+
+
 def residual_trunk(name: str, widths, stem_widths, blocks_per_stage: int,
                    crop: int, size: int, stem, block):
   """The shared layout of hcd's ResNets: input, stem convs, residual stages.

@@ -61,7 +61,8 @@ def resnet(widths: Sequence[int] = (64, 128, 256), stem_widths: Sequence[int]
            = (32, 64), blocks_per_stage: int = 1,
            dropout: float = 0.3, crop: int = 0,
            size: int = 0, fovea: int = 0,
-           stem_strides: Sequence[int] = ()) -> keras.Model:
+           stem_strides: Sequence[int] = (),
+           centre_pool: bool = False) -> keras.Model:
   """Builds the compact ResNet.
 
   Args:
@@ -83,6 +84,9 @@ def resnet(widths: Sequence[int] = (64, 128, 256), stem_widths: Sequence[int]
       enters the stages, at that input's compute, with a learned
       downsampling (3x3 kernels at stride 3 see each pixel once) in place
       of the bilinear resize, which loses a third of the resolution.
+    centre_pool: pool the centre cells of the last feature map (over the
+      centre third of the patch, where the label is decided) beside the
+      whole map (common.centre_and_global_pool).
 
   Returns:
     keras.Model: uint8 [B, 96, 96, 3] -> float32 probability [B, 1].
@@ -90,18 +94,22 @@ def resnet(widths: Sequence[int] = (64, 128, 256), stem_widths: Sequence[int]
   Raises:
     ValueError: empty widths, blocks_per_stage < 1, bad crop or size, a
       fovea outside 8..95 or combined with crop or size, stem_strides not
-      one stride in 1..4 per stem convolution.
+      one stride in 1..4 per stem convolution, centre_pool with fovea.
   """
   strides = _stem_strides(stem_strides, stem_widths)
   stem = lambda x, w, i, name: _conv_bn(x, w, 3, strides[i], name)
   if fovea:
+    if centre_pool:
+      raise ValueError("centre_pool applies to the single stream, not to "
+                       f"fovea={fovea}: the fovea stream is the centre")
     inputs, x = _foveated(fovea, crop, size, widths, stem_widths,
                           blocks_per_stage, stem)
   else:
     inputs, x = common.residual_trunk(
         "resnet", widths, stem_widths, blocks_per_stage, crop, size,
         stem=stem, block=_basic_block)
-    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    x = (common.centre_and_global_pool(x) if centre_pool
+         else layers.GlobalAveragePooling2D(name="pool")(x))
   x = layers.Dropout(dropout, name="dropout")(x)
   return keras.Model(inputs, common.probability_head(x), name="resnet")
 
