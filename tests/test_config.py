@@ -61,6 +61,19 @@ def test_validate_names_the_setting_and_the_choices():
       raise AssertionError(f"{field}={value} was accepted")
 
 
+def test_each_fold_gets_its_own_default_run_directory():
+  TrainConfig = config_lib.TrainConfig  # pylint: disable=invalid-name
+  assert TrainConfig(model="resnet").workdir == "runs/resnet"
+  assert TrainConfig(model="resnet", num_folds=5,
+                     fold=2).workdir == "runs/resnet_fold2"
+  assert TrainConfig(workdir="cv/{fold}/run", num_folds=3,
+                     fold=1).workdir == "cv/1/run"
+  assert TrainConfig(workdir="runs/{x}").workdir == "runs/{x}"
+  # config.json holds the resolved directory; reading it back keeps it.
+  config = TrainConfig(workdir="r{fold}", num_folds=2, fold=1)
+  assert TrainConfig(**config.to_dict()).workdir == "r1"
+
+
 def test_negative_weight_decay_is_refused():
   # A negative decay would grow the kernels every step, silently.
   with pytest.raises(config_lib.ConfigError, match="weight_decay must be >= 0"):

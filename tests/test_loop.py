@@ -133,6 +133,34 @@ def test_resume_continues_to_the_same_epoch_count(shards_dir, tmp_path):
   assert json.load(open(workdir / "history.json")) == history
 
 
+def test_resume_refuses_another_runs_checkpoint(shards_dir, tmp_path):
+  # The same --workdir with another fold would otherwise resume fold 0's
+  # model, score it on images it trained on and overwrite its results.
+  workdir = tmp_path / "run"
+  loop.train_and_evaluate(
+      _config(shards_dir, workdir, epochs=1, num_folds=2, fold=0),
+      strategy=_strategy())
+  run = rundir.RunDir(str(workdir))
+  before = {p: open(p, "rb").read() for p in (run.config, run.metrics,
+                                               run.val_predictions)}
+  with pytest.raises(ConfigError) as e:
+    loop.train_and_evaluate(
+        _config(shards_dir, workdir, epochs=1, num_folds=2, fold=1,
+                learning_rate=0.01),
+        strategy=_strategy())
+  message = str(e.value)
+  assert str(workdir) in message and "fold: 0 there, 1 now" in message
+  assert "learning_rate" in message and "new --workdir" in message
+  assert {p: open(p, "rb").read() for p in before} == before
+  # Where and how it logs may change: the same run resumes (and, being
+  # finished, trains nothing more).
+  loop.train_and_evaluate(
+      _config(shards_dir, workdir, epochs=1, num_folds=2, fold=0,
+              log_every_steps=1, tensorboard=False),
+      strategy=_strategy())
+  assert len(json.load(open(workdir / "history.json"))) == 1
+
+
 def test_same_seed_same_weights(shards_dir, tmp_path):
   digests = [loop.train_and_evaluate(
       _config(shards_dir, tmp_path / f"r{k}", epochs=1, rot90=True,

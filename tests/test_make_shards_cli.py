@@ -23,7 +23,8 @@ def run(tool, *args, env=None, check=None):
   for k in (KILL_ENV, "TF_CPP_MIN_LOG_LEVEL"):  # The tool's own default.
     e.pop(k, None)
   e.update(env or {})
-  p = subprocess.run([sys.executable, str(TOOLS / tool), *args, "--noprogress"],
+  quiet = [] if tool == "eda" else ["--noprogress"]  # eda draws no bar.
+  p = subprocess.run([sys.executable, str(TOOLS / tool), *args, *quiet],
                      capture_output=True, text=True, cwd=ROOT, env=e,
                      timeout=120, check=False)
   if check is not None:
@@ -192,3 +193,34 @@ def test_copy_under_a_wrong_id_never_drops_the_genuine_file(tmp_path):
   assert manifest["num_examples"] == 8  # The genuine file is in a shard.
   p = run("make_shards", "--verify", f"--out_dir={out}", check=0)
   assert "8 images" in p.stdout
+
+
+@pytest.mark.parametrize("tool", ["make_synthetic", "scan_quality",
+                                  "make_shards", "eda"])
+def test_every_tool_fails_in_one_line_with_the_remedy(workspace, tmp_path,
+                                                      tool):
+  # Every tool's main is wrapped in hcd.cli.errors.guard, as the hcd_*
+  # binaries' are: a failure is one `<tool>: error:` line naming the path
+  # and the remedy, never a traceback, whatever the exception's type.
+  blocker = tmp_path / "a_file"
+  blocker.write_text("in the way\n")
+  out = blocker / "out"
+  args = {"make_synthetic": [f"--out_dir={out}", "--num_train=8",
+                             "--num_test=0", "--workers=1"],
+          "scan_quality": [f"--data_dir={workspace}", "--split=test",
+                           f"--out_dir={out}", "--workers=1"],
+          "make_shards": [f"--data_dir={workspace}", "--split=test",
+                          f"--out_dir={out}", "--workers=1"],
+          "eda": [f"--data_dir={workspace}", "--split=test",
+                  f"--out_dir={out}", "--num_samples=4"]}[tool]
+  p = run(tool, *args, env={"TF_CPP_MIN_LOG_LEVEL": "3"})
+  assert p.returncode == 1, (p.stdout, p.stderr)
+  assert "Traceback" not in p.stderr, p.stderr
+  lines = [l for l in p.stderr.splitlines() if l.startswith(f"{tool}: ")]
+  assert len(lines) == 1, p.stderr
+  assert lines[0].startswith(f"{tool}: error: {blocker}"), lines[0]
+  assert lines[0].endswith("not a directory; a file is in the way; remove "
+                           "it or choose another path"), lines[0]
+  # HCD_TRACEBACK=1 shows the traceback after all, for a bug report.
+  p = run(tool, *args, env={"HCD_TRACEBACK": "1"})
+  assert p.returncode != 0 and "Traceback" in p.stderr

@@ -6,6 +6,7 @@ it should (or should not) belong to.
 """
 
 import hashlib
+import json
 
 import numpy as np
 import pytest
@@ -291,7 +292,23 @@ def test_run_plan_reads_a_config_dict_like_a_train_config(data, tmp_path):
   config = TrainConfig(shards_dir=shards_dir, num_folds=3, fold=1,
                        split_seed=9, balance="none")
   from_config = pipeline.run_plan(config)
-  from_dict = pipeline.run_validation_plan(config.to_dict())
+  from_dict = pipeline.run_validation_plan(
+      TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))))
   assert subset_ids(from_config.val)[0] == subset_ids(from_dict)[0]
-  assert pipeline.run_validation_plan(
-      dict(config.to_dict(), num_folds=0, val_fraction=0.0)) is None
+  assert pipeline.run_validation_plan(TrainConfig.from_dict(
+      dict(config.to_dict(), num_folds=0, val_fraction=0.0))) is None
+
+
+def test_evaluation_rebuilds_validation_with_the_training_defaults(data):
+  # A config.json without the split settings (an older hcd wrote it) means
+  # hcd_train's defaults (val_fraction 0.2, split_seed 123), not none.
+  from hcd.eval import inputs  # pylint: disable=g-import-not-at-top
+  from hcd.train.config import TrainConfig  # pylint: disable=g-import-not-at-top
+  shards_dir, _ = data
+  trained = pipeline.run_plan(TrainConfig(shards_dir=shards_dir)).val
+  saved = {k: v for k, v in TrainConfig(shards_dir=shards_dir).to_dict()
+           .items() if k not in ("val_fraction", "split_seed", "seed")}
+  source = inputs.run_validation_source(saved, shards_dir, batch_size=16)
+  assert source is not None
+  ids = [i.decode() for b in source.dataset for i in b["id"].numpy()]
+  assert sorted(set(ids)) == sorted(subset_ids(trained)[0])

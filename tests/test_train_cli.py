@@ -185,6 +185,10 @@ def test_recipe_flagfiles_train_through_the_cli(tmp_path):
   assert (gpu["mixed_precision"], gpu["num_folds"], gpu["fold"],
           gpu["balance"]) == ("auto", 5, 0, "none")
   assert (gpu["model"], gpu["batch_size"]) == ("resnet", 512)
+  # One flagfile for every fold, each fold in its own run directory.
+  assert gpu["workdir"] == "runs/kaggle_gpu_fold0"
+  assert parse_flags(ws, "--flagfile=kaggle_gpu.flags", "--fold=3")[
+      "workdir"] == "runs/kaggle_gpu_fold3"
   quick = ["--epochs=1", "--steps_per_epoch=2", "--val_steps=1",
            "--notensorboard"]
   for flagfile, extra in (("pcam.flags", []),

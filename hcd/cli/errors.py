@@ -33,6 +33,19 @@ _REMEDIES = {
 }
 
 
+def one_line(msg) -> str:
+  """Joins a possibly multi-line message into one line (for CLI errors).
+
+  Args:
+    msg: an exception or text.
+
+  Returns:
+    The first line, then the others joined by "; ".
+  """
+  parts = [p.strip() for p in str(msg).splitlines() if p.strip()]
+  return " ".join(parts[:1] + ["; ".join(parts[1:])] * (len(parts) > 1))
+
+
 def _tf_error(e: BaseException) -> bool:
   tf = sys.modules.get("tensorflow")  # Never imported just to check.
   return tf is not None and isinstance(e, tf.errors.OpError)
@@ -89,8 +102,8 @@ def guard(prog: str, exit_code: int = 1,
       except Exception as e:  # pylint: disable=broad-except
         if os.environ.get(TRACEBACK_ENV):
           raise
-        print(f"{prog}: error: {describe(e, where() if where else None)}",
-              file=sys.stderr)
+        text = one_line(describe(e, where() if where else None))
+        print(f"{prog}: error: {text}", file=sys.stderr)
         return exit_code
 
     return guarded

@@ -90,11 +90,20 @@ def config_from_flags(flag_values=FLAGS) -> TrainConfig:
   return config
 
 
-def resolved_flags_text(flag_values=FLAGS) -> str:
+def resolved_flags_text(flag_values=FLAGS,
+                        config: TrainConfig | None = None) -> str:
   """The train flags with their final values, as a flagfile.
 
   Running `hcd_train --flagfile=<workdir>/flags.txt` repeats the run.
+
+  Args:
+    flag_values: the parsed flags.
+    config: their TrainConfig (config_from_flags), whose run directory
+      (the default one, or '{fold}' filled in) --workdir records; default:
+      built from flag_values.
   """
+  if config is None:
+    config = config_from_flags(flag_values)
   module = sys.modules[__name__]
   lines = [f"# hcd_train resolved flags, "
            f"{datetime.datetime.now().isoformat(timespec='seconds')}",
@@ -102,8 +111,8 @@ def resolved_flags_text(flag_values=FLAGS) -> str:
   for flag in sorted(flag_values.get_flags_for_module(module),
                      key=lambda fl: fl.name):
     text = flag.serialize()
-    if flag.name == "workdir" and not flag.value:
-      text = f"--workdir=runs/{flag_values.model}"
+    if flag.name == "workdir":
+      text = f"--workdir={config.workdir}"
     if text:
       lines.append(text)
   return "\n".join(lines) + "\n"

@@ -31,7 +31,8 @@ def main(argv):
   # Failures become one error line (errors.guard), exit status 2.
   config = train_flags.config_from_flags(FLAGS)
   loop.train_and_evaluate(config, strategy=None,
-                          flags_text=train_flags.resolved_flags_text(FLAGS))
+                          flags_text=train_flags.resolved_flags_text(
+                              FLAGS, config))
 
 
 def run():

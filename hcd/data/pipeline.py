@@ -392,19 +392,18 @@ def plan_validation(shards_dir: str, train_split: str = "train",
 
 
 def _run_settings(config) -> tuple[dict, SplitSpec]:
-  get = (config.get if isinstance(config, Mapping) else
-         lambda k, d=None: getattr(config, k, d))
-  group_csv = get("group_csv") or ""
-  spec = SplitSpec(val_fraction=float(get("val_fraction", 0.0) or 0.0),
-                   seed=int(get("split_seed", SplitSpec.seed)),
-                   groups=read_groups_csv(group_csv) if group_csv else None,
-                   num_folds=int(get("num_folds", 0) or 0),
-                   fold=int(get("fold", 0) or 0))
-  where = {"shards_dir": get("shards_dir"),
-           "train_split": get("train_split", "train") or "train",
-           "val_split": get("val_split") or None}
-  return {**where, "balance": get("balance", "undersample") or "undersample",
-          "seed": int(get("seed", 0))}, spec
+  # Attributes only, no defaults here: TrainConfig holds them (a saved
+  # config.json goes through TrainConfig.from_dict), so a setting missing
+  # from a file means what it means to hcd_train.
+  spec = SplitSpec(val_fraction=float(config.val_fraction),
+                   seed=int(config.split_seed),
+                   groups=(read_groups_csv(config.group_csv)
+                           if config.group_csv else None),
+                   num_folds=int(config.num_folds), fold=int(config.fold))
+  where = {"shards_dir": config.shards_dir,
+           "train_split": config.train_split,
+           "val_split": config.val_split or None}
+  return {**where, "balance": config.balance, "seed": int(config.seed)}, spec
 
 
 def run_plan(config) -> DataPlan:
@@ -412,12 +411,13 @@ def run_plan(config) -> DataPlan:
 
   The one place that turns a run's settings into a DataPlan: hcd_train
   calls it with its TrainConfig, hcd_evaluate (`run_validation_plan`) with
-  the run's saved config.json, so evaluation rebuilds exactly the validation
+  the one of the run's saved config.json, so evaluation rebuilds exactly the validation
   images the run was scored on (separate split, hash hold-out, fold or group
   split).
 
   Args:
-    config: a TrainConfig, or a dict with its fields (config.json).
+    config: a TrainConfig (a saved config.json through
+      TrainConfig.from_dict).
 
   Returns:
     The DataPlan.

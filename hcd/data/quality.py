@@ -36,6 +36,7 @@ from typing import Sequence
 import numpy as np
 
 import hcd
+from hcd import progress as progress_lib
 from hcd.data import decode
 from hcd.data import parallel
 from hcd.data import screening
@@ -613,8 +614,8 @@ def run_scan(records: Sequence, workers: int | None = None,
     parts, lines = [], []
     bar = None
     if progress:  # tqdm's import alone is a visible share of a short scan.
-      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-      bar = tqdm(total=n, unit="img", desc="scan_quality", smoothing=0.1)
+      bar = progress_lib.bar(total=n, unit="img", desc="scan_quality",
+                             smoothing=0.1)
     try:
       for cols, chunk_lines in parallel.imap(_scan_chunk, tasks, workers):
         parts.append(cols)

@@ -35,6 +35,7 @@ import os
 
 import numpy as np
 
+from hcd import progress as progress_lib
 from hcd.data import parallel
 from hcd.data import screening
 from hcd.fileio import atomic_write_text
@@ -369,9 +370,9 @@ def write_workspace(out_dir: str, num_train: int, num_test: int, seed: int = 0,
   workers = workers or os.cpu_count() or 1
   ids = {s: [] for s in SPLITS}
   labels = {s: [] for s in SPLITS}
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  with tqdm(total=num_train + num_test, unit="img", disable=not progress,
-            desc="make_synthetic", smoothing=0.1) as bar:
+  with progress_lib.bar(total=num_train + num_test, unit="img",
+                        enabled=progress, desc="make_synthetic",
+                        smoothing=0.1) as bar:
     for task, (chunk_ids, chunk_labels) in zip(
         tasks, parallel.imap(_write_chunk, tasks, workers)):
       ids[task[2]] += chunk_ids

@@ -15,6 +15,7 @@ import concurrent.futures
 import os
 import time
 
+from hcd import progress as progress_lib
 from hcd.data import features
 from hcd.data import parallel
 from hcd.data.manifest import check_manifest_shape
@@ -24,8 +25,8 @@ from hcd.data.manifest import ManifestError
 from hcd.data.manifest import manifest_path
 from hcd.data.manifest import manifest_splits
 from hcd.data.manifest import shard_paths
+from hcd.cli.errors import one_line
 from hcd.data.tfrecord import sha256_file
-from hcd.data.writer import one_line
 from hcd.data.writer import ShardError
 from hcd.fileio import file_size
 
@@ -74,16 +75,15 @@ def verify_split(shards_dir: str, split: str, workers: int | None = None,
                        f"the shard is truncated or was replaced")
   excluded = {x["id"] for x in manifest.get("excluded", [])}
   workers = workers or os.cpu_count() or 1
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   seen: dict[bytes, str] = {}
   with parallel.gc_paused(), concurrent.futures.ThreadPoolExecutor(
       max(1, workers)) as pool:
     # hashlib releases the GIL on big buffers: hashing runs beside parsing.
     digests = [pool.submit(sha256_file, p) for p in paths]
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    for e, p, fut in tqdm(list(zip(manifest["shards"], paths, digests)),
-                          desc=f"verify {split}", unit="shard",
-                          disable=not progress):
+    for e, p, fut in progress_lib.bar(
+        list(zip(manifest["shards"], paths, digests)),
+        desc=f"verify {split}", unit="shard", enabled=progress):
       digest = fut.result()
       if digest != e["sha256"]:
         raise ShardError(f"{p}: sha256 {digest} does not match the manifest's "

@@ -40,6 +40,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 import hcd
+from hcd import progress as progress_lib
 from hcd.data import decode
 from hcd.data import features
 from hcd.data import parallel
@@ -71,19 +72,6 @@ KILL_AFTER_BLOCKS_ENV = "HCD_MAKE_SHARDS_KILL_AFTER_BLOCKS"
 
 class ShardError(ValueError):
   """make_shards refuses, or a shard fails verification; names the file."""
-
-
-def one_line(msg) -> str:
-  """Joins a possibly multi-line message into one line (for CLI errors).
-
-  Args:
-    msg: an exception or text.
-
-  Returns:
-    The first line, then the others joined by "; ".
-  """
-  parts = [p.strip() for p in str(msg).splitlines() if p.strip()]
-  return " ".join(parts[:1] + ["; ".join(parts[1:])]) if parts else ""
 
 
 def id_hash(ids: Sequence[str], seed: int = 0) -> np.ndarray:
@@ -682,7 +670,6 @@ def make_split(data_dir: str, split: str, out_dir: str,
     hcd.data.quality.ScanError: a missing or malformed scan report.
     OSError: an unwritable out_dir.
   """
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
   if not _SPLIT_RE.fullmatch(split or ""):
     raise ShardError(f"split name {split!r} must be letters, digits or _")
@@ -786,9 +773,9 @@ def make_split(data_dir: str, split: str, out_dir: str,
     # replaced: no manifest is better than a wrong one while they are.
     with contextlib.suppress(FileNotFoundError):
       os.remove(mpath)
-    with tqdm(total=sum(len(t.members) for t in todo), unit="img",
-              desc=f"make_shards {split}", disable=not progress,
-              smoothing=0.05, mininterval=0.5) as pbar:
+    with progress_lib.bar(total=sum(len(t.members) for t in todo),
+                          unit="img", desc=f"make_shards {split}",
+                          enabled=progress, smoothing=0.05) as pbar:
       for r in _run_tasks(todo, workers, pbar):
         results[r["index"]] = r
     invalid = [x for r in results.values() for x in r["invalid"]]

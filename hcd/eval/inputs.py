@@ -31,6 +31,7 @@ from typing import Sequence
 
 import numpy as np
 
+from hcd import progress as progress_lib
 from hcd.data import decode
 from hcd.data import features
 from hcd.data import manifest as manifest_lib
@@ -223,13 +224,12 @@ def check_images(records: Sequence[sources.Record], workers: int | None = None,
     The unreadable or invalid images, and the plain-layout proofs of the
     others (see `Checked`).
   """
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   chunks = [records[i:i + CHECK_CHUNK]
             for i in range(0, len(records), CHECK_CHUNK)]
   checked = Checked([], {})
   with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count()) as ex, \
-      tqdm(total=len(records), unit="img", desc="check images",
-           disable=not progress, leave=False) as bar:
+      progress_lib.bar(total=len(records), unit="img", desc="check images",
+                       enabled=progress, leave=False) as bar:
     for chunk, found in zip(chunks, ex.map(_check_chunk, chunks)):
       checked.problems += found.problems
       checked.layouts.update(found.layouts)
@@ -411,5 +411,9 @@ def run_validation_source(config: dict, shards_dir: str,
     manifest_lib.ManifestError, pipeline.PipelineError: missing or bad shards.
   """
   from hcd.data import pipeline  # pylint: disable=g-import-not-at-top
-  plan = pipeline.run_validation_plan(dict(config, shards_dir=shards_dir))
+  from hcd.train.config import TrainConfig  # pylint: disable=g-import-not-at-top
+  # Through TrainConfig: a setting config.json lacks (an older hcd wrote
+  # it) takes hcd_train's default, as it did in training.
+  plan = pipeline.run_validation_plan(
+      TrainConfig.from_dict(dict(config, shards_dir=shards_dir)))
   return None if plan is None else plan_source(plan, batch_size)

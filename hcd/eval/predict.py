@@ -28,6 +28,7 @@ from typing import Sequence
 from absl import logging
 import numpy as np
 
+from hcd import progress as progress_lib
 from hcd import rundir
 from hcd.data.features import IMAGE_SHAPE
 from hcd.eval import submission
@@ -213,12 +214,11 @@ def predict(models: Sequence, dataset, tta: int = 1,
       one.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   fn = predict_fn or make_predict_fn(models, tta, jit_compile)
   ids: list[str] = []
   probs, labels = [], []
-  with tqdm(total=num_examples, unit="img", desc=desc,
-            disable=not progress) as bar:
+  with progress_lib.bar(total=num_examples, unit="img", desc=desc,
+                        enabled=progress) as bar:
     try:
       for batch in dataset:
         p = fn(batch["image"]).numpy()

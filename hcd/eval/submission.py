@@ -59,12 +59,12 @@ def read_sample_ids(path: str) -> list[str]:
   """
   with sources.open_csv(path, ("id",), "sample submission",
                         SubmissionError) as (reader, header):
-    col = header.index("id")
     ids, empty = [], []
-    for rowno, row in enumerate(reader, start=2):
-      rid = row[col].strip() if len(row) > col else ""
+    # sources.cells: blank lines skipped, rows named by their physical line,
+    # as in every other CSV hcd reads.
+    for line, (rid,) in sources.cells(reader, header.index("id")):
       if not rid:
-        empty.append(str(rowno))
+        empty.append(str(line))
       ids.append(rid)
   if empty:
     raise SubmissionError(f"{path}: empty id on row(s) {_listing(empty)}")
@@ -221,16 +221,16 @@ def read_submission(path: str) -> tuple[list[str], np.ndarray]:
     if tuple(header) != HEADER:
       raise SubmissionError(f"{path}: header {header}, expected "
                             f"{list(HEADER)}")
-    for rowno, row in enumerate(reader, start=2):
-      if len(row) != 2:
-        raise SubmissionError(f"{path}:{rowno}: expected 2 columns, got "
-                              f"{len(row)}")
+    for line, (rid, label, extra) in sources.cells(reader, 0, 1, 2,
+                                                   strip=False):
+      if extra:
+        raise SubmissionError(f"{path}:{line}: expected 2 columns, got more")
       try:
-        probs.append(float(row[1]))
+        probs.append(float(label))
       except ValueError:
-        raise SubmissionError(f"{path}:{rowno}: label {row[1]!r} is not a "
+        raise SubmissionError(f"{path}:{line}: label {label!r} is not a "
                               f"number") from None
-      ids.append(row[0])
+      ids.append(rid)
   return ids, np.asarray(probs, np.float64)
 
 

@@ -65,7 +65,10 @@ class TrainConfig:
       group="data")
   workdir: str = setting(
       "", "Run directory for checkpoints and artifacts; default "
-      "runs/<model>. An existing run there is resumed.", group="data")
+      "runs/<model>, runs/<model>_fold<fold> with --num_folds. '{fold}' in "
+      "it stands for --fold, so one flagfile serves every fold. An existing "
+      "run there is resumed (refused if its settings differ).",
+      group="data")
   train_split: str = setting("train", "Shard split to train on.",
                              group="data")
   val_split: str = setting(
@@ -220,7 +223,10 @@ class TrainConfig:
 
   def __post_init__(self):
     if not self.workdir:
-      self.workdir = f"runs/{self.model}"
+      self.workdir = (f"runs/{self.model}_fold{{fold}}" if self.num_folds > 1
+                      else f"runs/{self.model}")
+    # A plain replace, not str.format: other braces stay as the user wrote.
+    self.workdir = self.workdir.replace("{fold}", str(self.fold))
 
   def validate(self) -> None:
     """Checks every value against its allowed range or choices.

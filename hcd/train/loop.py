@@ -36,11 +36,11 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import json
 import math
 import os
 import shutil
 import statistics
-import sys
 import time
 from typing import Any
 
@@ -49,6 +49,7 @@ import numpy as np
 import tensorflow as tf
 
 from hcd import fileio
+from hcd import progress
 from hcd import rundir
 from hcd.data import features
 from hcd.data import pipeline
@@ -456,14 +457,6 @@ def _check_same_variables(model, other) -> None:
                          "`size` override that adds no weights")
 
 
-def _progress(total: int, desc: str, enabled: bool):
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  interactive = sys.stderr.isatty()
-  return tqdm(total=total, desc=desc, unit="step", disable=not enabled,
-              dynamic_ncols=interactive, mininterval=0.5 if interactive else 30,
-              leave=False, file=sys.stderr)
-
-
 def _check_batch(config: TrainConfig, strategy, plan: pipeline.DataPlan):
   replicas = strategy.num_replicas_in_sync
   if config.batch_size % replicas:
@@ -580,8 +573,11 @@ def _train_and_evaluate(config: TrainConfig, strategy,
       "data": {"train": plan.train.summary(),
                "val": plan.val.summary() if plan.val else None},
   }
+  run_config = {**config.to_dict(), **derived}
+  # Before _start_run_dir writes the new config.json over the old one.
+  _check_resumable(run, run_config)
   if chief:
-    _start_run_dir(run, flags_text, {**config.to_dict(), **derived})
+    _start_run_dir(run, flags_text, run_config)
   logging.info("model %s: %d parameters; %d steps/epoch of %d images; "
                "%d validation steps; jit_compile=%s; mixed_precision=%s; "
                "oneDNN=%s; %s",
@@ -660,8 +656,9 @@ def _train_and_evaluate(config: TrainConfig, strategy,
         phase_start = len(epoch_times)
     done = start_step - epoch * steps_per_epoch if epoch == start_epoch else 0
     done = min(max(done, 0), epoch_steps)
-    bar = _progress(epoch_steps, f"epoch {epoch + 1}/{num_epochs}",
-                    chief and not config.log_every_steps)
+    bar = progress.bar(total=epoch_steps, desc=f"epoch {epoch + 1}/"
+                       f"{num_epochs}", unit="step", leave=False,
+                       enabled=chief and not config.log_every_steps)
     bar.update(done)
     t0 = time.perf_counter()
     trained = 0
@@ -823,6 +820,56 @@ def _fit_to_budget(config: TrainConfig, trainer: Trainer, history: list,
         steps_per_epoch * step_s + val_s, len(step_times), before, total,
         num_epochs, last, end / 60)
   return num_epochs, end - elapsed
+
+
+# config.json entries that may differ when a run is resumed: where it runs
+# and how it logs, not what it trains, and `epochs` (a finished run resumed
+# with more epochs trains on). Everything else (model, data, fold, the rest
+# of the schedule, augmentation, seeds) must be the checkpoint's own.
+_RESUME_FREE_KEYS = frozenset({
+    "epochs", "workdir", "runtime", "strategy", "cpu_logical_devices", "jit_compile",
+    "cache", "tensorboard", "log_every_steps", "checkpoint_every_steps",
+    "steps_per_loop",
+})
+
+
+def _check_resumable(run: rundir.RunDir, new_config: dict) -> None:
+  """Refuses to resume a checkpoint that another run's settings wrote.
+
+  Why: a run directory holding a checkpoint is resumed whatever the flags
+  say, so the same --workdir with, e.g., another --fold would continue the
+  first fold's model, score it on images it trained on and write the
+  results over the first fold's. Settings missing from the old config.json
+  (written by an older hcd) are not compared.
+
+  Args:
+    run: the run directory.
+    new_config: the config.json this run would write.
+
+  Raises:
+    ConfigError: the checkpoint's run differs; names the settings (old and
+      new values) and the remedies.
+  """
+  state = tf.train.get_checkpoint_state(run.checkpoints)
+  if state is None or not state.model_checkpoint_path:
+    return
+  try:
+    old = rundir.read_json(run.config)
+  except FileNotFoundError:
+    logging.warning("%s has a checkpoint but no %s: resuming without "
+                    "checking its settings", run.workdir, rundir.CONFIG_FILE)
+    return
+  # Through JSON, as config.json holds it (tuples become lists).
+  new = json.loads(json.dumps(new_config))
+  differ = [f"{k}: {json.dumps(old[k])} there, {json.dumps(new[k])} now"
+            for k in sorted(set(old) & set(new))
+            if k not in _RESUME_FREE_KEYS and old[k] != new[k]]
+  if differ:
+    raise ConfigError(
+        f"{run.workdir} holds a checkpoint of another run, which this one "
+        f"would resume: {'; '.join(differ)}. Pass a new --workdir, rerun "
+        f"with the settings of its {rundir.FLAGS_FILE}, or delete "
+        f"{run.workdir} to start over")
 
 
 def _start_run_dir(run: rundir.RunDir, flags_text: str | None,
