@@ -86,25 +86,31 @@ def test_sample_file_problems(tmp_path):
     submission.read_sample_ids(str(tmp_path / "nope.csv"))
 
 
-def test_blank_lines_are_skipped_and_rows_named_by_their_line(tmp_path):
+def test_blank_lines_are_skipped(tmp_path):
   # As in the labels CSV (sources.cells): an editor's trailing blank line
-  # is no empty id, and a row is named by the line an editor shows.
-  p = tmp_path / "sample.csv"
-  p.write_text("id,label\na,0\n\nb,0\n\n")
+  # is no empty id.
+  p = tmp_path / "s.csv"
+  p.write_text("id,label\na,0.25\n\nb,0.5\n\n")
   assert submission.read_sample_ids(str(p)) == ["a", "b"]
-  p.write_text('id,label\n"two\nlines",0\n\n,0\n')
-  with pytest.raises(submission.SubmissionError, match=r"row\(s\) 5$"):
-    submission.read_sample_ids(str(p))
-  s = tmp_path / "s.csv"
-  s.write_text("id,label\na,0.25\n\nb,0.5\n\n")
-  ids, probs = submission.read_submission(str(s))
+  ids, probs = submission.read_submission(str(p))
   assert ids == ["a", "b"] and probs.tolist() == [0.25, 0.5]
-  s.write_text("id,label\na,0.25\n\nb,x\n")
-  with pytest.raises(submission.SubmissionError, match=":4: label 'x'"):
-    submission.read_submission(str(s))
-  s.write_text("id,label\na,0.25,extra\n")
-  with pytest.raises(submission.SubmissionError, match=":2: expected 2"):
-    submission.read_submission(str(s))
+
+
+@pytest.mark.parametrize("read,text,match", [
+    (submission.read_sample_ids, 'id,label\n"two\nlines",0\n\n,0\n',
+     r"row\(s\) 5$"),
+    (submission.read_submission, "id,label\na,0.25\n\nb,x\n",
+     ":4: label 'x'"),
+    (submission.read_submission, "id,label\na,0.25,extra\n",
+     ":2: expected 2"),
+])
+def test_bad_rows_are_named_by_their_physical_line(tmp_path, read, text,
+                                                    match):
+  # The line an editor shows, past blank lines and quoted line breaks.
+  p = tmp_path / "s.csv"
+  p.write_text(text)
+  with pytest.raises(submission.SubmissionError, match=match):
+    read(str(p))
 
 
 def test_validate_detects_order_header_and_rounding(tmp_path):
