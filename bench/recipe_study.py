@@ -146,6 +146,18 @@ EXPERIMENTS = {
                    "instead of 48/96/192 (0.55x the multiply-adds per image), "
                    "so the 29-minute budget holds more epochs",
                    ["--model_override=widths=(32,64,128)"]),
+    "narrow_cpu_seed7": ("narrow_cpu with another seed (initial weights, "
+                         "data order, augmentation draws)",
+                         ["--model_override=widths=(32,64,128)",
+                          "--seed=7"]),
+    "narrower_cpu": ("with --base=pcam_cpu.flags: stages of 24/48/96 "
+                     "channels (about 0.4x the multiply-adds per image)",
+                     ["--model_override=widths=(24,48,96)"]),
+    "narrow_cpu_stain": ("narrow_cpu with H&E stain jitter 0.05 again: at "
+                         "~20 epochs the narrow net over-fits late, where "
+                         "the jitter may pay for its slower fitting",
+                         ["--model_override=widths=(32,64,128)",
+                          "--stain_jitter=0.05"]),
     "as_is": ("the --base flagfile unchanged (with --base=pcam.flags: the "
               "shipped recipe at its full budget)", []),
     "stain0.1": ("stronger H&E stain jitter (0.1)", ["--stain_jitter=0.1"]),
