@@ -90,20 +90,16 @@ def config_from_flags(flag_values=FLAGS) -> TrainConfig:
   return config
 
 
-def resolved_flags_text(flag_values=FLAGS,
-                        config: TrainConfig | None = None) -> str:
+def resolved_flags_text(config: TrainConfig, flag_values=FLAGS) -> str:
   """The train flags with their final values, as a flagfile.
 
   Running `hcd_train --flagfile=<workdir>/flags.txt` repeats the run.
 
   Args:
+    config: the flags' TrainConfig (config_from_flags), whose run directory
+      (the default one, or '{fold}' filled in) --workdir records.
     flag_values: the parsed flags.
-    config: their TrainConfig (config_from_flags), whose run directory
-      (the default one, or '{fold}' filled in) --workdir records; default:
-      built from flag_values.
   """
-  if config is None:
-    config = config_from_flags(flag_values)
   module = sys.modules[__name__]
   lines = [f"# hcd_train resolved flags, "
            f"{datetime.datetime.now().isoformat(timespec='seconds')}",

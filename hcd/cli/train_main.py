@@ -32,7 +32,7 @@ def main(argv):
   config = train_flags.config_from_flags(FLAGS)
   loop.train_and_evaluate(config, strategy=None,
                           flags_text=train_flags.resolved_flags_text(
-                              FLAGS, config))
+                              config, FLAGS))
 
 
 def run():

@@ -411,9 +411,9 @@ def run_plan(config) -> DataPlan:
 
   The one place that turns a run's settings into a DataPlan: hcd_train
   calls it with its TrainConfig, hcd_evaluate (`run_validation_plan`) with
-  the one of the run's saved config.json, so evaluation rebuilds exactly the validation
-  images the run was scored on (separate split, hash hold-out, fold or group
-  split).
+  that of the run's saved config.json, so evaluation rebuilds exactly the
+  validation images the run was scored on (separate split, hash hold-out,
+  fold or group split).
 
   Args:
     config: a TrainConfig (a saved config.json through

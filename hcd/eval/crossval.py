@@ -30,6 +30,7 @@ import numpy as np
 
 from hcd import metrics as hcd_metrics
 from hcd import rundir
+from hcd.train.config import BOOKKEEPING_KEYS
 
 # The settings that define which images are in which fold. They are part of
 # an experiment's recipe like any other setting; they are named here to say
@@ -42,13 +43,8 @@ _FOLD_KEYS = ("shards_dir", "train_split", "split_seed", "num_folds",
 # run derived from its fold's images (subset sizes, and the step counts
 # hcd_train writes over --steps_per_epoch/--val_steps=0); the machine it ran
 # on; and bookkeeping that does not change the model trained.
-_PER_RUN_KEYS = frozenset({
-    "fold", "workdir",
-    "data", "steps_per_epoch", "val_steps",
-    "runtime",
-    "tensorboard", "log_every_steps", "checkpoint_every_steps",
-    "steps_per_loop",
-})
+_PER_RUN_KEYS = BOOKKEEPING_KEYS | {
+    "fold", "data", "steps_per_epoch", "val_steps"}
 
 
 @dataclasses.dataclass

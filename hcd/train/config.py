@@ -56,6 +56,15 @@ def setting(default, help: str, choices=None, group: str = "",
   return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
+# config.json entries that say where a run is and how it logs, not what it
+# trains: they may differ between the folds of one experiment
+# (hcd.eval.crossval) and when a run is resumed (hcd.train.loop).
+BOOKKEEPING_KEYS = frozenset({
+    "workdir", "runtime", "tensorboard", "log_every_steps",
+    "checkpoint_every_steps", "steps_per_loop",
+})
+
+
 @dataclasses.dataclass
 class TrainConfig:
   """A training run; see each field's help (also `hcd_train --help`)."""

@@ -55,6 +55,7 @@ from hcd.data import features
 from hcd.data import pipeline
 from hcd.train import artifacts
 from hcd.train import runtime
+from hcd.train.config import BOOKKEEPING_KEYS
 from hcd.train.config import ConfigError
 from hcd.train.config import TrainConfig
 
@@ -822,15 +823,12 @@ def _fit_to_budget(config: TrainConfig, trainer: Trainer, history: list,
   return num_epochs, end - elapsed
 
 
-# config.json entries that may differ when a run is resumed: where it runs
-# and how it logs, not what it trains, and `epochs` (a finished run resumed
+# config.json entries that may differ when a run is resumed: the
+# bookkeeping, the devices it runs on, and `epochs` (a finished run resumed
 # with more epochs trains on). Everything else (model, data, fold, the rest
 # of the schedule, augmentation, seeds) must be the checkpoint's own.
-_RESUME_FREE_KEYS = frozenset({
-    "epochs", "workdir", "runtime", "strategy", "cpu_logical_devices", "jit_compile",
-    "cache", "tensorboard", "log_every_steps", "checkpoint_every_steps",
-    "steps_per_loop",
-})
+_RESUME_FREE_KEYS = BOOKKEEPING_KEYS | {
+    "epochs", "strategy", "cpu_logical_devices", "jit_compile", "cache"}
 
 
 def _check_resumable(run: rundir.RunDir, new_config: dict) -> None:
