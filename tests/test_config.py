@@ -92,6 +92,8 @@ def test_negative_weight_decay_is_refused():
     ("adam_beta1", -0.1, 0.99),
     ("adam_beta2", 1.5, 0.0),
     ("adam_beta2", float("nan"), 0.999),
+    ("momentum", 1.0, 0.0),
+    ("momentum", -0.1, 0.99),
     ("adam_epsilon", 0.0, 1e-12),
     ("adam_epsilon", float("inf"), 1.0),
     # Checked before only by the Augmenter, built after every shard was

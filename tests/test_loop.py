@@ -356,11 +356,13 @@ def test_fold_settings_are_validated(shards_dir, tmp_path):
     _config(shards_dir, tmp_path, fold=1).validate()
 
 
-def test_weight_decay_shrinks_kernels_only(tmp_path):
-  # Zero gradients leave Adam's step at zero, so any change is the decay.
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_weight_decay_shrinks_kernels_only(tmp_path, optimizer):
+  # Zero gradients leave Adam's and momentum SGD's step at zero, so any change
+  # is the decay.
   from hcd import models  # pylint: disable=g-import-not-at-top
   config = _config(str(tmp_path), tmp_path / "run", weight_decay=0.5,
-                   lr_schedule="constant")
+                   lr_schedule="constant", optimizer=optimizer)
   model = models.build_model("tiny")
   opt = loop.make_optimizer(config, learning_rate=0.1, steps_per_epoch=4)
   before = {v.path: np.array(v) for v in model.trainable_variables}
@@ -375,6 +377,23 @@ def test_weight_decay_shrinks_kernels_only(tmp_path):
       np.testing.assert_allclose(np.array(v), before[v.path] * (1 - 0.1 * 0.5),
                                  rtol=1e-6, err_msg=v.path)
   assert {"kernel", "gamma", "beta", "bias"} <= names
+
+
+def test_sgd_takes_a_nesterov_momentum_step(tmp_path):
+  # Nesterov SGD (Keras): m = mu*m - lr*g; w += mu*m - lr*g. Two steps of a
+  # constant gradient g: w1 = w0 - lr*g*(1+mu), w2 = w1 - lr*g*(1+mu+mu^2).
+  config = _config(str(tmp_path), tmp_path / "run", optimizer="sgd",
+                   momentum=0.5, lr_schedule="constant")
+  opt = loop.make_optimizer(config, learning_rate=0.1, steps_per_epoch=4)
+  assert isinstance(opt, keras.optimizers.SGD) and opt.nesterov
+  w = keras.Variable(np.ones(3, np.float32))
+  g = tf.constant([1.0, -2.0, 0.5])
+  opt.apply_gradients([(g, w)])
+  np.testing.assert_allclose(np.array(w), 1 - 0.1 * np.array(g) * 1.5,
+                             rtol=1e-6)
+  opt.apply_gradients([(g, w)])
+  np.testing.assert_allclose(
+      np.array(w), 1 - 0.1 * np.array(g) * (1.5 + 1.75), rtol=1e-6)
 
 
 def test_eta_skips_the_tracing_epoch_and_ends_at_zero():

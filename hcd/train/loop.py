@@ -68,10 +68,11 @@ NO_DECAY_NAMES = ("gamma", "beta", "bias")
 
 def make_optimizer(config: TrainConfig, learning_rate: float,
                    steps_per_epoch: int, lr=None):
-  """Adam (or decoupled-weight-decay Adam) with the run's lr schedule.
+  """The run's optimizer (Adam/AdamW or Nesterov SGD) with its lr schedule.
 
   Args:
-    config: the run config (betas, epsilon, schedule, warm-up, decay).
+    config: the run config (optimizer, betas, epsilon, momentum, schedule,
+      warm-up, decay).
     learning_rate: the peak learning rate.
     steps_per_epoch: optimizer steps per epoch (for the schedule).
     lr: the learning rate or schedule to use; default: the config's
@@ -86,14 +87,20 @@ def make_optimizer(config: TrainConfig, learning_rate: float,
     lr = schedule.make_schedule(config.lr_schedule, learning_rate,
                                 config.epochs, steps_per_epoch,
                                 config.warmup_epochs, config.time_budget_min)
-  opt = keras.optimizers.Adam(
-      learning_rate=lr, beta_1=config.adam_beta1, beta_2=config.adam_beta2,
-      epsilon=config.adam_epsilon,
-      weight_decay=config.weight_decay or None)
+  if config.optimizer == "sgd":
+    opt = keras.optimizers.SGD(
+        learning_rate=lr, momentum=config.momentum, nesterov=True,
+        weight_decay=config.weight_decay or None)
+  else:
+    opt = keras.optimizers.Adam(
+        learning_rate=lr, beta_1=config.adam_beta1, beta_2=config.adam_beta2,
+        epsilon=config.adam_epsilon,
+        weight_decay=config.weight_decay or None)
   if config.weight_decay:
-    # The AdamW convention: decay only kernels. Shrinking BatchNorm scales and
-    # offsets or biases does not limit capacity, it only fights the
-    # normalisation (Loshchilov & Hutter; timm and big_vision do the same).
+    # The AdamW convention (Keras applies it to SGD alike: w -= lr * wd * w):
+    # decay only kernels. Shrinking BatchNorm scales and offsets or biases
+    # does not limit capacity, it only fights the normalisation (Loshchilov &
+    # Hutter; timm and big_vision do the same).
     opt.exclude_from_weight_decay(var_names=list(NO_DECAY_NAMES))
   return runtime.wrap_optimizer(opt, config.mixed_precision)
 
