@@ -165,6 +165,10 @@ EXPERIMENTS = {
                        ["--model_override=widths=(32,64,128)",
                         "--optimizer=sgd", "--learning_rate=0.1",
                         "--weight_decay=0.0005"]),
+    "sgd": ("SGD + Nesterov momentum 0.9 in place of AdamW: peak lr 0.05 "
+            "at batch 64 (0.1 per 128), weight decay 5e-4",
+            ["--optimizer=sgd", "--learning_rate=0.05",
+             "--weight_decay=0.0005"]),
     "sgd_cpu": ("with --base=pcam_cpu.flags: SGD + Nesterov momentum 0.9, "
                 "peak lr 0.1, weight decay 5e-4, in place of AdamW",
                 ["--optimizer=sgd", "--learning_rate=0.1",
