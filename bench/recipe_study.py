@@ -13,6 +13,9 @@ selection never sees anything else). Per experiment this runs the real CLIs:
   hcd_train    --flagfile=<base> --val_split=valid <lever flags>
   hcd_evaluate --model=final --tta=1 and --tta=8 on valid
 
+With --members=N each experiment is trained N times (seeds 1..N) and the
+row scores their ensemble (hcd_evaluate --ensemble), its cost their sum.
+
 and appends one JSON row to <out_dir>/results.jsonl: valid AUC of the final
 model with and without 8x dihedral TTA, wall and CPU minutes of hcd_train,
 its median images/s, the best epoch, and the 1-minute load average before
@@ -259,50 +262,80 @@ def _git_commit() -> str:
     return "unknown"
 
 
-def _evaluate(workdir: str, tta: int) -> float:
+def _evaluate(workdir: str, tta: int, shards_dir: str,
+              members: int = 1) -> float:
+  """Valid AUC of the run's final model; of its members' mean if several."""
   out = os.path.join(workdir, f"eval_final_tta{tta}")
-  subprocess.run([_bin("hcd_evaluate"), f"--workdir={workdir}",
+  source = ([f"--ensemble={workdir}/seed*"] if members > 1
+            else [f"--workdir={workdir}"])
+  subprocess.run([_bin("hcd_evaluate"), *source,
                   "--model=final", "--split=valid", f"--tta={tta}",
-                  f"--out_dir={out}", "--noprogress"], check=True,
+                  f"--shards_dir={shards_dir}", f"--out_dir={out}",
+                  "--noprogress"], check=True,
                  stdout=subprocess.DEVNULL)
   with open(os.path.join(out, "metrics.json"), encoding="utf-8") as f:
     return json.load(f)["roc_auc"]
 
 
+def run_name(name: str, members: int) -> str:
+  """The row's name: the experiment's, with _x<N> for an N-seed ensemble."""
+  return f"{name}_x{members}" if members > 1 else name
+
+
 def run_experiment(name: str, args) -> dict:
-  """Trains and evaluates one experiment; returns its result row."""
+  """Trains and evaluates one experiment; returns its result row.
+
+  With args.members > 1 the experiment is trained that many times, one
+  after another, with seeds 1..N (runs/<row>/seed<N>), and scored as the
+  ensemble hcd_evaluate --ensemble makes of them (mean probability); wall
+  and CPU minutes are the members' sum, epochs and images/s their mean.
+  """
   desc, extra = EXPERIMENTS[name]
-  workdir = os.path.join("runs", name)
+  members = args.members
+  row_name = run_name(name, members)
+  workdir = os.path.join("runs", row_name)
   if os.path.exists(workdir):  # A half-finished run: start it over.
     shutil.rmtree(workdir)
-  cmd = [_bin("hcd_train"), f"--flagfile={args.base}",
-         f"--shards_dir={os.path.abspath(args.shards_dir)}",
-         "--val_split=valid", f"--workdir={workdir}",
-         f"--log_every_steps={args.log_every_steps}"]
-  if args.epochs:
-    cmd.append(f"--epochs={args.epochs}")
-  cmd += extra
-  print(f"[{name}] {' '.join(cmd)}", flush=True)
   load0 = os.getloadavg()[0]
   cpu0, t0 = _children_cpu(), time.perf_counter()
-  with open(os.path.join("logs", f"{name}.log"), "w") as log:
-    subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+  mets = []
+  for seed in range(1, members + 1) if members > 1 else [None]:
+    member_dir = workdir if seed is None else os.path.join(workdir,
+                                                           f"seed{seed}")
+    cmd = [_bin("hcd_train"), f"--flagfile={args.base}",
+           f"--shards_dir={os.path.abspath(args.shards_dir)}",
+           "--val_split=valid", f"--workdir={member_dir}",
+           f"--log_every_steps={args.log_every_steps}"]
+    if args.epochs:
+      cmd.append(f"--epochs={args.epochs}")
+    cmd += extra
+    if seed is not None:
+      cmd.append(f"--seed={seed}")
+    print(f"[{row_name}] {' '.join(cmd)}", flush=True)
+    log_name = row_name if seed is None else f"{row_name}_seed{seed}"
+    with open(os.path.join("logs", f"{log_name}.log"), "w") as log:
+      subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+    with open(os.path.join(member_dir, "metrics.json"),
+              encoding="utf-8") as f:
+      mets.append(json.load(f))
   wall, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
   load1 = os.getloadavg()[0]
-  with open(os.path.join(workdir, "metrics.json"), encoding="utf-8") as f:
-    met = json.load(f)
+  met = mets[0]
+  mean = lambda key: sum(m[key] for m in mets) / len(mets)
   row = {
-      "name": name, "description": desc, "flags": extra,
-      "epochs": met.get("epochs"), "num_params": met.get("num_params"),
+      "name": row_name, "description": desc, "flags": extra,
+      "members": members,
+      "epochs": mean("epochs"), "num_params": met.get("num_params"),
       "wall_min": wall / 60, "cpu_min": cpu / 60,
-      "images_per_s": met.get("images_per_s"),
-      "val_auc": _evaluate(workdir, 1), "val_auc_tta8": _evaluate(workdir, 8),
-      "best_epoch": met.get("best_epoch"),
-      "best_val_auc": met.get("best_val_auc"),
+      "images_per_s": mean("images_per_s"),
+      "val_auc": _evaluate(workdir, 1, args.shards_dir, members),
+      "val_auc_tta8": _evaluate(workdir, 8, args.shards_dir, members),
+      "best_epoch": met.get("best_epoch") if members == 1 else None,
+      "best_val_auc": met.get("best_val_auc") if members == 1 else None,
       "load_before": load0, "load_after": load1, "commit": _git_commit(),
       "base": args.base,
   }
-  print(f"[{name}] valid AUC {row['val_auc']:.4f} (TTA8 "
+  print(f"[{row_name}] valid AUC {row['val_auc']:.4f} (TTA8 "
         f"{row['val_auc_tta8']:.4f}), {row['wall_min']:.1f} wall-min, "
         f"{row['images_per_s']:.0f} img/s", flush=True)
   return row
@@ -338,6 +371,10 @@ def main():
                       help="the flagfile every experiment starts from")
   parser.add_argument("--epochs", type=int, default=0,
                       help="override the flagfile's epochs (0: keep)")
+  parser.add_argument("--members", type=int, default=1,
+                      help="train each experiment N times (seeds 1..N) and "
+                      "score the ensemble of the N final models (row "
+                      "<name>_x<N>)")
   parser.add_argument("--log_every_steps", type=int, default=100)
   parser.add_argument("--table", action="store_true",
                       help="print the recorded results and exit")
@@ -357,9 +394,11 @@ def main():
   subprocess.run([sys.executable, "-m", "hcd.configs", "--out_dir=.",
                   "--overwrite"],
                  check=True, stdout=subprocess.DEVNULL)
+  if args.members < 1:
+    parser.error(f"--members must be >= 1, got {args.members}")
   done = {r["name"] for r in read_results(results_path)}
   for name in names:
-    if name in done:
+    if run_name(name, args.members) in done:
       print(f"[{name}] already in {results_path}; skipping", flush=True)
       continue
     row = run_experiment(name, args)

@@ -61,7 +61,7 @@ def test_validate_names_the_setting_and_the_choices():
       raise AssertionError(f"{field}={value} was accepted")
 
 
-def test_each_fold_gets_its_own_default_run_directory():
+def test_each_fold_and_seed_gets_its_own_run_directory():
   TrainConfig = config_lib.TrainConfig  # pylint: disable=invalid-name
   assert TrainConfig(model="resnet").workdir == "runs/resnet"
   assert TrainConfig(model="resnet", num_folds=5,
@@ -69,6 +69,10 @@ def test_each_fold_gets_its_own_default_run_directory():
   assert TrainConfig(workdir="cv/{fold}/run", num_folds=3,
                      fold=1).workdir == "cv/1/run"
   assert TrainConfig(workdir="runs/{x}").workdir == "runs/{x}"
+  # A seed ensemble: one flagfile, one directory per member.
+  assert TrainConfig(workdir="ens/seed{seed}", seed=7).workdir == "ens/seed7"
+  assert TrainConfig(workdir="cv/f{fold}s{seed}", num_folds=2, fold=1,
+                     seed=3).workdir == "cv/f1s3"
   # config.json holds the resolved directory; reading it back keeps it.
   config = TrainConfig(workdir="r{fold}", num_folds=2, fold=1)
   assert TrainConfig(**config.to_dict()).workdir == "r1"

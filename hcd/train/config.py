@@ -76,7 +76,8 @@ class TrainConfig:
   workdir: str = setting(
       "", "Run directory for checkpoints and artifacts; default "
       "runs/<model>, runs/<model>_fold<fold> with --num_folds. '{fold}' in "
-      "it stands for --fold, so one flagfile serves every fold. An existing "
+      "it stands for --fold and '{seed}' for --seed, so one flagfile serves "
+      "every fold, or every member of a seed ensemble. An existing "
       "run there is resumed (refused if its settings differ).",
       group="data")
   train_split: str = setting("train", "Shard split to train on.",
@@ -245,7 +246,8 @@ class TrainConfig:
       self.workdir = (f"runs/{self.model}_fold{{fold}}" if self.num_folds > 1
                       else f"runs/{self.model}")
     # A plain replace, not str.format: other braces stay as the user wrote.
-    self.workdir = self.workdir.replace("{fold}", str(self.fold))
+    self.workdir = self.workdir.replace("{fold}", str(self.fold)).replace(
+        "{seed}", str(self.seed))
 
   def validate(self) -> None:
     """Checks every value against its allowed range or choices.
