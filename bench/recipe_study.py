@@ -13,8 +13,10 @@ selection never sees anything else). Per experiment this runs the real CLIs:
   hcd_train    --flagfile=<base> --val_split=valid <lever flags>
   hcd_evaluate --model=final --tta=1 and --tta=8 on valid
 
-With --members=N each experiment is trained N times (seeds 1..N) and the
-row scores their ensemble (hcd_evaluate --ensemble), its cost their sum.
+With --members=N each experiment is trained N times (seeds 1..N), with
+--ensemble_bases=a.flags,b.flags once on each of those flagfiles; the row
+scores the ensemble of the members (hcd_evaluate --ensemble), its cost is
+their sum.
 
 and appends one JSON row to <out_dir>/results.jsonl: valid AUC of the final
 model with and without 8x dihedral TTA, wall and CPU minutes of hcd_train,
@@ -262,12 +264,12 @@ def _git_commit() -> str:
     return "unknown"
 
 
-def _evaluate(workdir: str, tta: int, shards_dir: str,
-              members: int = 1) -> float:
-  """Valid AUC of the run's final model; of its members' mean if several."""
-  out = os.path.join(workdir, f"eval_final_tta{tta}")
-  source = ([f"--ensemble={workdir}/seed*"] if members > 1
-            else [f"--workdir={workdir}"])
+def _evaluate(out_root: str, run_dirs: list[str], tta: int,
+              shards_dir: str) -> float:
+  """Valid AUC of the final model of a run, or of several runs' mean."""
+  out = os.path.join(out_root, f"eval_final_tta{tta}")
+  source = ([f"--ensemble={','.join(run_dirs)}"] if len(run_dirs) > 1
+            else [f"--workdir={run_dirs[0]}"])
   subprocess.run([_bin("hcd_evaluate"), *source,
                   "--model=final", "--split=valid", f"--tta={tta}",
                   f"--shards_dir={shards_dir}", f"--out_dir={out}",
@@ -277,63 +279,77 @@ def _evaluate(workdir: str, tta: int, shards_dir: str,
     return json.load(f)["roc_auc"]
 
 
-def run_name(name: str, members: int) -> str:
-  """The row's name: the experiment's, with _x<N> for an N-seed ensemble."""
-  return f"{name}_x{members}" if members > 1 else name
+def _stem(flagfile: str) -> str:
+  return os.path.splitext(os.path.basename(flagfile))[0]
+
+
+def run_name(name: str, args) -> str:
+  """The row's name: the experiment's, marked when it is an ensemble."""
+  if args.ensemble_bases:
+    return f"{name}_ens_" + "+".join(_stem(b) for b in args.ensemble_bases)
+  return f"{name}_x{args.members}" if args.members > 1 else name
 
 
 def run_experiment(name: str, args) -> dict:
   """Trains and evaluates one experiment; returns its result row.
 
-  With args.members > 1 the experiment is trained that many times, one
-  after another, with seeds 1..N (runs/<row>/seed<N>), and scored as the
-  ensemble hcd_evaluate --ensemble makes of them (mean probability); wall
-  and CPU minutes are the members' sum, epochs and images/s their mean.
+  An ensemble row trains several members one after another and is scored
+  as the ensemble hcd_evaluate --ensemble makes of their final models (mean
+  probability); its wall and CPU minutes are the members' sum, its epochs
+  and images/s their mean. The members: with args.members = N > 1, the row
+  N times with seeds 1..N (runs/<row>/seed<N>); with args.ensemble_bases,
+  the row once on each of those base flagfiles (runs/<row>/<flagfile>).
   """
   desc, extra = EXPERIMENTS[name]
-  members = args.members
-  row_name = run_name(name, members)
+  row_name = run_name(name, args)
   workdir = os.path.join("runs", row_name)
   if os.path.exists(workdir):  # A half-finished run: start it over.
     shutil.rmtree(workdir)
+  if args.ensemble_bases:
+    members = [(b, [], _stem(b)) for b in args.ensemble_bases]
+  elif args.members > 1:
+    members = [(args.base, [f"--seed={s}"], f"seed{s}")
+               for s in range(1, args.members + 1)]
+  else:
+    members = [(args.base, [], None)]
   load0 = os.getloadavg()[0]
   cpu0, t0 = _children_cpu(), time.perf_counter()
-  mets = []
-  for seed in range(1, members + 1) if members > 1 else [None]:
-    member_dir = workdir if seed is None else os.path.join(workdir,
-                                                           f"seed{seed}")
-    cmd = [_bin("hcd_train"), f"--flagfile={args.base}",
+  mets, run_dirs = [], []
+  for base, member_flags, sub in members:
+    member_dir = os.path.join(workdir, sub) if sub else workdir
+    cmd = [_bin("hcd_train"), f"--flagfile={base}",
            f"--shards_dir={os.path.abspath(args.shards_dir)}",
            "--val_split=valid", f"--workdir={member_dir}",
            f"--log_every_steps={args.log_every_steps}"]
     if args.epochs:
       cmd.append(f"--epochs={args.epochs}")
-    cmd += extra
-    if seed is not None:
-      cmd.append(f"--seed={seed}")
+    cmd += extra + member_flags
     print(f"[{row_name}] {' '.join(cmd)}", flush=True)
-    log_name = row_name if seed is None else f"{row_name}_seed{seed}"
+    log_name = f"{row_name}_{sub}" if sub else row_name
     with open(os.path.join("logs", f"{log_name}.log"), "w") as log:
       subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
     with open(os.path.join(member_dir, "metrics.json"),
               encoding="utf-8") as f:
       mets.append(json.load(f))
+    run_dirs.append(member_dir)
   wall, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
   load1 = os.getloadavg()[0]
   met = mets[0]
   mean = lambda key: sum(m[key] for m in mets) / len(mets)
+  single = len(mets) == 1
   row = {
       "name": row_name, "description": desc, "flags": extra,
-      "members": members,
+      "members": [sub for _, _, sub in members if sub],
       "epochs": mean("epochs"), "num_params": met.get("num_params"),
       "wall_min": wall / 60, "cpu_min": cpu / 60,
       "images_per_s": mean("images_per_s"),
-      "val_auc": _evaluate(workdir, 1, args.shards_dir, members),
-      "val_auc_tta8": _evaluate(workdir, 8, args.shards_dir, members),
-      "best_epoch": met.get("best_epoch") if members == 1 else None,
-      "best_val_auc": met.get("best_val_auc") if members == 1 else None,
+      "val_auc": _evaluate(workdir, run_dirs, 1, args.shards_dir),
+      "val_auc_tta8": _evaluate(workdir, run_dirs, 8, args.shards_dir),
+      "member_val_auc": [m.get("roc_auc") for m in mets],
+      "best_epoch": met.get("best_epoch") if single else None,
+      "best_val_auc": met.get("best_val_auc") if single else None,
       "load_before": load0, "load_after": load1, "commit": _git_commit(),
-      "base": args.base,
+      "base": ",".join(args.ensemble_bases) or args.base,
   }
   print(f"[{row_name}] valid AUC {row['val_auc']:.4f} (TTA8 "
         f"{row['val_auc_tta8']:.4f}), {row['wall_min']:.1f} wall-min, "
@@ -375,6 +391,12 @@ def main():
                       help="train each experiment N times (seeds 1..N) and "
                       "score the ensemble of the N final models (row "
                       "<name>_x<N>)")
+  parser.add_argument("--ensemble_bases", type=lambda v: [b for b in
+                                                          v.split(",") if b],
+                      default=[], help="comma-separated flagfiles: train each "
+                      "row once on each (in place of --base) and score the "
+                      "ensemble of their final models (row "
+                      "<name>_ens_<a>+<b>)")
   parser.add_argument("--log_every_steps", type=int, default=100)
   parser.add_argument("--table", action="store_true",
                       help="print the recorded results and exit")
@@ -396,9 +418,15 @@ def main():
                  check=True, stdout=subprocess.DEVNULL)
   if args.members < 1:
     parser.error(f"--members must be >= 1, got {args.members}")
+  if args.ensemble_bases and args.members > 1:
+    parser.error("--members and --ensemble_bases exclude each other")
+  stems = [_stem(b) for b in args.ensemble_bases]
+  if len(set(stems)) < len(stems):
+    parser.error(f"--ensemble_bases names a flagfile twice: {stems} (each "
+                 f"member's run directory is named after its flagfile)")
   done = {r["name"] for r in read_results(results_path)}
   for name in names:
-    if run_name(name, args.members) in done:
+    if run_name(name, args) in done:
       print(f"[{name}] already in {results_path}; skipping", flush=True)
       continue
     row = run_experiment(name, args)

@@ -16,7 +16,8 @@ import shutil
 
 BASE = "base.flags"
 EXPERIMENTS = ("model1.flags", "model2.flags", "model3.flags", "resnet.flags",
-               "pcam.flags", "pcam_cpu.flags", "kaggle_gpu.flags")
+               "pcam.flags", "pcam_cpu.flags", "pcam_ens96.flags",
+               "pcam_ens64.flags", "kaggle_gpu.flags")
 FLAGFILES = (BASE,) + EXPERIMENTS
 
 
