@@ -181,6 +181,18 @@ def test_recipe_flagfiles_train_through_the_cli(tmp_path):
           cpu["epochs"], cpu["workdir"]) == (128, 0.004, 29, 22,
                                              "runs/pcam_cpu")
   assert (cpu["stain_jitter"], pcam["stain_jitter"]) == (0.0, 0.05)
+  # The two-resolution ensemble: pcam.flags and a narrow pcam_cpu.flags,
+  # their budgets summing to the 28 minutes of epochs of a 30-minute run.
+  ens96 = parse_flags(ws, "--flagfile=pcam_ens96.flags")
+  ens64 = parse_flags(ws, "--flagfile=pcam_ens64.flags")
+  for member, base, sub in ((ens96, pcam, "96px"), (ens64, cpu, "64px")):
+    differ = {k for k in base if member[k] != base[k]}
+    assert differ <= {"time_budget_min", "workdir", "model_overrides"}, differ
+    assert member["workdir"] == f"runs/pcam_ens/{sub}"
+  assert ens96["model_overrides"] == pcam["model_overrides"]
+  assert ens64["model_overrides"] == {**cpu["model_overrides"],
+                                      "widths": [32, 64, 128]}
+  assert ens96["time_budget_min"] + ens64["time_budget_min"] == 28
   gpu = parse_flags(ws, "--flagfile=kaggle_gpu.flags")
   assert (gpu["mixed_precision"], gpu["num_folds"], gpu["fold"],
           gpu["balance"]) == ("auto", 5, 0, "none")
