@@ -183,9 +183,6 @@ EXPERIMENTS = {
                      "72 px when the epochs matched (eighth session)",
                      ["--model_override=widths=(32,64,128)",
                       "--model_override=size=72"]),
-    "seed7": ("the --base flagfile(s) with another seed (initial weights, "
-              "data order, augmentation draws): a repeat",
-              ["--seed=7"]),
     "as_is": ("the --base flagfile unchanged (with --base=pcam.flags: the "
               "shipped recipe at its full budget)", []),
     "stain0.1": ("stronger H&E stain jitter (0.1)", ["--stain_jitter=0.1"]),
