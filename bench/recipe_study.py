@@ -174,10 +174,6 @@ EXPERIMENTS = {
             "at batch 64 (0.1 per 128), weight decay 5e-4",
             ["--optimizer=sgd", "--learning_rate=0.05",
              "--weight_decay=0.0005"]),
-    "sgd_cpu": ("with --base=pcam_cpu.flags: SGD + Nesterov momentum 0.9, "
-                "peak lr 0.1, weight decay 5e-4, in place of AdamW",
-                ["--optimizer=sgd", "--learning_rate=0.1",
-                 "--weight_decay=0.0005"]),
     "narrow72_cpu": ("narrow_cpu with the input resized to 72 px instead of "
                      "64 (1.27x the pixels): the wide stages scored best at "
                      "72 px when the epochs matched (eighth session)",
@@ -401,6 +397,14 @@ def main():
   parser.add_argument("--table", action="store_true",
                       help="print the recorded results and exit")
   args = parser.parse_args()
+  if args.members < 1:
+    parser.error(f"--members must be >= 1, got {args.members}")
+  if args.ensemble_bases and args.members > 1:
+    parser.error("--members and --ensemble_bases exclude each other")
+  stems = [_stem(b) for b in args.ensemble_bases]
+  if len(set(stems)) < len(stems):
+    parser.error(f"--ensemble_bases names a flagfile twice: {stems} (each "
+                 f"member's run directory is named after its flagfile)")
   os.makedirs(os.path.join(args.out_dir, "logs"), exist_ok=True)
   results_path = os.path.abspath(os.path.join(args.out_dir, "results.jsonl"))
   if args.table:
@@ -416,18 +420,18 @@ def main():
   subprocess.run([sys.executable, "-m", "hcd.configs", "--out_dir=.",
                   "--overwrite"],
                  check=True, stdout=subprocess.DEVNULL)
-  if args.members < 1:
-    parser.error(f"--members must be >= 1, got {args.members}")
-  if args.ensemble_bases and args.members > 1:
-    parser.error("--members and --ensemble_bases exclude each other")
-  stems = [_stem(b) for b in args.ensemble_bases]
-  if len(set(stems)) < len(stems):
-    parser.error(f"--ensemble_bases names a flagfile twice: {stems} (each "
-                 f"member's run directory is named after its flagfile)")
+  # Checked here, after the shipped flagfiles were copied in: a missing one
+  # would otherwise fail only after the members before it had trained.
+  missing = [b for b in args.ensemble_bases or [args.base]
+             if not os.path.isfile(b)]
+  if missing:
+    parser.error(f"flagfile(s) {missing} not found in {os.getcwd()} (the "
+                 f"shipped ones are copied there; give others by path)")
   done = {r["name"] for r in read_results(results_path)}
   for name in names:
     if run_name(name, args) in done:
-      print(f"[{name}] already in {results_path}; skipping", flush=True)
+      print(f"[{run_name(name, args)}] already in {results_path}; skipping",
+            flush=True)
       continue
     row = run_experiment(name, args)
     with open(results_path, "a", encoding="utf-8") as f:
