@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import shutil
 
 import keras
 import numpy as np
@@ -159,6 +160,99 @@ def test_resume_refuses_another_runs_checkpoint(shards_dir, tmp_path):
               log_every_steps=1, tensorboard=False),
       strategy=_strategy())
   assert len(json.load(open(workdir / "history.json"))) == 1
+
+
+def _damage_index(checkpoints, damage):
+  """Damages a run's checkpoint index (or its whole checkpoints/)."""
+  index = checkpoints / "checkpoint"
+  if damage == "garbage":
+    index.write_text("garbage {{{")
+  elif damage == "empty":
+    index.write_bytes(b"")
+  elif damage == "missing":
+    index.unlink()
+  elif damage == "no_checkpoints":
+    shutil.rmtree(checkpoints)
+  else:
+    raise ValueError(damage)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "empty", "missing"])
+def test_a_damaged_index_resumes_from_the_checkpoint_files(shards_dir,
+                                                           tmp_path, damage):
+  workdir = tmp_path / "run"
+  loop.train_and_evaluate(_config(shards_dir, workdir, epochs=2),
+                          strategy=_strategy())
+  first = json.load(open(workdir / "history.json"))
+  _damage_index(workdir / "checkpoints", damage)
+  loop.train_and_evaluate(_config(shards_dir, workdir, epochs=3),
+                          strategy=_strategy())
+  history = json.load(open(workdir / "history.json"))
+  assert [r["epoch"] for r in history] == [1, 2, 3]
+  assert history[:2] == first  # Resumed, not retrained from epoch 1.
+  # The index was written again, so the old checkpoints are pruned as usual.
+  state = tf.train.get_checkpoint_state(str(workdir / "checkpoints"))
+  assert os.path.basename(state.model_checkpoint_path) == "ckpt-12"
+  assert sorted(p.name for p in (workdir / "checkpoints").glob("*.index")) == [
+      "ckpt-12.index", "ckpt-8.index"]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "empty", "missing",
+                                    "no_checkpoints"])
+def test_another_run_never_overwrites_a_run_directory(shards_dir, tmp_path,
+                                                      damage):
+  """Whatever state checkpoints/ is in, config.json says whose run it is."""
+  workdir = tmp_path / "run"
+  loop.train_and_evaluate(_config(shards_dir, workdir, epochs=1),
+                          strategy=_strategy())
+  _damage_index(workdir / "checkpoints", damage)
+  run = rundir.RunDir(str(workdir))
+  before = {p: open(p, "rb").read() for p in (
+      run.config, run.metrics, run.val_predictions, run.model,
+      run.history_json)}
+  with pytest.raises(ConfigError) as e:
+    loop.train_and_evaluate(
+        _config(shards_dir, workdir, epochs=1, learning_rate=0.01),
+        strategy=_strategy())
+  message = str(e.value)
+  assert str(workdir) in message and "learning_rate" in message
+  assert "new --workdir" in message
+  assert {p: open(p, "rb").read() for p in before} == before
+
+
+def test_unreadable_index_and_checkpoints_stop_naming_them(shards_dir,
+                                                           tmp_path):
+  workdir = tmp_path / "run"
+  loop.train_and_evaluate(_config(shards_dir, workdir, epochs=2),
+                          strategy=_strategy())
+  checkpoints = workdir / "checkpoints"
+  _damage_index(checkpoints, "garbage")
+  for data in checkpoints.glob("ckpt-*.data-*"):
+    data.write_bytes(data.read_bytes()[:10])
+  config_before = (workdir / "config.json").read_bytes()
+  with pytest.raises(ConfigError) as e:
+    loop.train_and_evaluate(_config(shards_dir, workdir, epochs=3),
+                            strategy=_strategy())
+  message = str(e.value)
+  assert f"{checkpoints}: its index" in message
+  assert "no checkpoint restores" in message and "delete" in message
+  assert (workdir / "config.json").read_bytes() == config_before
+
+
+def test_fewer_epochs_than_a_run_has_trained_are_refused(shards_dir,
+                                                         tmp_path):
+  workdir = tmp_path / "run"
+  loop.train_and_evaluate(_config(shards_dir, workdir, epochs=2),
+                          strategy=_strategy())
+  run = rundir.RunDir(str(workdir))
+  before = {p: open(p, "rb").read() for p in (
+      run.config, run.metrics, run.model, run.history_json)}
+  with pytest.raises(ConfigError, match=r"has trained 2 epoch\(s\).*"
+                     r"--epochs=2 or more"):
+    loop.train_and_evaluate(_config(shards_dir, workdir, epochs=1),
+                            strategy=_strategy())
+  assert {p: open(p, "rb").read() for p in before} == before
+  assert json.load(open(run.config))["epochs"] == 2
 
 
 def test_same_seed_same_weights(shards_dir, tmp_path):

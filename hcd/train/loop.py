@@ -27,8 +27,10 @@ every `checkpoint_every_steps`); a restarted run restores it and continues
 at the interrupted epoch (from its start, or from the last mid-epoch
 checkpoint), so it ends with exactly `epochs` epochs. The two newest
 checkpoints are kept: when the newest does not restore (a file cut short),
-the run resumes from the one before and says so. A rerun first deletes what
-a killed run left half-written (hcd.rundir.RunDir.remove_stale_temp).
+the run resumes from the one before and says so; a damaged index is rebuilt
+from the checkpoint files, and a directory holding another run is refused
+(hcd/train/checkpoints.py). A rerun first deletes what a killed run left
+half-written (hcd.rundir.RunDir.remove_stale_temp).
 """
 
 from __future__ import annotations
@@ -36,10 +38,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
-import json
 import math
 import os
-import shutil
 import statistics
 import time
 from typing import Any
@@ -54,8 +54,8 @@ from hcd import rundir
 from hcd.data import features
 from hcd.data import pipeline
 from hcd.train import artifacts
+from hcd.train import checkpoints
 from hcd.train import runtime
-from hcd.train.config import BOOKKEEPING_KEYS
 from hcd.train.config import ConfigError
 from hcd.train.config import TrainConfig
 
@@ -583,19 +583,7 @@ def _train_and_evaluate(config: TrainConfig, strategy,
   }
   run_config = {**config.to_dict(), **derived}
   # Before _start_run_dir writes the new config.json over the old one.
-  _check_resumable(run, run_config)
-  if chief:
-    _start_run_dir(run, flags_text, run_config)
-  logging.info("model %s: %d parameters; %d steps/epoch of %d images; "
-               "%d validation steps; jit_compile=%s; mixed_precision=%s; "
-               "oneDNN=%s; %s",
-               config.model, num_params, steps_per_epoch, config.batch_size,
-               val_steps, jit, precision, derived["runtime"]["onednn"],
-               derived["runtime"]["strategy"])
-  logging.info("train: %s", plan.train.summary())
-  if plan.val:
-    logging.info("val: %s", plan.val.summary())
-
+  checkpoints.check_resumable(run, run_config)
   ckpt = tf.train.Checkpoint(model=trainer.model, optimizer=trainer.optimizer,
                              epoch=trainer.epoch, step=trainer.step,
                              best_auc=trainer.best_auc,
@@ -610,16 +598,35 @@ def _train_and_evaluate(config: TrainConfig, strategy,
     if isinstance(trainer.lr_schedule, schedule.HeldCosineDecay):
       # Where the cosine stands and ends: a resumed run anneals as planned.
       ckpt.lr_plan = tf.train.Checkpoint(**trainer.lr_schedule.variables)
-  best_ckpt = tf.train.Checkpoint(model=trainer.model, epoch=trainer.epoch,
-                                  best_auc=trainer.best_auc)
-  temp_dir = None if chief else write_dir
-  latest_saver = _Saver(ckpt, run.checkpoints, temp_dir, max_to_keep=2)
-  best_saver = _Saver(best_ckpt, run.best_checkpoints, temp_dir, max_to_keep=1)
-  # Every worker restores the chief's checkpoint (a shared filesystem).
-  latest = _restore_latest(ckpt, run.checkpoints)
+  # Every worker restores the chief's checkpoint (a shared filesystem),
+  # and before anything is written, so that a run it cannot continue
+  # leaves the directory as it was.
+  latest = checkpoints.restore_latest(ckpt, run.checkpoints, repair=chief)
+  if latest:
+    checkpoints.check_not_past_end(
+        run, int(trainer.epoch.numpy()), int(trainer.step.numpy()),
+        int(trainer.total_steps.numpy()), config.epochs)
+  if chief:
+    _start_run_dir(run, flags_text, run_config)
+  logging.info("model %s: %d parameters; %d steps/epoch of %d images; "
+               "%d validation steps; jit_compile=%s; mixed_precision=%s; "
+               "oneDNN=%s; %s",
+               config.model, num_params, steps_per_epoch, config.batch_size,
+               val_steps, jit, precision, derived["runtime"]["onednn"],
+               derived["runtime"]["strategy"])
+  logging.info("train: %s", plan.train.summary())
+  if plan.val:
+    logging.info("val: %s", plan.val.summary())
   if latest:
     logging.info("resumed from %s: %d epoch(s) and %d step(s) done", latest,
                  int(trainer.epoch.numpy()), int(trainer.step.numpy()))
+  best_ckpt = tf.train.Checkpoint(model=trainer.model, epoch=trainer.epoch,
+                                  best_auc=trainer.best_auc)
+  temp_dir = None if chief else write_dir
+  latest_saver = checkpoints.Saver(ckpt, run.checkpoints, temp_dir,
+                                   max_to_keep=2)
+  best_saver = checkpoints.Saver(best_ckpt, run.best_checkpoints, temp_dir,
+                                 max_to_keep=1)
   start_epoch = int(trainer.epoch.numpy())
   start_step = int(trainer.step.numpy())
   history = [r for r in rundir.read_history(run.workdir)
@@ -830,53 +837,6 @@ def _fit_to_budget(config: TrainConfig, trainer: Trainer, history: list,
   return num_epochs, end - elapsed
 
 
-# config.json entries that may differ when a run is resumed: the
-# bookkeeping, the devices it runs on, and `epochs` (a finished run resumed
-# with more epochs trains on). Everything else (model, data, fold, the rest
-# of the schedule, augmentation, seeds) must be the checkpoint's own.
-_RESUME_FREE_KEYS = BOOKKEEPING_KEYS | {
-    "epochs", "strategy", "cpu_logical_devices", "jit_compile", "cache"}
-
-
-def _check_resumable(run: rundir.RunDir, new_config: dict) -> None:
-  """Refuses to resume a checkpoint that another run's settings wrote.
-
-  Why: a run directory holding a checkpoint is resumed whatever the flags
-  say, so the same --workdir with, e.g., another --fold would continue the
-  first fold's model, score it on images it trained on and write the
-  results over the first fold's. Settings missing from the old config.json
-  (written by an older hcd) are not compared.
-
-  Args:
-    run: the run directory.
-    new_config: the config.json this run would write.
-
-  Raises:
-    ConfigError: the checkpoint's run differs; names the settings (old and
-      new values) and the remedies.
-  """
-  state = tf.train.get_checkpoint_state(run.checkpoints)
-  if state is None or not state.model_checkpoint_path:
-    return
-  try:
-    old = rundir.read_json(run.config)
-  except FileNotFoundError:
-    logging.warning("%s has a checkpoint but no %s: resuming without "
-                    "checking its settings", run.workdir, rundir.CONFIG_FILE)
-    return
-  # Through JSON, as config.json holds it (tuples become lists).
-  new = json.loads(json.dumps(new_config))
-  differ = [f"{k}: {json.dumps(old[k])} there, {json.dumps(new[k])} now"
-            for k in sorted(set(old) & set(new))
-            if k not in _RESUME_FREE_KEYS and old[k] != new[k]]
-  if differ:
-    raise ConfigError(
-        f"{run.workdir} holds a checkpoint of another run, which this one "
-        f"would resume: {'; '.join(differ)}. Pass a new --workdir, rerun "
-        f"with the settings of its {rundir.FLAGS_FILE}, or delete "
-        f"{run.workdir} to start over")
-
-
 def _start_run_dir(run: rundir.RunDir, flags_text: str | None,
                    config: dict) -> None:
   """Creates the run directory, cleans it, writes flags.txt and config.json.
@@ -898,85 +858,6 @@ def _start_run_dir(run: rundir.RunDir, flags_text: str | None,
   except BaseException:
     run.remove_created(created)
     raise
-
-
-def _first_line(e: BaseException) -> str:
-  text = str(getattr(e, "message", None) or e).strip()
-  return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
-
-
-def _restore_latest(checkpoint, directory: str) -> str | None:
-  """Restores the newest checkpoint of `directory` that restores cleanly.
-
-  The CheckpointManager keeps the two newest checkpoints. When the newest
-  cannot be read back (e.g. its .data file was cut short by a full disk or a
-  crash of the machine), the run falls back to the one before and logs one
-  line saying which and why, instead of losing the run.
-
-  Args:
-    checkpoint: the tf.train.Checkpoint to restore into.
-    directory: the checkpoints directory.
-
-  Returns:
-    The restored checkpoint's path, or None when there is no checkpoint.
-
-  Raises:
-    ConfigError: checkpoints exist but none restores; names the directory
-      and the remedy.
-  """
-  state = tf.train.get_checkpoint_state(directory)
-  if state is None or not state.model_checkpoint_path:
-    return None
-  paths = list(state.all_model_checkpoint_paths)
-  if state.model_checkpoint_path not in paths:
-    paths.append(state.model_checkpoint_path)
-  failed = []
-  for path in reversed(paths):  # Newest first.
-    try:
-      checkpoint.restore(path).assert_existing_objects_matched()
-    # A damaged file raises IndexError, DataLossError, NotFoundError, ...;
-    # another model's checkpoint raises ValueError or AssertionError. Either
-    # way the older checkpoint is the one to try.
-    except Exception as e:  # pylint: disable=broad-except
-      failed.append((path, _first_line(e)))
-      continue
-    if failed:
-      logging.warning("checkpoint %s does not restore (%s); fell back to the "
-                      "previous checkpoint, %s", *failed[0], path)
-    return path
-  reasons = "; ".join(f"{os.path.basename(p)}: {why}" for p, why in failed)
-  raise ConfigError(
-      f"{directory}: no checkpoint restores ({reasons}); were they "
-      f"written by another model or config, or damaged? Use a new --workdir, "
-      f"or delete {directory} to train this run from the start")
-
-
-class _Saver:
-  """Saves one kind of checkpoint (latest or best).
-
-  Under multi-worker every worker must take part in a save; the chief keeps
-  its checkpoints, the others write to their temporary directory, which is
-  then deleted (the Keras/TF convention).
-  """
-
-  def __init__(self, checkpoint, directory: str, temp_dir: str | None,
-               max_to_keep: int):
-    self._checkpoint = checkpoint
-    self._temp_dir = temp_dir
-    self._directory = directory
-    self._max_to_keep = max_to_keep
-    self._manager = None
-
-  def save(self, number: int) -> None:
-    if self._temp_dir:
-      os.makedirs(self._temp_dir, exist_ok=True)
-      self._checkpoint.write(os.path.join(self._temp_dir, "ckpt"))
-      shutil.rmtree(self._temp_dir, ignore_errors=True)
-      return
-    if self._manager is None:
-      self._manager = tf.train.CheckpointManager(
-          self._checkpoint, self._directory, max_to_keep=self._max_to_keep)
-    self._manager.save(checkpoint_number=number)
 
 
 def _fmt(x) -> str:
