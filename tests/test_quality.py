@@ -330,3 +330,75 @@ def test_duplicate_rule_keeps_the_genuine_copy():
   digests = np.array([a, b, a], dtype="S40")  # The scanner's column type.
   assert screening.duplicate_of(["q", b, a], digests) == {0: 2}
   assert screening.duplicate_of(["p", "q"], [a, b]) == {}
+
+
+def _bomb(path, side=20000, tile=1024):
+  """A ~40 KB tiled zstd TIFF that declares side x side RGB pixels.
+
+  Written tile by tile, so the test never holds the pixels either.
+  """
+  zeros = np.zeros((tile, tile, 3), np.uint8)
+  tiles = (zeros for _ in range((-(-side // tile)) ** 2))
+  tifffile.imwrite(path, tiles, shape=(side, side, 3), dtype=np.uint8,
+                   tile=(tile, tile), compression="zstd", photometric="rgb")
+  return path
+
+
+def test_a_decompression_bomb_is_refused_from_its_tags(tmp_path):
+  """20000 x 20000 px declared in 40 KB: refused without decoding."""
+  path = _bomb(str(tmp_path / "bomb.tif"))
+  assert os.path.getsize(path) < 200_000
+  data = open(path, "rb").read()
+  with pytest.raises(decode.ShapeError, match=r"shape \(20000, 20000, 3\)"
+                     r".*not decoded") as e:
+    decode.decode_raw(data, path)
+  assert e.value.shape == (20000, 20000, 3) and e.value.dtype == "uint8"
+  rid = "bomb"
+  df, _ = quality.scan([sources.Record(rid, path, 0)], workers=1,
+                       progress=False)
+  row = df.iloc[0]
+  assert row["flags"] == "bad_shape"
+  assert (row["height"], row["width"], row["channels"]) == (20000, 20000, 3)
+  # JPEG and PNG headers are read the same way (Pillow, header only).
+  big = np.zeros((100, 2000, 3), np.uint8)
+  import imagecodecs  # pylint: disable=g-import-not-at-top
+  for name, encoded in (("big.png", imagecodecs.png_encode(big)),
+                        ("big.jpg", imagecodecs.jpeg8_encode(big))):
+    with pytest.raises(decode.ShapeError) as e:
+      decode.decode_raw(encoded, name)
+    assert e.value.shape == (100, 2000, 3), name
+
+
+_PEAK_RSS = """
+import resource, subprocess, sys
+subprocess.run(sys.argv[1:], check=True, capture_output=True)
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def test_scan_quality_peak_memory_is_not_raised_by_a_bomb(tmp_path):
+  """The issue's target: within 50 MB of the peak on three normal images.
+
+  Peak resident memory of the tool and its worker processes (the largest
+  one), each measured in a fresh process.
+  """
+  good, _ = synthetic.make_images(3, seed=5)
+  peaks = {}
+  for case in ("normal", "bomb"):
+    d = tmp_path / case / "test"
+    d.mkdir(parents=True)
+    for img in good:
+      _write(str(d / f"{_sha(img)}.tif"), synthetic.tiff_bytes(img))
+    if case == "bomb":
+      _bomb(str(d / ("b" * 40 + ".tif")))
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS, sys.executable,
+         os.path.join(ROOT, "tools", "scan_quality"),
+         f"--data_dir={tmp_path / case}", "--split=test",
+         f"--out_dir={tmp_path / case / 'scan'}", "--workers=2",
+         "--noprogress"], capture_output=True, text=True, env=ENV, cwd=ROOT,
+        check=True)
+    peaks[case] = int(out.stdout.split()[-1]) / 1024  # MB (ru_maxrss: KB).
+  report = quality.read_report(str(tmp_path / "bomb" / "scan"))
+  assert report["flags"].tolist().count("bad_shape") == 1
+  assert peaks["bomb"] - peaks["normal"] < 50, peaks

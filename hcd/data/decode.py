@@ -24,7 +24,7 @@ shard writer stores those bytes, and prediction's dihedral TTA averages over
 orientations anyway; so one order, the stored one, is used everywhere.
 
 Planar-configuration TIFFs are returned with their samples last like all
-others (`_tiff_as_stored`); LZW and other compressed TIFFs, and RGBA with an
+others (`_TiffTags`); LZW and other compressed TIFFs, and RGBA with an
 opaque alpha channel (dropped), are decoded; a non-opaque alpha channel,
 grayscale, anything but 3 samples of 8 bits, or another size is refused
 (`validate`), naming the file.
@@ -46,6 +46,24 @@ IMAGE_EXTS = TIFF_EXTS + (".png", ".jpg", ".jpeg")
 
 class ImageError(ValueError):
   """An image that cannot be used; the message names the file and the fault."""
+
+
+class ShapeError(ImageError):
+  """An image whose header declares another size than 96x96.
+
+  Refused from its header, before any pixel is decoded: a few KB of
+  compressed TIFF can declare 20000 x 20000 px (1.2 GB decoded).
+
+  Attributes:
+    shape: the declared shape, as the decoder would return it ((height,
+      width) for one sample per pixel, else (height, width, samples)).
+    dtype: the declared pixel type.
+  """
+
+  def __init__(self, message: str, shape: tuple, dtype: str):
+    super().__init__(message)
+    self.shape = shape
+    self.dtype = dtype
 
 
 def strip_name(message: str, name: str) -> str:
@@ -99,6 +117,8 @@ def decode_raw(data: bytes, name: str = "<bytes>") -> np.ndarray:
     The decoded array, whatever its shape and dtype.
 
   Raises:
+    ShapeError: the header declares another size than 96x96 (refused
+      before decoding: a small file can declare gigabytes of pixels).
     ImageError: empty or undecodable data.
   """
   if not data:
@@ -106,7 +126,13 @@ def decode_raw(data: bytes, name: str = "<bytes>") -> np.ndarray:
   kind = _sniff(data)
   try:
     if kind == "tiff":
-      return _tiff_as_stored(imagecodecs.tiff_decode(data), data, name)
+      tags = _TiffTags(data)
+      _check_declared(tags.shape, tags.dtype, name)
+      return tags.as_stored(imagecodecs.tiff_decode(data), name)
+    if kind in ("jpeg", "png"):
+      declared = _declared_image(data, name)
+      if declared is not None:
+        _check_declared(*declared, name)
     if kind == "jpeg":
       return imagecodecs.jpeg8_decode(data)
     if kind == "png":
@@ -120,6 +146,53 @@ def decode_raw(data: bytes, name: str = "<bytes>") -> np.ndarray:
                    f"(first bytes {data[:8]!r})")
 
 
+def _declared_image(data: bytes, name: str) -> tuple[tuple, str] | None:
+  """The shape and pixel type a JPEG or PNG header declares (Pillow reads
+  the header only; pixels would load on demand).
+
+  Returns:
+    (shape, dtype) as `decode_raw` would return them, or None when the
+    header cannot be read (the decoder then names the fault).
+
+  Raises:
+    ImageError: Pillow's own decompression-bomb limit.
+  """
+  import io  # pylint: disable=g-import-not-at-top
+  import warnings  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+      with Image.open(io.BytesIO(data)) as im:
+        (width, height), bands, mode = im.size, len(im.getbands()), im.mode
+  except Image.DecompressionBombError as e:
+    raise ImageError(f"{name}: {e}") from None
+  except Exception:  # pylint: disable=broad-except
+    return None
+  dtype = "uint16" if mode.startswith("I;16") else "uint8"
+  return ((height, width) if bands == 1 else (height, width, bands)), dtype
+
+
+def _check_declared(shape: tuple | None, dtype: str, name: str) -> None:
+  """Refuses a header that declares another size than 96x96, undecoded.
+
+  Raises:
+    ShapeError: naming the file and the declared shape.
+  """
+  if shape is not None and shape[:2] != IMAGE_SHAPE[:2]:
+    raise ShapeError(f"{name}: {_shape_fault(shape, dtype)} (declared by "
+                     f"the file's header; not decoded)", shape, dtype)
+
+
+def _shape_fault(shape: tuple, dtype: str) -> str:
+  """What `validate` says of an image of this shape and type."""
+  if dtype != "uint8":
+    return f"pixel type {dtype}, expected uint8 (8 bits per channel)"
+  if len(shape) == 2 or (len(shape) == 3 and shape[-1] == 1):
+    return f"grayscale image {shape}, expected RGB {IMAGE_SHAPE}"
+  return f"shape {shape}, expected {IMAGE_SHAPE}"
+
+
 # TIFF pages that libtiff converts to RGB through its RGBA interface, which
 # imagecodecs reads with the Orientation tag applied (compression 6 and 7:
 # JPEG; photometric 5 and 6: CMYK, YCbCr).
@@ -127,37 +200,63 @@ _RGBA_INTERFACE_COMPRESSIONS = (6, 7)
 _RGBA_INTERFACE_PHOTOMETRICS = (5, 6)
 
 
-def _tiff_as_stored(img: np.ndarray, data: bytes, name: str) -> np.ndarray:
-  """imagecodecs' TIFF pixels, in stored order with the samples last.
+class _TiffTags:
+  """What a TIFF's first page declares, read by tifffile before decoding.
 
   imagecodecs returns a PlanarConfiguration=2 ("separate") TIFF sample-major,
   (samples, height, width), and drops axes of length 1, so its shape alone
   cannot tell a planar 96-sample image 3 pixels wide from a 96x96 RGB image:
-  tifffile reads the tags that can. It also applies an Orientation tag to the
-  pages it converts through libtiff's RGBA interface (JPEG, YCbCr, CMYK) and
-  to no other: such a page with an Orientation tag is refused rather than
-  given in another order than every other file.
+  the tags can. imagecodecs also applies an Orientation tag to the pages it
+  converts through libtiff's RGBA interface (JPEG, YCbCr, CMYK) and to no
+  other: such a page with an Orientation tag is refused rather than given in
+  another order than every other file.
 
-  Raises:
-    ImageError: an Orientation tag on a page read through the RGBA interface.
+  Attributes:
+    shape: as `decode_raw` returns it ((height, width) for one sample per
+      pixel), or None when the tags cannot be read (the decoder then names
+      the fault).
+    dtype: the pixel type's name.
   """
-  import io  # pylint: disable=g-import-not-at-top
-  import tifffile  # pylint: disable=g-import-not-at-top
-  with tifffile.TiffFile(io.BytesIO(data)) as tif:
-    page = tif.pages.first
-    planar = page.planarconfig == 2 and page.samplesperpixel > 1
-    orientation = page.tags.valueof(274, 1)
-    converted = (page.compression in _RGBA_INTERFACE_COMPRESSIONS or
-                 page.photometric in _RGBA_INTERFACE_PHOTOMETRICS)
-  if orientation != 1 and converted:
-    raise ImageError(
-        f"{name}: Orientation tag {int(orientation)} on a TIFF the decoder "
-        f"would rotate ({page.compression.name} compression, "
-        f"{page.photometric.name} colour), while every other file keeps its "
-        f"stored order; re-save it without the Orientation tag")
-  if planar and img.ndim == 3 and img.shape[0] == page.samplesperpixel:
-    return np.moveaxis(img, 0, -1)
-  return img
+
+  def __init__(self, data: bytes):
+    import io  # pylint: disable=g-import-not-at-top
+    import tifffile  # pylint: disable=g-import-not-at-top
+    self.shape, self.dtype = None, "unknown"
+    try:
+      with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        page = tif.pages.first
+        samples = page.samplesperpixel
+        self.shape = ((page.imagelength, page.imagewidth) if samples == 1
+                      else (page.imagelength, page.imagewidth, samples))
+        self.dtype = str(page.dtype) if page.dtype is not None else "unknown"
+        self._planar = page.planarconfig == 2 and samples > 1
+        self._samples = samples
+        self._orientation = page.tags.valueof(274, 1)
+        self._compression, self._photometric = (page.compression,
+                                                page.photometric)
+    except Exception:  # pylint: disable=broad-except
+      self.shape = None
+
+  def as_stored(self, img: np.ndarray, name: str) -> np.ndarray:
+    """imagecodecs' pixels in stored order with the samples last.
+
+    Raises:
+      ImageError: an Orientation tag on a page read through the RGBA
+        interface.
+    """
+    if self.shape is None:
+      return img
+    converted = (self._compression in _RGBA_INTERFACE_COMPRESSIONS or
+                 self._photometric in _RGBA_INTERFACE_PHOTOMETRICS)
+    if self._orientation != 1 and converted:
+      raise ImageError(
+          f"{name}: Orientation tag {int(self._orientation)} on a TIFF the "
+          f"decoder would rotate ({self._compression.name} compression, "
+          f"{self._photometric.name} colour), while every other file keeps "
+          f"its stored order; re-save it without the Orientation tag")
+    if self._planar and img.ndim == 3 and img.shape[0] == self._samples:
+      return np.moveaxis(img, 0, -1)
+    return img
 
 
 def validate(img: np.ndarray, name: str) -> np.ndarray:
@@ -166,12 +265,9 @@ def validate(img: np.ndarray, name: str) -> np.ndarray:
   Raises:
     ImageError: naming the file and what is wrong.
   """
-  if img.dtype != np.uint8:
-    raise ImageError(f"{name}: pixel type {img.dtype}, expected uint8 "
-                     f"(8 bits per channel)")
-  if img.ndim == 2 or (img.ndim == 3 and img.shape[-1] == 1):
-    raise ImageError(f"{name}: grayscale image {img.shape}, expected RGB "
-                     f"{IMAGE_SHAPE}")
+  if img.dtype != np.uint8 or img.ndim == 2 or (
+      img.ndim == 3 and img.shape[-1] == 1):
+    raise ImageError(f"{name}: {_shape_fault(img.shape, str(img.dtype))}")
   if img.ndim == 3 and img.shape[-1] == 4:
     # A transparent pixel has no defined colour: refuse rather than guess.
     if img.shape[:2] == IMAGE_SHAPE[:2] and img[..., 3].min() != 255:
@@ -179,7 +275,7 @@ def validate(img: np.ndarray, name: str) -> np.ndarray:
                        f"(min alpha {img[..., 3].min()}), expected RGB")
     img = img[..., :3]
   if img.shape != IMAGE_SHAPE:
-    raise ImageError(f"{name}: shape {img.shape}, expected {IMAGE_SHAPE}")
+    raise ImageError(f"{name}: {_shape_fault(img.shape, str(img.dtype))}")
   return np.ascontiguousarray(img)
 
 

@@ -269,10 +269,15 @@ def decode_raw(data, path: str) -> np.ndarray:
     The decoded array, whatever its shape and dtype.
 
   Raises:
-    Fault: UNREADABLE (empty, not an image, cannot decode).
+    Fault: UNREADABLE (empty, not an image, cannot decode), or BAD_SHAPE
+      when the header declares another size (with the declared shape; the
+      pixels are never decoded).
   """
   try:
     return decode.decode_raw(data, path)
+  except decode.ShapeError as e:
+    raise Fault(BAD_SHAPE, decode.strip_name(str(e), path), e.shape,
+                e.dtype) from None
   except decode.ImageError as e:
     raise Fault(UNREADABLE, decode.strip_name(str(e), path)) from None
 
