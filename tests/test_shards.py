@@ -250,7 +250,8 @@ def test_invalid_images_refused_then_excluded_with_reasons(tmp_path):
   with pytest.raises(writer.ShardError, match=r"6 invalid image\(s\)"):
     make(root, tmp_path / "out")
   assert not (tmp_path / "out" / "hcd-train.manifest.json").exists()
-  assert not [f for f in os.listdir(tmp_path / "out") if "tfrecord" in f]
+  # Nothing finished: the out_dir this run created is gone again.
+  assert not (tmp_path / "out").exists()
 
   r = make(root, tmp_path / "out", skip_invalid=True)
   reasons = _reasons(r["manifest"])
@@ -358,6 +359,23 @@ def test_label_problems_refused_or_listed(tmp_path):
   assert _reasons(r["manifest"])[unlabelled].startswith("label: ")
 
 
+def test_a_refused_run_leaves_no_state_or_empty_out_dir(tmp_path):
+  root = tmp_path / "data"
+  make_kaggle(root, n=10, n_pos=4)
+  add_image(root, np.full(features.IMAGE_SHAPE, 99, np.uint8), None)
+  from hcd.data import sources  # pylint: disable=g-import-not-at-top
+  fresh = tmp_path / "new" / "shards"
+  with pytest.raises(sources.DataError, match="no label"):
+    make(root, fresh)
+  assert not (tmp_path / "new").exists()
+  existing = tmp_path / "existing"
+  existing.mkdir()
+  (existing / "notes.txt").write_text("mine")
+  with pytest.raises(sources.DataError, match="no label"):
+    make(root, existing)
+  assert sorted(p.name for p in existing.iterdir()) == ["notes.txt"]
+
+
 def test_files_sharing_an_id_are_listed_as_such(tmp_path):
   # Not a label problem: the manifest says what is wrong with the id.
   root = tmp_path / "data"
@@ -462,13 +480,13 @@ def test_disk_full_names_the_shard_and_leaves_no_partial_file(tmp_path,
     make(tmp_path / "data", out, num_shards=2)
   assert e.value.errno == errno.ENOSPC
   assert e.value.filename == str(out / "hcd-train.tfrecord-00000-of-00002")
-  assert not [f for f in os.listdir(out) if ".tmp-" in f]
+  assert not out.exists()  # No temporary file, and nothing else, is left.
   path = tmp_path / "one.tfrecord"
   with pytest.raises(OSError) as e:
     writer.write_shard(str(path), np.zeros((1,) + features.IMAGE_SHAPE,
                                            np.uint8), ["a"], [0])
   assert e.value.filename == str(path)
-  assert sorted(os.listdir(tmp_path)) == ["data", "out"]
+  assert sorted(os.listdir(tmp_path)) == ["data"]
 
 
 def test_changed_input_rewrites_affected_shards(tmp_path):

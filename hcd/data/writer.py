@@ -526,6 +526,30 @@ def _run_tasks(tasks: list[_ShardTask], workers: int,
 
 
 @contextlib.contextmanager
+def _made_for_this_run(out_dir: str):
+  """Creates out_dir; removes what it created if the run fails while empty.
+
+  A refused run (bad labels, invalid images) leaves no empty shards
+  directory behind for the user to wonder about.
+  """
+  created = []  # Deepest first.
+  path = out_dir
+  while not os.path.isdir(path):
+    created.append(path)
+    path = os.path.dirname(path)
+  os.makedirs(out_dir, exist_ok=True)
+  try:
+    yield
+  except BaseException:
+    for d in created:
+      try:
+        os.rmdir(d)
+      except OSError:  # Not empty: something was written; keep it.
+        break
+    raise
+
+
+@contextlib.contextmanager
 def _split_lock(out_dir: str, split: str):
   """Holds an exclusive lock on a split's output (released even by kill -9)."""
   sdir = state_dir(out_dir, split)
@@ -539,7 +563,15 @@ def _split_lock(out_dir: str, split: str):
       raise ShardError(f"{out_dir}: another make_shards run is writing split "
                        f"{split!r} (lock {path} is held); wait for it to "
                        f"finish") from None
-    yield
+    try:
+      yield
+    except BaseException:
+      # A run refused before it wrote anything leaves no state directory
+      # holding only its lock (we still hold it, so no other run uses it).
+      if os.listdir(sdir) == ["lock"]:
+        os.remove(path)
+        os.rmdir(sdir)
+      raise
   finally:
     os.close(fd)
 
@@ -684,8 +716,8 @@ def make_split(data_dir: str, split: str, out_dir: str,
   out_dir = os.path.abspath(out_dir)
   if not os.path.isdir(data_dir):
     raise sources.DataError(f"{data_dir}: no such data directory")
-  os.makedirs(out_dir, exist_ok=True)
-  with _split_lock(out_dir, split), parallel.gc_paused():
+  with _made_for_this_run(out_dir), _split_lock(out_dir, split), \
+      parallel.gc_paused():
     removed_tmp = _remove_stale_tmp(out_dir, split)
     records, problems, layout = sources.list_records(
         data_dir, split, labels_csv, skip_invalid)
