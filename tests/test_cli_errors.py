@@ -308,3 +308,34 @@ def test_rerun_removes_what_a_killed_run_left(ws):
   assert not (run_dir / "workertemp_worker_1").exists()
   assert live.exists()
   assert "removed 6 temporary file(s)" in r.stderr
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["hcd_predict", "--tta=3", "--workdir=r", "--data_dir=d", "--out=s.csv"],
+     "--tta must be one of"),
+    (["hcd_evaluate", "--tta=3", "--workdir=r", "--data_dir=d"],
+     "--tta must be one of"),
+    (["hcd_predict", "--tta=abc"], "flag --tta=abc"),
+    (["hcd_train", "--flagfile=missing.flags"], "missing.flags"),
+    (["hcd_train", "--mixed_precision=bogus"], "--mixed_precision=bogus"),
+    (["hcd_report", "--no_such_flag"], "no_such_flag"),
+    (["scan_quality", "--workers=x"], "flag --workers=x"),
+])
+def test_a_flag_error_is_one_line(tmp_path, argv, words):
+  """Not absl's page of usage text: one line naming the flag."""
+  binary, flags = argv[0], argv[1:]
+  if binary.startswith("hcd_"):
+    r = run(binary, *flags, cwd=tmp_path)
+  else:
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+        __file__))), "tools", binary)
+    r = subprocess.run([sys.executable, tool, *flags], cwd=tmp_path,
+                       env=test_train_cli.env(), capture_output=True,
+                       text=True, timeout=TIMEOUT_S)
+  assert r.returncode == 1, r.stderr[-3000:]
+  assert r.stderr.strip().splitlines() == [error_line(r, binary)]
+  assert words in r.stderr and "--help lists the flags" in r.stderr
+  assert not os.listdir(tmp_path)  # Nothing was written.
+  if binary.startswith("hcd_"):  # The full usage is still there on demand.
+    helpfull = run(binary, "--helpfull", cwd=tmp_path)
+    assert len(helpfull.stdout.splitlines()) > 20, helpfull.stderr[-2000:]

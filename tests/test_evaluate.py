@@ -192,8 +192,10 @@ def test_cli_evaluate_checks_flags_before_reading_data(tmp_path, labelled,
                     f"--out_dir={tmp_path / 'out'}", f"--{flag}={value}",
                     "--noprogress")
   assert r.returncode == 1, r.stderr
-  # absl prints a usage error last, after the usage text.
-  assert r.stderr.strip().splitlines()[-1].startswith(f"--{flag} must be"), (
+  # One line, not absl's usage text.
+  assert r.stderr.strip().splitlines() == [
+      f"hcd_evaluate: error: {r.stderr.split('error: ', 1)[1].strip()}"]
+  assert r.stderr.split("error: ", 1)[1].startswith(f"--{flag} must be"), (
       r.stderr[-2000:])
   assert "no_data" not in r.stderr and not (tmp_path / "out").exists()
 
@@ -208,8 +210,8 @@ def test_cli_evaluate_ensemble_without_workdir(tmp_path, labelled):
   r = _evaluate_cli(*args)
   assert r.returncode == 1
   assert r.stderr.strip().splitlines()[-1].startswith(
-      "--out_dir is required when --ensemble alone names the models"), (
-          r.stderr[-2000:])
+      "hcd_evaluate: error: --out_dir is required when --ensemble alone "
+      "names the models"), r.stderr[-2000:]
   assert not os.path.exists(os.path.join(run, "eval"))
   assert not os.path.exists(os.path.join(other, "eval"))
   out = tmp_path / "ensemble"

@@ -401,8 +401,10 @@ def test_cli_predict_checks_flags_before_reading_data(tmp_path, tiny_run,
            f"--data_dir={tmp_path / 'no_data'}", f"--out={out}",
            f"--{flag}={value}", "--noprogress")
   assert r.returncode == 1, r.stderr
-  # absl prints a usage error last, after the usage text.
-  assert r.stderr.strip().splitlines()[-1].startswith(f"--{flag} must be"), (
+  # One line, not absl's usage text.
+  assert r.stderr.strip().splitlines() == [
+      f"hcd_predict: error: {r.stderr.split('error: ', 1)[1].strip()}"]
+  assert r.stderr.split("error: ", 1)[1].startswith(f"--{flag} must be"), (
       r.stderr[-2000:])
   assert "no_data" not in r.stderr and not out.exists()
 

@@ -88,7 +88,9 @@ def guard(prog: str, exit_code: int = 1,
     where: returns the output path to name for an OSError without one.
 
   Returns:
-    The decorator. Usage errors still go to absl (they print the usage).
+    The decorator. A usage error (a bad flag value) is one line too, not
+    absl's page of usage text: `<prog>: error: <what>; --help lists the
+    flags`, with the error's exit code.
   """
 
   def decorate(main):
@@ -97,8 +99,12 @@ def guard(prog: str, exit_code: int = 1,
     def guarded(argv):
       try:
         return main(argv)
-      except app.UsageError:
-        raise
+      except app.UsageError as e:
+        if os.environ.get(TRACEBACK_ENV):
+          raise
+        print(f"{prog}: error: {one_line(e)}; --help lists the flags",
+              file=sys.stderr)
+        return e.exitcode
       except Exception as e:  # pylint: disable=broad-except
         if os.environ.get(TRACEBACK_ENV):
           raise
@@ -109,3 +115,29 @@ def guard(prog: str, exit_code: int = 1,
     return guarded
 
   return decorate
+
+
+def flags_parser(prog: str) -> Callable[[list[str]], list[str]]:
+  """absl's flag parser, with a parse error as one line.
+
+  For `app.run(main, flags_parser=...)`: a malformed value (`--tta=abc`), an
+  unknown flag or a missing flagfile prints `<prog>: error: <what>; --help
+  lists the flags` and exits 1, instead of absl's two lines.
+
+  Args:
+    prog: the binary's name, the line's prefix.
+
+  Returns:
+    The parser: argv in, the remaining arguments out.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  def parse(argv: list[str]) -> list[str]:
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      print(f"{prog}: error: {one_line(e)}; --help lists the flags",
+            file=sys.stderr)
+      sys.exit(1)
+
+  return parse

@@ -70,7 +70,7 @@ def main(argv):
 def run():
   """Console-script entry point."""
   eval_flags.show_in_help(__doc__)
-  app.run(main)
+  app.run(main, flags_parser=errors.flags_parser("hcd_evaluate"))
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def run():
   main_module = sys.modules.get("__main__")
   if main_module is not None and not main_module.__doc__:
     main_module.__doc__ = __doc__
-  app.run(main)
+  app.run(main, flags_parser=errors.flags_parser("hcd_train"))
 
 
 if __name__ == "__main__":
