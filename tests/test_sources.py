@@ -125,6 +125,21 @@ def test_many_problems_are_summarised(tmp_path):
   assert "... and 10 more" in str(e.value)
 
 
+def test_ids_with_control_characters_are_quoted_in_errors(tmp_path):
+  """An id holding a carriage return or newline shows as one quoted item."""
+  ids = _ids(3)
+  odd = ["ab\rcd", "ef\ngh"]
+  d = _kaggle(tmp_path, ids, "id,label\n" + "".join(
+      f"{i},0\n" for i in ids) + "".join(f'"{i}",1\n' for i in odd))
+  with pytest.raises(sources.DataError) as e:
+    sources.list_records(d, "train")
+  msg = str(e.value)
+  lines = msg.splitlines()
+  assert sum("id has no image file" in l for l in lines) == 2, msg
+  assert "'ab\\rcd'" in msg and "'ef\\ngh'" in msg
+  assert "\r" not in msg and not any(l.startswith(("cd", "gh")) for l in lines)
+
+
 def test_missing_split_directory(tmp_path):
   with pytest.raises(sources.DataError, match=str(tmp_path / "train")):
     sources.list_records(str(tmp_path), "train")

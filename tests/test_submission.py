@@ -57,6 +57,18 @@ def test_wrong_ids_refused_with_list_and_nothing_written(tmp_path, mutate,
   assert not os.listdir(tmp_path)
 
 
+def test_ids_with_control_characters_are_quoted_in_errors(tmp_path):
+  expected = _ids(5)
+  ids = expected + ["ab\rcd", "ef\ngh"]
+  with pytest.raises(submission.SubmissionError) as e:
+    submission.write_submission(str(tmp_path / "s.csv"), ids,
+                                np.full(len(ids), 0.3), expected)
+  msg = str(e.value)
+  assert "2 extra" in msg and "'ab\\rcd', 'ef\\ngh'" in msg, msg
+  assert "\r" not in msg and "ef\ngh" not in msg
+  assert not os.listdir(tmp_path)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), -0.1, 1.5, float("inf")])
 def test_bad_probabilities_refused_naming_the_id(tmp_path, bad):
   ids = _ids(5)

@@ -126,6 +126,14 @@ def image_files(directory: str
   return names, shared
 
 
+def shown(text: str) -> str:
+  """An id or file name as an error message shows it: as is when printable,
+  else quoted with its control characters escaped ('ab\\rcd'), so that an id
+  holding a carriage return or a newline cannot break or forge a line.
+  """
+  return text if text.isprintable() else repr(text)
+
+
 def _is_utf8(name: str) -> bool:
   """Whether a listed name was valid UTF-8 on disk (no surrogate escapes)."""
   if name.isascii():  # Every Kaggle name; the fast path for 220k files.
@@ -139,7 +147,7 @@ def _is_utf8(name: str) -> bool:
 
 def _shared_reason(image_id: str, names: list[str]) -> str:
   return (f"{len(names)} files share the id {image_id!r}: "
-          f"{', '.join(names)}")
+          f"{', '.join(map(shown, names))}")
 
 
 def _shared_ids_error(directory: str, shared: dict[str, list[str]],
@@ -384,7 +392,8 @@ def kaggle_records(data_dir: str, split: str, labels_csv: str | None = None,
                        f"file has no label in {labels_csv}")
                for i in no_label]
   if problems and not skip_invalid:
-    lines = [f"  {p.path}: {p.id}: {p.reason}" for p in problems[:20]]
+    lines = [f"  {shown(p.path)}: {shown(p.id)}: {p.reason}"
+             for p in problems[:20]]
     more = len(problems) - len(lines)
     raise DataError(
         f"{labels_csv}: {len(problems)} label problem(s) for {image_dir}:\n" +

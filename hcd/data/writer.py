@@ -812,7 +812,8 @@ def make_split(data_dir: str, split: str, out_dir: str,
         results[r["index"]] = r
     invalid = [x for r in results.values() for x in r["invalid"]]
     if invalid:
-      first = "; ".join(f"{x['path']}: {x['reason']}" for x in invalid[:3])
+      first = "; ".join(f"{sources.shown(x['path'])}: {x['reason']}"
+                        for x in invalid[:3])
       more = f" (+{len(invalid) - 3} more)" if len(invalid) > 3 else ""
       raise ShardError(
           f"{len(invalid)} invalid image(s) in "

@@ -29,7 +29,7 @@ class SubmissionError(ValueError):
 
 def _listing(items: Sequence[str], limit: int = 10) -> str:
   items = list(items)
-  head = ", ".join(items[:limit])
+  head = ", ".join(map(sources.shown, items[:limit]))
   return head + (f" (+{len(items) - limit} more)" if len(items) > limit
                  else "")
 
@@ -256,7 +256,8 @@ def validate_submission(path: str, expected: Sequence[str] | None = None
     first = next(k for k, (a, b) in enumerate(zip(ids, expected)) if a != b)
     raise SubmissionError(f"{path}: ids are not in the sample submission's "
                           f"order (first difference at row {first + 2}: "
-                          f"{ids[first]} vs {expected[first]})")
+                          f"{sources.shown(ids[first])} vs "
+                          f"{sources.shown(expected[first])})")
   return {
       "num_rows": len(ids),
       "min": float(probs.min()) if len(probs) else None,
