@@ -72,6 +72,7 @@ EVAL_METRICS = "metrics.json"
 EVAL_ROC_PLOT = "roc.png"
 EVAL_CONFUSION_PLOT = "confusion_matrix.png"
 EVAL_PREDICTIONS = "predictions.csv"
+EVAL_RESTAIN_PLOT = "restain.png"  # hcd_evaluate --restain_to's examples.
 
 # --model=best|final -> file in the run directory.
 MODEL_FILES = {"best": BEST_MODEL_FILE, "final": MODEL_FILE}
@@ -190,6 +191,7 @@ class EvalDir:
     self.roc_plot = os.path.join(out_dir, EVAL_ROC_PLOT)
     self.confusion_plot = os.path.join(out_dir, EVAL_CONFUSION_PLOT)
     self.predictions = os.path.join(out_dir, EVAL_PREDICTIONS)
+    self.restain_plot = os.path.join(out_dir, EVAL_RESTAIN_PLOT)
 
 
 # ----------------------------------------------------------------------------

@@ -74,6 +74,17 @@ def define_evaluate_flags() -> None:
       "out_dir", None, "Where metrics.json, roc.png, confusion_matrix.png and "
       "predictions.csv go (default: <workdir>/eval, or eval/ beside "
       "--model_path; required when --ensemble alone names the models).")
+  flags.DEFINE_string(
+      "restain_to", None, "Also score the split re-stained to the H&E stain "
+      "of this source: a whole-slide image (e.g. an Aperio .svs from another "
+      "lab) or a folder of patches. One mapping for the whole split (its "
+      "stain estimated from all its images), so the differences between "
+      "patches survive; metrics.json gets each method's AUC beside the "
+      "clean one under 'restained', and restain.png shows examples.")
+  flags.DEFINE_list(
+      "restain_method", ["macenko", "reinhard"], "Re-staining methods for "
+      "--restain_to: macenko (stain vectors and concentrations) and/or "
+      "reinhard (LAB means and deviations).")
 
 
 def define_predict_flags() -> None:
@@ -210,6 +221,13 @@ def check_input_flags(values) -> None:
   if values.batch_size < 1:
     raise app.UsageError(f"--batch_size must be >= 1 (images per "
                          f"prediction batch), got {values.batch_size}")
+  if "restain_method" in values:
+    try:
+      # Imported here: no TensorFlow, and --help stays fast.
+      from hcd.eval import restain  # pylint: disable=g-import-not-at-top
+      restain.check_methods(values.restain_method)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
 
 
 def evaluate_out_dir(values) -> str:

@@ -2,6 +2,8 @@
 
   hcd_evaluate --workdir=runs/model1 --shards_dir=shards --split=valid --tta=8
   hcd_evaluate --model_path=export/model.keras --data_dir=pcam --split=valid
+  hcd_evaluate --workdir=runs/pcam --data_dir=pcam --split=valid --tta=8 \
+      --restain_to=slides/other_lab.svs      # + AUC in another lab's stain
 """
 
 import json
@@ -55,7 +57,8 @@ def main(argv):
   logging.info("evaluating %s on %s (TTA %d)", model_paths,
                source.description, FLAGS.tta)
   result = evaluate.evaluate(model_paths, source, out_dir, FLAGS.tta,
-                             threshold, FLAGS.progress, FLAGS.jit_compile)
+                             threshold, FLAGS.progress, FLAGS.jit_compile,
+                             FLAGS.restain_to, FLAGS.restain_method)
   auc = result["roc_auc"]
   print(json.dumps({k: result[k] for k in (
       "roc_auc", "pr_auc", "accuracy", "accuracy_at_threshold", "threshold",
@@ -64,6 +67,14 @@ def main(argv):
         f"{'n/a' if auc is None else f'{auc:.4f}'}, accuracy "
         f"{result['accuracy']:.4f}; wrote {out_dir}/metrics.json, roc.png, "
         f"confusion_matrix.png")
+  for method, m in result.get("restained", {}).items():
+    auc = m["roc_auc"]
+    print(f"hcd_evaluate: re-stained to {FLAGS.restain_to} ({method}): ROC "
+          f"AUC {'n/a' if auc is None else f'{auc:.4f}'}"
+          + (f" ({-m['auc_drop']:+.4f})" if m["auc_drop"] is not None
+             else ""))
+  if result.get("restained"):
+    print(f"hcd_evaluate: examples in {out_dir}/restain.png")
   return 0
 
 

@@ -10,6 +10,13 @@ writes into `out_dir` (names: hcd.rundir.EvalDir):
   roc.png               ROC curve with its AUC
   confusion_matrix.png  normalised confusion matrix (counts in brackets)
   predictions.csv       id,label,prob
+  restain.png           with restain_to: patches as they are and re-stained
+
+With `restain_to` (hcd_evaluate --restain_to=SOURCE) the same models are
+also scored on the split re-stained to SOURCE's stain (hcd.eval.restain),
+by each method asked for; metrics.json then holds, under "restained", each
+method's ROC-AUC (and the rest) beside the clean one, at the same TTA and
+threshold.
 """
 
 from __future__ import annotations
@@ -19,11 +26,14 @@ import os
 import time
 from typing import Sequence
 
+import numpy as np
+
 from hcd import metrics as metrics_lib
 from hcd import plots
 from hcd import rundir
 from hcd.eval import inputs
 from hcd.eval import predict as predict_lib
+from hcd.eval import restain
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +59,10 @@ def parse_threshold(value) -> float | str:
 
 def evaluate(model_paths: Sequence[str], source: inputs.Source, out_dir: str,
              tta: int = 1, threshold: float | str = 0.5,
-             progress: bool = True, jit_compile: bool = False) -> dict:
+             progress: bool = True, jit_compile: bool = False,
+             restain_to: str | None = None,
+             restain_methods: Sequence[str] = ("macenko", "reinhard")
+             ) -> dict:
   """Evaluates one model (or the average of several) on labelled data.
 
   Args:
@@ -62,6 +75,9 @@ def evaluate(model_paths: Sequence[str], source: inputs.Source, out_dir: str,
       choose it on this data (optimistic: it is tuned on what it scores).
     progress: show progress bars.
     jit_compile: XLA-compile the prediction step.
+    restain_to: a whole-slide image or a folder of patches whose stain the
+      split is also scored in (hcd.eval.restain); None: clean only.
+    restain_methods: the re-staining methods, of restain.METHODS.
 
   Returns:
     The metrics dict that was written to metrics.json.
@@ -74,12 +90,18 @@ def evaluate(model_paths: Sequence[str], source: inputs.Source, out_dir: str,
   """
   threshold = parse_threshold(threshold)
   predict_lib.tta_transforms(tta)  # Fail before loading anything.
+  target = None
+  if restain_to:
+    restain_methods = restain.check_methods(restain_methods)
+    # Before any model is loaded: a bad source fails in seconds.
+    target = restain.source_pixels(restain_to)
   models = [predict_lib.load_model(p) for p in model_paths]
+  predict_fn = predict_lib.make_predict_fn(models, tta, jit_compile)
   t0 = time.perf_counter()
   with source.naming_bad_shard():
     preds = predict_lib.predict(models, source.dataset, tta,
                                 source.num_examples, progress, jit_compile,
-                                desc="evaluate")
+                                desc="evaluate", predict_fn=predict_fn)
   seconds = time.perf_counter() - t0
   unlabelled = [i for i, l in zip(preds.ids, preds.labels) if l not in (0, 1)]
   if unlabelled:
@@ -103,6 +125,10 @@ def evaluate(model_paths: Sequence[str], source: inputs.Source, out_dir: str,
       "images_per_s": len(preds.ids) / seconds if seconds > 0 else None,
   })
   out = rundir.EvalDir(out_dir)
+  if target is not None:
+    result["restained"] = _restained(
+        source, target, restain_to, restain_methods, preds,
+        threshold, predict_fn, progress, out.restain_plot)
   os.makedirs(out_dir, exist_ok=True)
   title = os.path.basename(os.path.dirname(os.path.abspath(model_paths[0])))
   if result["roc_auc"] is not None:
@@ -118,3 +144,59 @@ def evaluate(model_paths: Sequence[str], source: inputs.Source, out_dir: str,
                            preds.probs)
   rundir.write_json(out.metrics, result)
   return result
+
+
+def _restained(source: inputs.Source, target, restain_to: str,
+               methods: Sequence[str], clean, threshold: float, predict_fn,
+               progress: bool, plot_path: str) -> dict:
+  """Scores the split re-stained to `target` by each method.
+
+  Args:
+    source: the labelled split.
+    target: the stain source's tissue pixels (restain.source_pixels).
+    restain_to: its path, for metrics.json.
+    methods: of restain.METHODS.
+    clean: the clean Predictions (the AUC drop is measured against them).
+    threshold: the clean run's decision threshold, used as is.
+    predict_fn: the clean run's prediction function (no second trace).
+    progress: show progress bars.
+    plot_path: where the before/after PNG goes.
+
+  Returns:
+    {method: binary_metrics + "auc_drop" + the fitted mapping}.
+  """
+  clean_auc = metrics_lib.binary_metrics(clean.labels, clean.probs,
+                                         threshold)["roc_auc"]
+  with source.naming_bad_shard():
+    split_tissue = restain.split_tissue(source.dataset, source.num_examples)
+  results, examples = {}, {}
+  first = next(iter(source.dataset.take(1)))
+  # Up to 4 patches of each class, for the PNG.
+  labels = first["label"].numpy()
+  pick = np.concatenate([np.flatnonzero(labels == c)[:4] for c in (0, 1)])
+  sample = first["image"].numpy()[pick]
+  for method in methods:
+    mapping = restain.StainMapping.fit(method, split_tissue, target)
+    examples[method] = mapping.apply(sample)
+    with source.naming_bad_shard():
+      preds = predict_lib.predict(
+          [], restain.restained_dataset(source.dataset, mapping),
+          num_examples=source.num_examples, progress=progress,
+          desc=f"evaluate restained ({method})", predict_fn=predict_fn)
+    if preds.ids != clean.ids:
+      raise RuntimeError("the re-stained pass read the split in another "
+                         "order than the clean one")
+    m = metrics_lib.binary_metrics(preds.labels, preds.probs, threshold)
+    m.update(auc_drop=(clean_auc - m["roc_auc"]
+                       if None not in (clean_auc, m["roc_auc"]) else None),
+             source=os.path.abspath(restain_to), method=method,
+             mapping=mapping.params, split_tissue_pixels=len(split_tissue),
+             source_tissue_pixels=len(target))
+    results[method] = m
+    log.info("re-stained to %s by %s: ROC AUC %s (clean %s)", restain_to,
+             method, m["roc_auc"], clean_auc)
+  if len(sample):
+    restain.example_grid(sample, labels[pick], examples, plot_path,
+                         f"{source.description} re-stained to "
+                         f"{os.path.basename(os.path.normpath(restain_to))}")
+  return results
