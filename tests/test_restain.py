@@ -4,6 +4,7 @@ Synthetic H&E images are made by Beer-Lambert from known stain vectors and
 concentrations, so what the re-staining must give is known exactly.
 """
 
+import csv
 import json
 import os
 import subprocess
@@ -234,3 +235,28 @@ def test_real_slide_stain_is_h_and_e():
   out = m.apply(imgs[:20])
   assert out.shape == imgs[:20].shape and np.abs(
       out.astype(int) - imgs[:20]).mean() > 3
+
+
+def test_report_shows_the_restained_aucs_side_by_side(stained_split,
+                                                      tmp_path):
+  from hcd.eval import report  # pylint: disable=g-import-not-at-top
+  shards, run, slide = stained_split
+  other = evalutil.make_run(str(tmp_path / "other"),
+                            evalutil.invariant_model(seed=2))
+  source = inputs.open_source(shards_dir=shards, split="valid", batch_size=8)
+  result = evaluate.evaluate([rundir.model_file(run)], source,
+                             rundir.RunDir(run).eval, tta=1, progress=False,
+                             restain_to=slide)
+  out = report.compare_runs([run, other], str(tmp_path / "reports"))
+  table = open(out["markdown"]).read()
+  assert "| Macenko AUC | Reinhard AUC | mean of clean and re-stained |" in (
+      table)
+  with open(out["csv"], newline="") as f:
+    rows = {r["run"]: r for r in csv.DictReader(f)}
+  aucs = [result["roc_auc"]] + [result["restained"][m]["roc_auc"]
+                                for m in ("macenko", "reinhard")]
+  assert float(rows["run"]["shift_mean_auc"]) == pytest.approx(
+      np.mean(aucs))
+  assert float(rows["run"]["restained_reinhard_auc"]) == pytest.approx(
+      aucs[2])
+  assert rows["other"]["shift_mean_auc"] == ""  # Not evaluated re-stained.

@@ -15,7 +15,9 @@ Like hcd_train's metrics.json, the accuracy and AUC columns describe the
 final model: validation numbers from metrics.json (all validation images),
 train accuracy from the last epoch of the history (without metrics.json,
 the history's last row gives all three). "best epoch" is the epoch of the
-best validation AUC, whose weights best.keras holds.
+best validation AUC, whose weights best.keras holds. Runs that hcd_evaluate
+scored with --restain_to (eval/metrics.json) add the stain-shift columns:
+the evaluated AUC, each re-stained AUC and their mean.
 """
 
 from __future__ import annotations
@@ -46,6 +48,41 @@ COLUMNS = (
     ("val_auc", "val AUC", "{:.4f}"),
     ("best_epoch", "best epoch", "{}"),
 )
+# Shown when a run's hcd_evaluate (its eval/metrics.json) scored the split
+# re-stained too (--restain_to): the clean AUC as evaluated (with its TTA),
+# each re-stained AUC, and their mean, by which recipes are chosen.
+SHIFT_COLUMNS = (
+    ("eval_tta", "eval TTA", "{}"),
+    ("eval_auc", "eval AUC", "{:.4f}"),
+    ("restained_macenko_auc", "Macenko AUC", "{:.4f}"),
+    ("restained_reinhard_auc", "Reinhard AUC", "{:.4f}"),
+    ("shift_mean_auc", "mean of clean and re-stained", "{:.4f}"),
+)
+
+
+def _columns(rows: Sequence[dict[str, Any]]) -> tuple:
+  """COLUMNS, and SHIFT_COLUMNS when some run has re-stained AUCs."""
+  if any(r.get("shift_mean_auc") is not None for r in rows):
+    return COLUMNS + SHIFT_COLUMNS
+  return COLUMNS
+
+
+def _shift_cells(workdir: str) -> dict[str, Any]:
+  """The SHIFT_COLUMNS of a run, from its eval/metrics.json (if any)."""
+  path = rundir.EvalDir(rundir.RunDir(workdir).eval).metrics
+  if not os.path.isfile(path):
+    return {}
+  met = rundir.read_json(path)
+  restained = met.get("restained") or {}
+  cells = {"eval_tta": met.get("tta"),
+           "eval_auc": rundir.finite(met.get("roc_auc"))}
+  for method, m in restained.items():
+    cells[f"restained_{method}_auc"] = rundir.finite(m.get("roc_auc"))
+  aucs = [cells["eval_auc"]] + [cells.get(f"restained_{m}_auc")
+                                for m in restained]
+  if restained and None not in aucs:
+    cells["shift_mean_auc"] = statistics.fmean(aucs)
+  return cells
 
 
 def _first(*values):
@@ -98,6 +135,7 @@ def summarize_run(run: rundir.Run, name: str | None = None) -> dict[str, Any]:
       "val_auc": _first(rundir.finite(met.get("roc_auc")),
                         rundir.finite(last.get("val_auc"))),
       "best_epoch": int(best_epoch) if best_epoch is not None else None,
+      **_shift_cells(run.workdir),
   }
 
 
@@ -112,11 +150,12 @@ def _cell(value, fmt: str) -> str:
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
   """Formats summary rows as a markdown table with a conclusion line."""
-  lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |",
+  columns = _columns(rows)
+  lines = ["| " + " | ".join(h for _, h, _ in columns) + " |",
            "|" + "|".join("---" if k in ("run", "model") else "---:"
-                          for k, _, _ in COLUMNS) + "|"]
+                          for k, _, _ in columns) + "|"]
   for r in rows:
-    lines.append("| " + " | ".join(_cell(r.get(k), f) for k, _, f in COLUMNS)
+    lines.append("| " + " | ".join(_cell(r.get(k), f) for k, _, f in columns)
                  + " |")
   scored = [r for r in rows if r.get("val_auc") is not None]
   if scored:
@@ -137,10 +176,11 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 def csv_table(rows: Sequence[dict[str, Any]]) -> str:
   """Formats summary rows as CSV (raw numbers; empty where missing)."""
   buf = io.StringIO()
-  w = csv.DictWriter(buf, [k for k, _, _ in COLUMNS], lineterminator="\n")
+  columns = _columns(rows)
+  w = csv.DictWriter(buf, [k for k, _, _ in columns], lineterminator="\n")
   w.writeheader()
   for r in rows:
-    w.writerow({k: "" if r.get(k) is None else r.get(k) for k, _, _ in COLUMNS})
+    w.writerow({k: "" if r.get(k) is None else r.get(k) for k, _, _ in columns})
   return buf.getvalue()
 
 
