@@ -18,6 +18,8 @@ from typing import Callable
 
 from absl import app
 
+from hcd.text import one_line  # pylint: disable=unused-import
+
 TRACEBACK_ENV = "HCD_TRACEBACK"
 
 _WRITE_ELSEWHERE = "write elsewhere"
@@ -31,19 +33,6 @@ _REMEDIES = {
     errno.EEXIST: "give the name of a new or regular file",
     errno.ENOTDIR: "a file is in the way; remove it or choose another path",
 }
-
-
-def one_line(msg) -> str:
-  """Joins a possibly multi-line message into one line (for CLI errors).
-
-  Args:
-    msg: an exception or text.
-
-  Returns:
-    The first line, then the others joined by "; ".
-  """
-  parts = [p.strip() for p in str(msg).splitlines() if p.strip()]
-  return " ".join(parts[:1] + ["; ".join(parts[1:])] * (len(parts) > 1))
 
 
 def _tf_error(e: BaseException) -> bool:

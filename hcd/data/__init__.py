@@ -1,1 +1,5 @@
 """Data layer: sources, decoding, the tf.Example schema, shards, quality, pipeline."""
+
+# How a training subset is balanced (hcd.data.pipeline); the choices of
+# hcd_train --balance.
+BALANCE_MODES = ("undersample", "none", "reweight")

@@ -60,7 +60,7 @@ import tensorflow as tf
 from hcd.data import features
 from hcd.data import manifest as manifest_lib
 from hcd.data import sources
-from hcd.train.config import BALANCE_MODES
+from hcd.data import BALANCE_MODES
 
 _HASH_BUCKETS = 1 << 62
 _MAX_THRESHOLD = np.iinfo(np.int64).max

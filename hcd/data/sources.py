@@ -30,6 +30,7 @@ import dataclasses
 import os
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
+from hcd import text
 from hcd.data import parallel
 from hcd.data.decode import IMAGE_EXTS
 from hcd.data.features import UNKNOWN_LABEL
@@ -126,14 +127,6 @@ def image_files(directory: str
   return names, shared
 
 
-def shown(text: str) -> str:
-  """An id or file name as an error message shows it: as is when printable,
-  else quoted with its control characters escaped ('ab\\rcd'), so that an id
-  holding a carriage return or a newline cannot break or forge a line.
-  """
-  return text if text.isprintable() else repr(text)
-
-
 def _is_utf8(name: str) -> bool:
   """Whether a listed name was valid UTF-8 on disk (no surrogate escapes)."""
   if name.isascii():  # Every Kaggle name; the fast path for 220k files.
@@ -147,7 +140,7 @@ def _is_utf8(name: str) -> bool:
 
 def _shared_reason(image_id: str, names: list[str]) -> str:
   return (f"{len(names)} files share the id {image_id!r}: "
-          f"{', '.join(map(shown, names))}")
+          f"{', '.join(map(text.shown, names))}")
 
 
 def _shared_ids_error(directory: str, shared: dict[str, list[str]],
@@ -392,7 +385,7 @@ def kaggle_records(data_dir: str, split: str, labels_csv: str | None = None,
                        f"file has no label in {labels_csv}")
                for i in no_label]
   if problems and not skip_invalid:
-    lines = [f"  {shown(p.path)}: {shown(p.id)}: {p.reason}"
+    lines = [f"  {text.shown(p.path)}: {text.shown(p.id)}: {p.reason}"
              for p in problems[:20]]
     more = len(problems) - len(lines)
     raise DataError(

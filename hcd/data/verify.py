@@ -25,10 +25,10 @@ from hcd.data.manifest import ManifestError
 from hcd.data.manifest import manifest_path
 from hcd.data.manifest import manifest_splits
 from hcd.data.manifest import shard_paths
-from hcd.cli.errors import one_line
 from hcd.data.tfrecord import sha256_file
 from hcd.data.writer import ShardError
 from hcd.fileio import file_size
+from hcd.text import one_line
 
 
 def _block_summary(serialized):

@@ -41,6 +41,7 @@ import numpy as np
 
 import hcd
 from hcd import progress as progress_lib
+from hcd import text
 from hcd.data import decode
 from hcd.data import features
 from hcd.data import parallel
@@ -812,7 +813,7 @@ def make_split(data_dir: str, split: str, out_dir: str,
         results[r["index"]] = r
     invalid = [x for r in results.values() for x in r["invalid"]]
     if invalid:
-      first = "; ".join(f"{sources.shown(x['path'])}: {x['reason']}"
+      first = "; ".join(f"{text.shown(x['path'])}: {x['reason']}"
                         for x in invalid[:3])
       more = f" (+{len(invalid) - 3} more)" if len(invalid) > 3 else ""
       raise ShardError(

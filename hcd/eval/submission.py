@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from hcd import fileio
+from hcd import text
 from hcd.data import sources
 
 HEADER = ("id", "label")
@@ -29,7 +30,7 @@ class SubmissionError(ValueError):
 
 def _listing(items: Sequence[str], limit: int = 10) -> str:
   items = list(items)
-  head = ", ".join(map(sources.shown, items[:limit]))
+  head = ", ".join(map(text.shown, items[:limit]))
   return head + (f" (+{len(items) - limit} more)" if len(items) > limit
                  else "")
 
@@ -256,8 +257,8 @@ def validate_submission(path: str, expected: Sequence[str] | None = None
     first = next(k for k, (a, b) in enumerate(zip(ids, expected)) if a != b)
     raise SubmissionError(f"{path}: ids are not in the sample submission's "
                           f"order (first difference at row {first + 2}: "
-                          f"{sources.shown(ids[first])} vs "
-                          f"{sources.shown(expected[first])})")
+                          f"{text.shown(ids[first])} vs "
+                          f"{text.shown(expected[first])})")
   return {
       "num_rows": len(ids),
       "min": float(probs.min()) if len(probs) else None,

@@ -19,7 +19,7 @@ import json
 import math
 from typing import Any
 
-BALANCE_MODES = ("undersample", "none", "reweight")
+from hcd.data import BALANCE_MODES
 LR_SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adam", "sgd")
 MIX_MODES = ("none", "mixup", "cutmix")
