@@ -260,3 +260,5 @@ def test_report_shows_the_restained_aucs_side_by_side(stained_split,
   assert float(rows["run"]["restained_reinhard_auc"]) == pytest.approx(
       aucs[2])
   assert rows["other"]["shift_mean_auc"] == ""  # Not evaluated re-stained.
+  assert (f"Best mean of clean and re-stained AUC: **run**, "
+          f"{np.mean(aucs):.4f}") in table
