@@ -1,13 +1,13 @@
-# hcd GPU image: the official TensorFlow 2.17.1 GPU image plus hcd and its pinned dependencies.
+# hcd GPU image: the official TensorFlow 2.21.0 GPU image plus hcd and its pinned dependencies.
 #
 #   docker build -t hcd .                                            # GPU (default)
-#   docker build -t hcd:cpu --build-arg BASE_IMAGE=tensorflow/tensorflow:2.17.1 .   # CPU-only hosts
+#   docker build -t hcd:cpu --build-arg BASE_IMAGE=tensorflow/tensorflow:2.21.0 .   # CPU-only hosts
 #
 #   docker run --gpus all -v $DATA:/workspace/data:ro -v $WS:/workspace hcd hcd_train --flagfile=model1.flags
 #   docker run -v $DATA:/workspace/data:ro -v $WS:/workspace hcd tools/make_shards --data_dir=data --split=train --out_dir=shards
 #
-# The TensorFlow version of the base must match setup.cfg's pin (tensorflow==2.17.1).
-ARG BASE_IMAGE=tensorflow/tensorflow:2.17.1-gpu
+# The TensorFlow version of the base must match setup.cfg's pin (tensorflow==2.21.0).
+ARG BASE_IMAGE=tensorflow/tensorflow:2.21.0-gpu
 FROM ${BASE_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

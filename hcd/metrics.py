@@ -39,13 +39,13 @@ def _check(y_true, y_prob) -> tuple[np.ndarray, np.ndarray]:
   if bad.any():
     idx = np.nonzero(bad)[0]
     raise ValueError(f"y_true must hold only 0 and 1; {len(idx)} other "
-                     f"value(s), e.g. {y_true[idx[0]]!r} at index {idx[0]} "
+                     f"value(s), e.g. {y_true[idx[0]].item()!r} at index {idx[0]} "
                      f"(unlabelled examples, label -1, cannot be scored)")
   bad = ~np.isfinite(y_prob) | (y_prob < 0) | (y_prob > 1)
   if bad.any():
     idx = np.nonzero(bad)[0]
     raise ValueError(f"y_prob must be finite probabilities in [0, 1]; "
-                     f"{len(idx)} bad value(s), e.g. {y_prob[idx[0]]!r} at "
+                     f"{len(idx)} bad value(s), e.g. {y_prob[idx[0]].item()!r} at "
                      f"index {idx[0]}")
   return y_true.astype(np.int64), y_prob
 

@@ -27,9 +27,9 @@ def _instructions(df, name):
   return [i["value"] for i in df.structure if i["instruction"] == name]
 
 
-def test_base_image_is_pinned_tf_2_17_1_gpu(dockerfile):
+def test_base_image_is_pinned_tf_2_21_0_gpu(dockerfile):
   args = dict(a.split("=", 1) for a in _instructions(dockerfile, "ARG") if "=" in a)
-  assert args["BASE_IMAGE"] == "tensorflow/tensorflow:2.17.1-gpu"
+  assert args["BASE_IMAGE"] == "tensorflow/tensorflow:2.21.0-gpu"
   assert _instructions(dockerfile, "FROM") == ["${BASE_IMAGE}"]
 
 
@@ -53,7 +53,7 @@ def test_installs_hcd_with_the_pinned_stack(dockerfile):
   assert "import tensorflow as tf, imagecodecs, hcd" in runs
   with open(os.path.join(ROOT, "setup.cfg"), encoding="utf-8") as f:
     cfg = f.read()
-  assert "tensorflow==2.17.1" in cfg and "imagecodecs==" in cfg
+  assert "tensorflow==2.21.0" in cfg and "imagecodecs==" in cfg
   # imagecodecs is the one decoder: tensorflow-io is no longer installed.
   assert "tensorflow-io" not in cfg and "tensorflow_io" not in runs
 

@@ -182,7 +182,7 @@ def _fold_run(path, fold, num_folds, ids, labels, probs, auc, **cfg):
     json.dump(config, f)
   with open(os.path.join(path, "val_predictions.csv"), "w") as f:
     f.write("id,label,prob\n" + "".join(
-        f"{i},{l},{p!r}\n" for i, l, p in zip(ids, labels, probs)))
+        f"{i},{l},{float(p)!r}\n" for i, l, p in zip(ids, labels, probs)))
   return str(path)
 
 

@@ -214,7 +214,7 @@ def test_ids_with_comma_quote_newline_are_quoted_and_read_back(tmp_path):
   with open(plain, newline="", encoding="utf-8") as f:
     text = f.read()
   assert text == ('id,label\n"a,b",0.05\n"say ""hi""",'
-                  f'{probs[1]!r}\n"two\nlines",{probs[2]!r}\n')
+                  f'{float(probs[1])!r}\n"two\nlines",{float(probs[2])!r}\n')
 
 
 def test_byte_order_mark_is_read_like_the_labels_csv(tmp_path):

@@ -6,6 +6,8 @@ names the final path of a failed write) and TensorFlow errors whose message
 names the file. `guard` wraps a binary's `main` so that every failure is
 printed as one such line and the binary exits non-zero: a traceback is for
 bugs, not for a full disk. `HCD_TRACEBACK=1` re-raises, to see one anyway.
+`guard` also makes TensorFlow's start-up log obey TF_CPP_MIN_LOG_LEVEL
+(hcd.tflog), so that stderr holds that line alone.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Callable
 
 from absl import app
 
+from hcd import tflog
 from hcd.text import one_line  # pylint: disable=unused-import
 
 TRACEBACK_ENV = "HCD_TRACEBACK"
@@ -86,6 +89,8 @@ def guard(prog: str, exit_code: int = 1,
 
     @functools.wraps(main)
     def guarded(argv):
+      # TensorFlow's start-up lines obey TF_CPP_MIN_LOG_LEVEL (hcd.tflog).
+      tflog.install()
       try:
         return main(argv)
       except app.UsageError as e:

@@ -148,7 +148,7 @@ def check_probs(ids: Sequence[str], probs) -> np.ndarray:
     idx = np.nonzero(bad)[0]
     raise SubmissionError(
         f"{len(idx)} probabilit(y/ies) not a number in [0, 1]: " +
-        _listing([f"{ids[i]}={probs[i]!r}" for i in idx]))
+        _listing([f"{ids[i]}={probs[i].item()!r}" for i in idx]))
   return probs
 
 

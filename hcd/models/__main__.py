@@ -40,6 +40,8 @@ def format_table() -> str:
 
 def main() -> int:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  from hcd import tflog  # pylint: disable=g-import-not-at-top
+  tflog.install()
   print(format_table())
   return 0
 

@@ -73,7 +73,9 @@ class FusedBatchNorm(keras.layers.BatchNormalization):
     rank = len(inputs.shape)
     return (self.fused and keras.backend.backend() == "tensorflow" and
             mask is None and
-            not self.renorm and not self.synchronized and rank >= 2 and
+            # `renorm` is Keras 3.13+ (absent, i.e. off, in 3.12).
+            not getattr(self, "renorm", False) and not self.synchronized and
+            rank >= 2 and
             self.axis in (-1, rank - 1) and self.epsilon >= _MIN_EPSILON and
             inputs.shape[-1] is not None)
 
