@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check: hcd's real path (tf.data -> XLA-compiled custom loop) on one GPU.
 #
-# Run on a host (or in the hcd Docker image) with TensorFlow 2.17.1 and one GPU:
+# Run on a host (or in the hcd Docker image) with setup.cfg's TensorFlow (2.21.0) and one GPU:
 #   bash bench/gpu_check.sh [OUT_DIR]            # default OUT_DIR: bench_out/gpu_check
 #   docker run --gpus all -v $PWD/gpu_out:/workspace hcd bash /opt/hcd/bench/gpu_check.sh /workspace
 # It finishes in well under 8 minutes on one H100/H200-class GPU and prints a summary:

@@ -100,17 +100,24 @@ def main():
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--seconds", type=float, default=5.0)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument(
+      "--no_idg", action="store_true",
+      help="time hcd's pipelines alone (the ImageDataGenerator's background "
+      "work in the same process slowed TensorFlow 2.21's cached pipeline by "
+      "about 14%% and 2.17's by less; see BENCHMARKS.md)")
   args = parser.parse_args()
 
   plan = pipeline.make_plan(args.shards_dir, args.split, balance="none",
                             split_spec=pipeline.SplitSpec(val_fraction=0.0))
   manifest = manifest_lib.load_manifest(args.shards_dir, args.split)
-  idg_it, idg_n = idg_loader(args.data_dir, args.batch_size,
-                             [e["id"] for e in manifest["excluded"]])
+  idg_it, idg_n = None, plan.train.num_examples
+  if not args.no_idg:
+    idg_it, idg_n = idg_loader(args.data_dir, args.batch_size,
+                               [e["id"] for e in manifest["excluded"]])
   if idg_n != plan.train.num_examples:
     sys.exit(f"{args.data_dir} has {idg_n} labelled images but the shards "
              f"hold {plan.train.num_examples}: not the same images")
-  loaders = {
+  loaders = {} if args.no_idg else {
       "idg": lambda: measure_idg(idg_it, args.batch_size, args.seconds),
   }
   takes = {"hcd": hcd_consumer(plan.train, args.batch_size, cache=True),
@@ -121,7 +128,8 @@ def main():
   takes["hcd"](tf.constant(plan.train.num_examples // args.batch_size + 1))
   first_pass = plan.train.num_examples / (time.perf_counter() - t0)
   takes["hcd_nocache"](tf.constant(50))
-  measure_idg(idg_it, args.batch_size, 1.0)
+  if not args.no_idg:
+    measure_idg(idg_it, args.batch_size, 1.0)
   for name, take in takes.items():
     loaders[name] = (lambda t: lambda: measure_hcd(t, args.batch_size,
                                                    args.seconds))(take)
@@ -132,20 +140,23 @@ def main():
       print(f"repeat {r + 1}: {name:12s} {rates[name][-1]:10,.0f} img/s",
             flush=True)
   med = {k: statistics.median(v) for k, v in rates.items()}
+  idg = med.get("idg")
   result = {
-      "hcd_img_s": med["hcd"], "idg_img_s": med["idg"],
-      "ratio": med["hcd"] / med["idg"],
+      "hcd_img_s": med["hcd"], "idg_img_s": idg,
+      "ratio": med["hcd"] / idg if idg else None,
       "hcd_nocache_img_s": med["hcd_nocache"],
-      "ratio_nocache": med["hcd_nocache"] / med["idg"],
+      "ratio_nocache": med["hcd_nocache"] / idg if idg else None,
       "hcd_first_pass_img_s": first_pass,
       "runs": {k: [round(x) for x in v] for k, v in rates.items()},
       "num_images": plan.train.num_examples, "batch_size": args.batch_size,
       "cpus": os.cpu_count(), "machine": platform.machine(),
       "load_avg_1m": os.getloadavg()[0], "tensorflow": tf.__version__,
   }
-  print(f"hcd {med['hcd']:,.0f} img/s (no cache {med['hcd_nocache']:,.0f}) "
-        f"vs ImageDataGenerator {med['idg']:,.0f} img/s: "
-        f"{result['ratio']:.1f}x ({result['ratio_nocache']:.1f}x)")
+  text = f"hcd {med['hcd']:,.0f} img/s (no cache {med['hcd_nocache']:,.0f})"
+  if idg:
+    text += (f" vs ImageDataGenerator {idg:,.0f} img/s: "
+             f"{result['ratio']:.1f}x ({result['ratio_nocache']:.1f}x)")
+  print(text)
   print(json.dumps(result))
 
 
