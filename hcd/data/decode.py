@@ -130,7 +130,7 @@ def decode_raw(data: bytes, name: str = "<bytes>") -> np.ndarray:
       _check_declared(tags.shape, tags.dtype, name)
       return tags.as_stored(imagecodecs.tiff_decode(data), name)
     if kind in ("jpeg", "png"):
-      declared = _declared_image(data, name)
+      declared = _declared_image(data, kind)
       if declared is not None:
         _check_declared(*declared, name)
     if kind == "jpeg":
@@ -146,27 +146,25 @@ def decode_raw(data: bytes, name: str = "<bytes>") -> np.ndarray:
                    f"(first bytes {data[:8]!r})")
 
 
-def _declared_image(data: bytes, name: str) -> tuple[tuple, str] | None:
-  """The shape and pixel type a JPEG or PNG header declares (Pillow reads
-  the header only; pixels would load on demand).
+def _declared_image(data: bytes, kind: str) -> tuple[tuple, str] | None:
+  """The shape and pixel type a JPEG or PNG header declares.
+
+  Pillow's format reader parses the header only (pixels would load on
+  demand). Called on it directly, not through `Image.open`, which first
+  tries other formats: this check runs before every JPEG and PNG decode.
 
   Returns:
     (shape, dtype) as `decode_raw` would return them, or None when the
     header cannot be read (the decoder then names the fault).
-
-  Raises:
-    ImageError: Pillow's own decompression-bomb limit.
   """
   import io  # pylint: disable=g-import-not-at-top
-  import warnings  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import JpegImagePlugin  # pylint: disable=g-import-not-at-top
+  from PIL import PngImagePlugin  # pylint: disable=g-import-not-at-top
+  reader = (JpegImagePlugin.JpegImageFile if kind == "jpeg" else
+            PngImagePlugin.PngImageFile)
   try:
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-      with Image.open(io.BytesIO(data)) as im:
-        (width, height), bands, mode = im.size, len(im.getbands()), im.mode
-  except Image.DecompressionBombError as e:
-    raise ImageError(f"{name}: {e}") from None
+    with reader(io.BytesIO(data)) as im:
+      (width, height), bands, mode = im.size, len(im.getbands()), im.mode
   except Exception:  # pylint: disable=broad-except
     return None
   dtype = "uint16" if mode.startswith("I;16") else "uint8"

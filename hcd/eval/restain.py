@@ -48,7 +48,6 @@ MAX_FIT_PIXELS = 2_000_000
 # A slide level read for the estimate holds at most this many pixels (the
 # level of the pyramid closest to it; colour statistics need no detail).
 _MAX_SLIDE_PIXELS = 40_000_000
-SLIDE_EXTS = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif")
 
 
 class RestainError(ValueError):
