@@ -56,6 +56,37 @@ def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
     remove_path(tmp)  # Still there only when the write or rename failed.
 
 
+@contextlib.contextmanager
+def made_dirs(path: str) -> Iterator[None]:
+  """Creates a directory (and its missing parents) for the block.
+
+  If the block fails, the directories this call created are removed again
+  while still empty, so a run refused before it wrote anything leaves no
+  empty skeleton behind.
+
+  Raises:
+    OSError: naming the directory that cannot be created.
+  """
+  created = []  # Deepest first.
+  parent = os.path.abspath(path)
+  while not os.path.isdir(parent):
+    created.append(parent)
+    parent = os.path.dirname(parent)
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise named_error(e, path) from None
+  try:
+    yield
+  except BaseException:
+    for d in created:
+      try:
+        os.rmdir(d)
+      except OSError:  # Not empty (or already gone): keep it.
+        break
+    raise
+
+
 def remove_path(path: str) -> None:
   """Deletes a file, link or directory tree; nothing if it does not exist."""
   if os.path.isdir(path) and not os.path.islink(path):

@@ -120,38 +120,6 @@ class RunDir:
     return os.path.join(self.workdir,
                         f"{WORKER_TEMP_PREFIX}{task_type}_{task_id}")
 
-  def create(self) -> list[str]:
-    """Creates the run directory (and its missing parents).
-
-    Subdirectories are created by their writers when they first write, so a
-    run that fails before writing anything leaves no empty skeleton.
-
-    Returns:
-      The directories created, deepest first (for `remove_created`).
-
-    Raises:
-      OSError: naming the directory that cannot be created.
-    """
-    created = []
-    path = os.path.abspath(self.workdir)
-    while not os.path.isdir(path):
-      created.append(path)
-      path = os.path.dirname(path)
-    try:
-      os.makedirs(self.workdir, exist_ok=True)
-    except OSError as e:
-      raise fileio.named_error(e, self.workdir) from None
-    return created
-
-  @staticmethod
-  def remove_created(created: Sequence[str]) -> None:
-    """Removes directories from `create` that are still empty."""
-    for path in created:
-      try:
-        os.rmdir(path)
-      except OSError:  # Not empty (or already gone): keep it.
-        return
-
   def remove_stale_temp(self) -> list[str]:
     """Deletes what killed writers left in the run directory.
 

@@ -527,30 +527,6 @@ def _run_tasks(tasks: list[_ShardTask], workers: int,
 
 
 @contextlib.contextmanager
-def _made_for_this_run(out_dir: str):
-  """Creates out_dir; removes what it created if the run fails while empty.
-
-  A refused run (bad labels, invalid images) leaves no empty shards
-  directory behind for the user to wonder about.
-  """
-  created = []  # Deepest first.
-  path = out_dir
-  while not os.path.isdir(path):
-    created.append(path)
-    path = os.path.dirname(path)
-  os.makedirs(out_dir, exist_ok=True)
-  try:
-    yield
-  except BaseException:
-    for d in created:
-      try:
-        os.rmdir(d)
-      except OSError:  # Not empty: something was written; keep it.
-        break
-    raise
-
-
-@contextlib.contextmanager
 def _split_lock(out_dir: str, split: str):
   """Holds an exclusive lock on a split's output (released even by kill -9)."""
   sdir = state_dir(out_dir, split)
@@ -717,7 +693,8 @@ def make_split(data_dir: str, split: str, out_dir: str,
   out_dir = os.path.abspath(out_dir)
   if not os.path.isdir(data_dir):
     raise sources.DataError(f"{data_dir}: no such data directory")
-  with _made_for_this_run(out_dir), _split_lock(out_dir, split), \
+  # A refused run leaves no empty out_dir behind (fileio.made_dirs).
+  with fileio.made_dirs(out_dir), _split_lock(out_dir, split), \
       parallel.gc_paused():
     removed_tmp = _remove_stale_tmp(out_dir, split)
     records, problems, layout = sources.list_records(

@@ -845,8 +845,8 @@ def _start_run_dir(run: rundir.RunDir, flags_text: str | None,
   leaves nothing behind; if these first writes fail (no space left), the
   directories this call created are removed again.
   """
-  created = run.create()
-  try:
+  # Subdirectories are created by their writers when they first write.
+  with fileio.made_dirs(run.workdir):
     removed = run.remove_stale_temp()
     if removed:
       logging.info("removed %d temporary file(s) a killed run left in %s: %s",
@@ -855,9 +855,6 @@ def _start_run_dir(run: rundir.RunDir, flags_text: str | None,
     if flags_text is not None:
       fileio.atomic_write_text(run.flags, flags_text)
     rundir.write_json(run.config, config)
-  except BaseException:
-    run.remove_created(created)
-    raise
 
 
 def _fmt(x) -> str:
