@@ -21,7 +21,7 @@ from typing import Callable
 from absl import app
 
 from hcd import tflog
-from hcd.text import one_line  # pylint: disable=unused-import
+from hcd.text import one_line
 
 TRACEBACK_ENV = "HCD_TRACEBACK"
 

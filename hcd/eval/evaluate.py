@@ -127,8 +127,8 @@ def evaluate(model_paths: Sequence[str], source: inputs.Source, out_dir: str,
   out = rundir.EvalDir(out_dir)
   if target is not None:
     result["restained"] = _restained(
-        source, target, restain_to, restain_methods, preds,
-        threshold, predict_fn, progress, out.restain_plot)
+        source, target, restain_to, restain_methods, preds.ids,
+        result["roc_auc"], threshold, predict_fn, progress, out.restain_plot)
   os.makedirs(out_dir, exist_ok=True)
   title = os.path.basename(os.path.dirname(os.path.abspath(model_paths[0])))
   if result["roc_auc"] is not None:
@@ -147,7 +147,8 @@ def evaluate(model_paths: Sequence[str], source: inputs.Source, out_dir: str,
 
 
 def _restained(source: inputs.Source, target, restain_to: str,
-               methods: Sequence[str], clean, threshold: float, predict_fn,
+               methods: Sequence[str], clean_ids: Sequence[str],
+               clean_auc: float | None, threshold: float, predict_fn,
                progress: bool, plot_path: str) -> dict:
   """Scores the split re-stained to `target` by each method.
 
@@ -156,7 +157,8 @@ def _restained(source: inputs.Source, target, restain_to: str,
     target: the stain source's tissue pixels (restain.source_pixels).
     restain_to: its path, for metrics.json.
     methods: of restain.METHODS.
-    clean: the clean Predictions (the AUC drop is measured against them).
+    clean_ids: the ids of the clean pass, in its order.
+    clean_auc: its ROC-AUC (the drop is measured against it).
     threshold: the clean run's decision threshold, used as is.
     predict_fn: the clean run's prediction function (no second trace).
     progress: show progress bars.
@@ -165,8 +167,6 @@ def _restained(source: inputs.Source, target, restain_to: str,
   Returns:
     {method: binary_metrics + "auc_drop" + the fitted mapping}.
   """
-  clean_auc = metrics_lib.binary_metrics(clean.labels, clean.probs,
-                                         threshold)["roc_auc"]
   with source.naming_bad_shard():
     split_tissue = restain.split_tissue(source.dataset, source.num_examples)
   results, examples = {}, {}
@@ -183,7 +183,7 @@ def _restained(source: inputs.Source, target, restain_to: str,
           [], restain.restained_dataset(source.dataset, mapping),
           num_examples=source.num_examples, progress=progress,
           desc=f"evaluate restained ({method})", predict_fn=predict_fn)
-    if preds.ids != clean.ids:
+    if preds.ids != clean_ids:
       raise RuntimeError("the re-stained pass read the split in another "
                          "order than the clean one")
     m = metrics_lib.binary_metrics(preds.labels, preds.probs, threshold)
