@@ -6,16 +6,28 @@ import keras
 from keras import layers
 
 from hcd.data.features import IMAGE_SHAPE
+from hcd.models import stain
 
 
-def input_and_rescale(image_shape=IMAGE_SHAPE):
+def input_and_rescale(image_shape=IMAGE_SHAPE, stain_norm: str = "none"):
   """Returns (uint8 keras.Input, the same scaled to [0, 1] in compute dtype).
 
   The cast happens here, on the accelerator, so the input pipeline can ship
   uint8 (4x fewer bytes than float32).
+
+  Args:
+    image_shape: the input's [H, W, C].
+    stain_norm: "none", or a method of `stain.STAIN_NORMS` that maps every
+      input to one reference stain inside the model.
+
+  Raises:
+    ValueError: an unknown stain_norm.
   """
+  stain.check_stain_norm(stain_norm)
   inputs = keras.Input(shape=tuple(image_shape), dtype="uint8", name="image")
   x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
+  if stain_norm != "none":
+    x = stain.StainNormalization(stain_norm, name="stain_norm")(x)
   return inputs, x
 
 
@@ -97,7 +109,7 @@ def centre_and_global_pool(x, name: str = "pool"):
 
 
 def residual_trunk(name: str, widths, stem_widths, blocks_per_stage: int,
-                   crop: int, size: int, stem, block):
+                   crop: int, size: int, stem, block, stain_norm: str = "none"):
   """The shared layout of hcd's ResNets: input, stem convs, residual stages.
 
   Args:
@@ -105,16 +117,17 @@ def residual_trunk(name: str, widths, stem_widths, blocks_per_stage: int,
     widths, stem_widths, blocks_per_stage, stem, block: see
       `residual_stages`.
     crop, size: see `input_view`.
+    stain_norm: see `input_and_rescale`.
 
   Returns:
     (the uint8 keras.Input, the last stage's feature map).
 
   Raises:
     ValueError: empty widths or stem_widths, blocks_per_stage < 1, bad crop
-      or size.
+      or size, an unknown stain_norm.
   """
   check_stages(name, widths, stem_widths, blocks_per_stage)
-  inputs, x = input_and_rescale()
+  inputs, x = input_and_rescale(stain_norm=stain_norm)
   x = input_view(x, crop, size)
   return inputs, residual_stages(x, widths, stem_widths, blocks_per_stage,
                                  stem, block)

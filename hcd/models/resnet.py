@@ -62,7 +62,8 @@ def resnet(widths: Sequence[int] = (64, 128, 256), stem_widths: Sequence[int]
            dropout: float = 0.3, crop: int = 0,
            size: int = 0, fovea: int = 0,
            stem_strides: Sequence[int] = (),
-           centre_pool: bool = False) -> keras.Model:
+           centre_pool: bool = False,
+           stain_norm: str = "none") -> keras.Model:
   """Builds the compact ResNet.
 
   Args:
@@ -87,6 +88,8 @@ def resnet(widths: Sequence[int] = (64, 128, 256), stem_widths: Sequence[int]
     centre_pool: pool the centre cells of the last feature map (over the
       centre third of the patch, where the label is decided) beside the
       whole map (common.centre_and_global_pool).
+    stain_norm: "reinhard" maps every input to one reference stain inside
+      the model (hcd.models.stain); "none" (default) does not.
 
   Returns:
     keras.Model: uint8 [B, 96, 96, 3] -> float32 probability [B, 1].
@@ -94,11 +97,15 @@ def resnet(widths: Sequence[int] = (64, 128, 256), stem_widths: Sequence[int]
   Raises:
     ValueError: empty widths, blocks_per_stage < 1, bad crop or size, a
       fovea outside 8..95 or combined with crop or size, stem_strides not
-      one stride in 1..4 per stem convolution, centre_pool with fovea.
+      one stride in 1..4 per stem convolution, centre_pool with fovea,
+      an unknown stain_norm, or stain_norm with fovea.
   """
   strides = _stem_strides(stem_strides, stem_widths)
   stem = lambda x, w, i, name: _conv_bn(x, w, 3, strides[i], name)
   if fovea:
+    if stain_norm != "none":
+      raise ValueError(f"stain_norm={stain_norm!r} is not built for the "
+                       f"two-stream fovea={fovea} model")
     if centre_pool:
       raise ValueError("centre_pool applies to the single stream, not to "
                        f"fovea={fovea}: the fovea stream is the centre")
@@ -107,7 +114,7 @@ def resnet(widths: Sequence[int] = (64, 128, 256), stem_widths: Sequence[int]
   else:
     inputs, x = common.residual_trunk(
         "resnet", widths, stem_widths, blocks_per_stage, crop, size,
-        stem=stem, block=_basic_block)
+        stem=stem, block=_basic_block, stain_norm=stain_norm)
     x = (common.centre_and_global_pool(x) if centre_pool
          else layers.GlobalAveragePooling2D(name="pool")(x))
   x = layers.Dropout(dropout, name="dropout")(x)

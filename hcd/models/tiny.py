@@ -9,7 +9,7 @@ from hcd.models import common
 from hcd.models.batchnorm import FusedBatchNorm
 
 
-def tiny(width: int = 8) -> keras.Model:
+def tiny(width: int = 8, stain_norm: str = "none") -> keras.Model:
   """Strided conv, BN, global pooling, dense: 1,433 parameters at width 8.
 
   It has a BatchNormalization and a Dropout so tests exercise the training
@@ -17,11 +17,12 @@ def tiny(width: int = 8) -> keras.Model:
 
   Args:
     width: channels of the two convolutions.
+    stain_norm: see common.input_and_rescale.
 
   Returns:
     keras.Model: uint8 [B, 96, 96, 3] -> float32 probability [B, 1].
   """
-  inputs, x = common.input_and_rescale()
+  inputs, x = common.input_and_rescale(stain_norm=stain_norm)
   x = layers.Conv2D(width, 3, strides=4, padding="same", use_bias=False)(x)
   x = FusedBatchNorm()(x)
   x = layers.Activation("relu")(x)

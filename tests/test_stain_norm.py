@@ -1,0 +1,102 @@
+"""Tests of the in-model stain normalisation (hcd.models.stain)."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from torchstain.numpy.utils.lab2rgb import lab2rgb as ts_lab2rgb
+from torchstain.numpy.utils.rgb2lab import rgb2lab as ts_rgb2lab
+
+from hcd import models
+from hcd.models import stain
+
+
+def _images(n=4, seed=0):
+  rng = np.random.default_rng(seed)
+  # H&E-like: pinks and purples on a light background, plus noise.
+  base = rng.uniform([120, 40, 110], [240, 200, 230], size=(n, 1, 1, 3))
+  noise = rng.normal(0, 25, size=(n, 96, 96, 3))
+  return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def test_lab_matches_torchstain_both_ways():
+  rgb = _images().astype(np.float32) / 255.0
+  ours = stain.rgb_to_lab(rgb).numpy()
+  # torchstain returns OpenCV's 8-bit scaling of L*a*b*.
+  theirs = ts_rgb2lab(rgb.copy())
+  theirs[..., 0] /= 2.55
+  theirs[..., 1:] -= 128.0
+  np.testing.assert_allclose(ours, theirs, atol=2e-3)
+  back = stain.lab_to_rgb(ours).numpy()
+  np.testing.assert_allclose(back, rgb, atol=2e-4)
+  scaled = ours.astype(np.float64)
+  scaled[..., 0] *= 2.55
+  scaled[..., 1:] += 128.0
+  np.testing.assert_allclose(back, np.clip(ts_lab2rgb(scaled), 0, 1),
+                             atol=1e-3)
+
+
+def test_reinhard_output_has_reference_statistics():
+  out = stain.reinhard_normalize(_images().astype(np.float32) / 255.0)
+  lab = stain.rgb_to_lab(out).numpy().reshape(4, -1, 3)
+  # Clipping to the RGB gamut moves them a little.
+  np.testing.assert_allclose(lab.mean(1), np.tile(stain.REFERENCE_MEAN,
+                                                  (4, 1)), atol=1.0)
+  np.testing.assert_allclose(lab.std(1), np.tile(stain.REFERENCE_STD, (4, 1)),
+                             rtol=0.1)
+
+
+def test_reinhard_undoes_a_per_channel_lab_shift():
+  """A Reinhard-style re-staining (scale+shift per L*a*b* channel) cancels."""
+  x = _images(seed=1).astype(np.float32) / 255.0
+  lab = stain.rgb_to_lab(x)
+  shifted = stain.lab_to_rgb(lab * [0.9, 1.2, 0.9] + [3.0, -6.0, 5.0])
+  a = stain.reinhard_normalize(x).numpy()
+  b = stain.reinhard_normalize(shifted).numpy()
+  change = np.abs(x - shifted.numpy()).mean()
+  # What is left is where the shifted colours fell outside the sRGB gamut.
+  assert change > 0.03 and np.abs(a - b).mean() < 0.2 * change
+
+
+def test_flat_image_stays_finite():
+  flat = np.full((2, 96, 96, 3), 0.5, np.float32)
+  out = stain.reinhard_normalize(flat).numpy()
+  assert np.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+
+
+def test_compiles_with_xla():
+  fn = tf.function(stain.reinhard_normalize, jit_compile=True)
+  x = _images().astype(np.float32) / 255.0
+  np.testing.assert_allclose(fn(x).numpy(), stain.reinhard_normalize(x),
+                             atol=1e-5)
+
+
+def test_model_option_saves_and_reloads(tmp_path):
+  plain = models.build_model("tiny")
+  model = models.build_model("tiny", stain_norm="reinhard")
+  assert model.get_layer("stain_norm").method == "reinhard"
+  # A layer with no weights: the parameter count is unchanged.
+  assert models.count_params(model) == models.count_params(plain)
+  x = _images()
+  path = os.path.join(tmp_path, "m.keras")
+  model.save(path)
+  loaded = keras.models.load_model(path)
+  np.testing.assert_allclose(loaded.predict(x, verbose=0),
+                             model.predict(x, verbose=0), atol=1e-6)
+  # Inside the model the input is normalised: a Reinhard shift of the input
+  # barely moves the output, while the plain model moves.
+  shifted = np.clip(np.round(stain.lab_to_rgb(
+      stain.rgb_to_lab(x / 255.0) * [0.9, 1.2, 0.9] + [3.0, -6.0, 5.0]
+  ).numpy() * 255), 0, 255).astype(np.uint8)
+  feats = keras.Model(model.input, model.get_layer("stain_norm").output)
+  d = np.abs(feats.predict(x, verbose=0) - feats.predict(shifted, verbose=0))
+  assert d.mean() < 0.2 * np.abs(x / 255.0 - shifted / 255.0).mean()
+
+
+def test_unknown_method_lists_known():
+  with pytest.raises(ValueError, match="reinhard"):
+    models.build_model("tiny", stain_norm="vahadane")
+  with pytest.raises(ValueError, match="reinhard"):
+    models.build_model("resnet", stain_norm="macenk0")
