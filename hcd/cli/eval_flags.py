@@ -113,6 +113,48 @@ def define_predict_flags() -> None:
       "safe-mode .keras and a SavedModel (uint8 in, probability out) here.")
 
 
+def define_slide_flags() -> None:
+  """Flags of hcd_slide (whole-slide inference)."""
+  _define_model_flags()
+  flags.DEFINE_string(
+      "slides", None, "The slides: a shell-style pattern ('slides/*.svs') or "
+      "a CSV with a 'path' column (relative to the CSV's folder).")
+  flags.DEFINE_string("out_dir", None, "Where <slide name>/ folders and "
+                      "slides.csv go.")
+  flags.DEFINE_integer("batch_size", 256, "Tiles per prediction batch.")
+  flags.DEFINE_integer(
+      "tta", 1, "Dihedral test-time augmentation: 1, 2, 4 or 8 transforms, "
+      "probabilities averaged (as hcd_predict).")
+  flags.DEFINE_integer(
+      "stride", 32, "Target-resolution pixels between tiles (96-px tiles); "
+      "32: each heatmap cell is the centre square a PCam label describes.")
+  flags.DEFINE_float(
+      "target_mpp", 0.972, "Microns per pixel of the tiles: the model's "
+      "training resolution (PCam/Kaggle: about 0.972, Camelyon level 2).")
+  flags.DEFINE_float(
+      "mpp", None, "Microns per level-0 pixel, for slides whose metadata has "
+      "none (otherwise such a slide is refused) and to override it.")
+  flags.DEFINE_float("min_tissue", 0.1, "Smallest tissue fraction of a "
+                     "predicted tile (0 predicts every tile).")
+  flags.DEFINE_float("threshold", 0.5, "Probability from which a cell is "
+                     "tumour: regions.geojson and the tumour area.")
+  flags.DEFINE_string("labels_csv", None, "Slide labels (columns slide,label "
+                      "0/1): slide_metrics.json gets the slide-level "
+                      "ROC-AUC of the max score (Camelyon16's metric).")
+  flags.DEFINE_integer("num_workers", 1, "Hosts sharing the slide set (each "
+                       "takes every N-th slide and writes its own rows).")
+  flags.DEFINE_integer(
+      "worker_index", None, "This host's index in [0, num_workers). "
+      "Default: JOB_COMPLETION_INDEX (Kubernetes Indexed Job) or "
+      "SLURM_ARRAY_TASK_ID, else 0.")
+  flags.DEFINE_boolean("merge", False, "Instead of predicting, join the "
+                       "workers' rows in --out_dir into slides.csv (and the "
+                       "AUC, with --labels_csv).")
+  flags.DEFINE_boolean("jit_compile", False,
+                       "XLA-compile the prediction step.")
+  flags.DEFINE_boolean("progress", True, "Show progress bars.")
+
+
 def define_eda_flags(split_default: str = "train") -> None:
   """Flags of the EDA figures (tools/eda, and hcd_report's EDA part)."""
   flags.DEFINE_string("shards_dir", None, "EDA from this shards directory.")
