@@ -163,8 +163,10 @@ def plan_geometry(slide, mpp0: float, target_mpp: float) -> Geometry:
     ratio = 1.0
   w0, h0 = slide.dimensions
   f0 = ratio * downs[level]
+  # A hundredth of a pixel of slack: 1536 px at a stored 0.48599904
+  # um/px is 768 target px, not 767.998.
   return Geometry(mpp0, target_mpp, level, downs[level], ratio,
-                  int(w0 / f0), int(h0 / f0))
+                  int(w0 / f0 + 0.01), int(h0 / f0 + 0.01))
 
 
 def _rgb(region) -> np.ndarray:
