@@ -21,6 +21,7 @@ import pytest
 from hcd import rundir
 from hcd.eval import slide
 from hcd.eval import slide_grid
+from hcd.eval import slide_outputs
 from hcd.eval import slide_read
 
 import evalutil
@@ -95,6 +96,10 @@ def test_level_closest_to_the_target_is_read(tumour_svs):
   assert g.level0_per_target == pytest.approx(3.888, rel=1e-4)
   g = slide_read.plan_geometry(s, mpp, 0.5)
   assert (g.level, g.level_per_target) == (1, 1.0)
+  # A tie (2x finer, 2x coarser) reads the finer level, downsampled.
+  g = slide_read.plan_geometry(s, mpp, 0.5 ** 0.5)  # 0.5 and 1.0: a tie.
+  assert g.level == 1
+  assert g.level_per_target == pytest.approx(2 ** 0.5)
   # --mpp wins over the metadata.
   assert slide_read.slide_mpp(s, tumour_svs, 0.3) == 0.3
 
@@ -254,6 +259,11 @@ def test_workers_share_the_set_and_merge_joins_them(tmp_path, colour_run,
   # s0-s2 are one slide: the AUC is that of (high, high, high, none).
   assert metrics["num_slides"] == 3 and metrics["unlabelled"] == ["s3"]
   assert metrics["roc_auc"] == 0.5
+  # hcd_report --slides_dirs shows the AUC and the rows.
+  md = open(slide_outputs.write_slides_report([str(out)],
+                                              str(tmp_path / "rep"))).read()
+  assert "Slide-level ROC-AUC (score_max): 0.5000 over 3" in md
+  assert all(f"| s{k} | {labels[f's{k}']} |" in md for k in range(4))
   with pytest.raises(ValueError, match="worker_index must be in"):
     slide.worker_share(paths, 2, 2)
 

@@ -176,6 +176,8 @@ def define_report_flags() -> None:
   flags.DEFINE_list("names", [], "Row names for the runs (default: the "
                     "directory names).")
   flags.DEFINE_string("out_dir", None, "Where the report goes.")
+  flags.DEFINE_list("slides_dirs", [], "hcd_slide output folders (--out_dir):"
+                    " their slides and slide-level ROC-AUC go into slides.md.")
   define_eda_flags()
 
 

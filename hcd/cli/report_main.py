@@ -3,6 +3,7 @@
   hcd_report --workdirs=runs/model1,runs/model2,runs/resnet --out_dir=reports
   hcd_report --workdirs=runs/model1 --out_dir=reports
       --data_dir=data --scan_dir=scans/train     # + EDA figures
+  hcd_report --slides_dirs=heatmaps --out_dir=reports  # hcd_slide results
 """
 
 import os
@@ -27,9 +28,10 @@ def main(argv):
   scan_csv = FLAGS.scan_csv or (os.path.join(FLAGS.scan_dir, "scan.csv")
                                 if FLAGS.scan_dir else None)
   eda_wanted = bool(FLAGS.shards_dir or FLAGS.data_dir or scan_csv)
-  if not FLAGS.workdirs and not eda_wanted:
+  if not FLAGS.workdirs and not eda_wanted and not FLAGS.slides_dirs:
     raise app.UsageError("give --workdirs to compare runs and/or --data_dir, "
-                         "--shards_dir, --scan_dir for EDA figures")
+                         "--shards_dir, --scan_dir for EDA figures, or "
+                         "--slides_dirs for hcd_slide results")
   # Imported after flag parsing so --help stays fast.
   from hcd.eval import eda  # pylint: disable=g-import-not-at-top
   from hcd.eval import report  # pylint: disable=g-import-not-at-top
@@ -45,6 +47,12 @@ def main(argv):
     print(f"hcd_report: wrote {out['markdown']}, {out['csv']}"
           + (f", {out['val_auc_png']}" if out["val_auc_png"] else
              " (no validation AUC history to plot)"))
+  if FLAGS.slides_dirs:
+    from hcd.eval import slide_outputs  # pylint: disable=g-import-not-at-top
+    path = slide_outputs.write_slides_report(FLAGS.slides_dirs, FLAGS.out_dir)
+    with open(path, encoding="utf-8") as f:
+      print(f.read())
+    print(f"hcd_report: wrote {path}")
   if eda_wanted:
     figs = eda.make_eda(FLAGS.out_dir, FLAGS.shards_dir, FLAGS.data_dir,
                         FLAGS.split, scan_csv, FLAGS.num_samples,

@@ -500,7 +500,7 @@ def merge(out_dir: str, labels: dict[str, int] | None = None
   Raises:
     FileNotFoundError: no rows in out_dir.
   """
-  rows = outputs.merge_rows(out_dir)
+  rows = outputs.merge_rows(out_dir, joined=False)
   path = os.path.join(out_dir, outputs.SLIDES_CSV)
   fileio.atomic_write_csv(path, [outputs.SLIDE_COLUMNS] + [
       [r.get(c, "") if c != "label" or not labels else

@@ -18,7 +18,8 @@ Per slide, under `<out_dir>/<slide name>/`, each written atomically
 
 and for the set, `slides.csv` (one row per slide; a worker of several
 writes `slides-worker-<i>-of-<n>.csv`, joined by `merge_rows`) and, with
-labels, `slide_metrics.json` with the slide-level ROC-AUC.
+labels, `slide_metrics.json` with the slide-level ROC-AUC. hcd_report
+--slides_dirs shows both (`write_slides_report`).
 """
 
 from __future__ import annotations
@@ -220,15 +221,22 @@ def worker_csv(out_dir: str, index: int, num: int) -> str:
   return os.path.join(out_dir, f"slides-worker-{index}-of-{num}.csv")
 
 
-def merge_rows(out_dir: str) -> list[dict]:
+def merge_rows(out_dir: str, joined: bool = True) -> list[dict]:
   """Joins the workers' rows (or the single slides.csv) of an out_dir.
+
+  Args:
+    out_dir: an hcd_slide --out_dir.
+    joined: take slides.csv when it is at least as new as every worker's
+      rows (`hcd_slide --merge` wrote it from them, with labels); False:
+      always join the workers' rows when there are any.
 
   Raises:
     FileNotFoundError: no rows file in out_dir.
   """
   parts = sorted(glob.glob(os.path.join(out_dir, "slides-worker-*.csv")))
   single = os.path.join(out_dir, SLIDES_CSV)
-  if not parts and os.path.isfile(single):
+  if os.path.isfile(single) and (not parts or joined and all(
+      os.path.getmtime(single) >= os.path.getmtime(p) for p in parts)):
     parts = [single]
   if not parts:
     raise FileNotFoundError(2, "no slides.csv or slides-worker-*.csv (run "
@@ -266,3 +274,55 @@ def slide_auc(rows: Sequence[dict], labels: dict) -> dict:
   else:
     out["roc_auc"] = float(metrics.roc_auc_score(y, s))
   return out
+
+
+def _fmt(value, fmt: str) -> str:
+  try:
+    return fmt.format(float(value))
+  except (TypeError, ValueError):
+    return "-"
+
+
+def slides_markdown(out_dir: str) -> str:
+  """A markdown section for one hcd_slide --out_dir: AUC and slide table.
+
+  Raises:
+    FileNotFoundError: no rows in out_dir.
+  """
+  rows = merge_rows(out_dir)
+  lines = [f"## Slides: {out_dir}", ""]
+  path = os.path.join(out_dir, METRICS_JSON)
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      m = json.load(f)
+    auc = _fmt(m.get("roc_auc"), "{:.4f}")
+    lines += [f"Slide-level ROC-AUC ({m.get('score')}): {auc} over "
+              f"{m.get('num_slides')} labelled slides "
+              f"({m.get('num_positive')} with tumour)"
+              + (f"; {m['why']}" if m.get("why") else ""), ""]
+  lines += ["| slide | label | max | top-k mean | tumour mm² | tissue tiles "
+            "| tiles/s |", "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(
+        f"| {r['slide']} | {r.get('label') or '-'} | "
+        f"{_fmt(r['score_max'], '{:.3f}')} | "
+        f"{_fmt(r['score_topk_mean'], '{:.3f}')} | "
+        f"{_fmt(r['tumour_area_mm2'], '{:.3f}')} | {r['tissue_tiles']} | "
+        f"{_fmt(r['tiles_per_s'], '{:.0f}')} |")
+  return "\n".join(lines) + "\n"
+
+
+def write_slides_report(out_dirs: Sequence[str], report_dir: str) -> str:
+  """Writes <report_dir>/slides.md for hcd_slide output folders.
+
+  Returns:
+    The path written.
+
+  Raises:
+    FileNotFoundError: a folder without rows (named).
+  """
+  path = os.path.join(report_dir, "slides.md")
+  os.makedirs(report_dir, exist_ok=True)
+  fileio.atomic_write_text(path, "\n".join(
+      slides_markdown(d) for d in out_dirs))
+  return path

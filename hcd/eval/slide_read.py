@@ -145,7 +145,9 @@ class Geometry:
 def plan_geometry(slide, mpp0: float, target_mpp: float) -> Geometry:
   """Chooses the level closest to the target resolution.
 
-  Closest in log scale: a level 1.9x finer and one 1.9x coarser are as far.
+  Closest in log scale: a level 1.9x finer and one 1.9x coarser are as far;
+  at a tie (2x finer and 2x coarser) the finer one, which is downsampled
+  rather than upsampled.
 
   Args:
     slide: an open OpenSlide.
@@ -156,8 +158,8 @@ def plan_geometry(slide, mpp0: float, target_mpp: float) -> Geometry:
     The Geometry.
   """
   downs = [float(d) for d in slide.level_downsamples]
-  level = min(range(len(downs)),
-              key=lambda k: abs(math.log(mpp0 * downs[k] / target_mpp)))
+  level = min(range(len(downs)), key=lambda k: (
+      round(abs(math.log(mpp0 * downs[k] / target_mpp)), 6), downs[k]))
   ratio = target_mpp / (mpp0 * downs[level])
   if abs(ratio - 1.0) < SAME_SCALE:
     ratio = 1.0
@@ -171,9 +173,12 @@ def plan_geometry(slide, mpp0: float, target_mpp: float) -> Geometry:
 
 def _rgb(region) -> np.ndarray:
   """An OpenSlide RGBA region as RGB, transparent pixels made white."""
-  if region.getextrema()[3][0] == 255:  # Opaque: the common, fast case.
+  arr = np.asarray(region)
+  # Opaque: the common, fast case (numpy's min is 4x faster than Pillow's
+  # getextrema here, Pillow's convert 40x faster than a numpy channel copy).
+  if arr[..., 3].min() == 255:
     return np.asarray(region.convert("RGB"))
-  arr = np.asarray(region).astype(np.uint16)
+  arr = arr.astype(np.uint16)
   alpha = arr[..., 3:]
   # OpenSlide returns un-premultiplied colour: blend onto white.
   rgb = (arr[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255
