@@ -183,6 +183,28 @@ def test_no_resolution_refused_by_name_unless_mpp(tmp_path, colour_run):
   assert s["heatmap_shape"] == [(600 - 96) // 32 + 1, (800 - 96) // 32 + 1]
 
 
+def test_corrupt_tile_mid_slide_is_one_line_and_the_next_slide_goes_on(
+    tmp_path, colour_run, tumour_svs):
+  """A tile that fails while reader threads are busy: no abort, one line."""
+  import tifffile  # pylint: disable=g-import-not-at-top
+  path = slideutil.tumour_slide(tmp_path / "bad.tif",
+                                downsamples=(1, 2, 4, 16))
+  with tifffile.TiffFile(path) as t:  # Level 2 is read for the tiles.
+    page = t.pages[2]
+    k = len(page.dataoffsets) // 2
+    start, count = page.dataoffsets[k], page.databytecounts[k]
+  data = bytearray(open(path, "rb").read())
+  data[start + 20:start + count] = bytes(count - 20)
+  open(path, "wb").write(data)
+  result, lines = _run(colour_run, [path, tumour_svs], tmp_path / "out")
+  assert [s["slide"] for s in result.summaries] == ["tumour"]
+  errors = [l for l in lines if l.startswith("error:")]
+  assert len(errors) == 1 and "\n" not in errors[0]
+  assert errors[0].startswith(f"error: {path}: cannot read a region of the "
+                              f"slide (")
+  assert errors[0].endswith("truncated or corrupt: copy it again")
+
+
 class _Killed(Exception):
   pass
 

@@ -224,6 +224,13 @@ class SlidePlan:
   grid: slide_grid.Grid
   blocks: list
   chunks: list
+  gate: slide_pipeline.ReadGate = dataclasses.field(
+      default_factory=slide_pipeline.ReadGate)
+
+  def close(self) -> None:
+    """Closes the slide once no read of it is in flight."""
+    self.gate.close()
+    self.slide.close()
 
 
 def plan_slide(path: str, cfg: SlideConfig) -> SlidePlan:
@@ -233,11 +240,15 @@ def plan_slide(path: str, cfg: SlideConfig) -> SlidePlan:
     SlideError: unreadable slide or no resolution (see slide_read).
   """
   slide = slide_read.open_slide(path)
-  mpp0 = slide_read.slide_mpp(slide, path, cfg.mpp)
-  geom = slide_read.plan_geometry(slide, mpp0, cfg.target_mpp)
   try:
+    mpp0 = slide_read.slide_mpp(slide, path, cfg.mpp)
+    geom = slide_read.plan_geometry(slide, mpp0, cfg.target_mpp)
     view = slide_read.low_res_view(slide, geom, slide_grid.MASK_CELL)
+  except SlideError:
+    slide.close()  # Nothing reads it in another thread yet.
+    raise
   except Exception as e:  # OpenSlideError: a tile it cannot decode.
+    slide.close()
     raise SlideError(f"{path}: cannot read the slide's pixels ({e}); the "
                      f"file may be truncated or corrupt: copy it again"
                      ) from None
@@ -282,7 +293,7 @@ def predict_chunks(plan: SlidePlan, parts_dir: str, todo: Sequence[int],
   sizes = [sum(len(plan.blocks[b].cells) for b in plan.chunks[k])
            for k in todo]
   ds = slide_pipeline.tile_dataset(plan.slide, plan.geom, blocks,
-                                   cfg.batch_size, cfg.parallelism)
+                                   cfg.batch_size, cfg.parallelism, plan.gate)
   pending, current = [], 0
   try:
     for batch in ds:
@@ -296,8 +307,15 @@ def predict_chunks(plan: SlidePlan, parts_dir: str, todo: Sequence[int],
       pending = [got]
   except tf.errors.OpError as e:
     raise SlideError(f"{plan.path}: cannot read a region of the slide "
-                     f"({predict._cause(e.message)}); the file may be "  # pylint: disable=protected-access
-                     f"truncated or corrupt: copy it again") from None
+                     f"({_cause(e.message)}); the file may be truncated or "
+                     f"corrupt: copy it again") from None
+
+
+def _cause(message: str) -> str:
+  """OpenSlide's own words inside a tf.data error, else its first line."""
+  lines = message.strip().splitlines() or [message]
+  return next((l.split("OpenSlideError: ", 1)[1] for l in lines
+               if "OpenSlideError: " in l), lines[0])
 
 
 def finish_slide(plan: SlidePlan, probs: np.ndarray, slide_dir: str,
@@ -365,7 +383,7 @@ def process_slide(path: str, out_dir: str, predict_fn: Callable,
   try:
     return _predict_planned(plan, slide_dir, predict_fn, cfg, fp, t0)
   finally:
-    plan.slide.close()
+    plan.close()
 
 
 def _predict_planned(plan: SlidePlan, slide_dir: str, predict_fn: Callable,

@@ -41,8 +41,10 @@ SLIDE_COLUMNS = ("slide", "path", "score_max", "score_topk_mean",
                  "tiles_per_s", "seconds", "label")
 SLIDES_CSV = "slides.csv"
 METRICS_JSON = "slide_metrics.json"
-# Largest side of the overlay's background image, in pixels.
-OVERLAY_MAX_PX = 2000
+# Largest side of the overlay's background image, in pixels: the figure is
+# 800 px wide, and matplotlib holds several float copies of the image while
+# it resamples (a 3,000-px view of a 100k-px slide cost ~0.3 GiB more).
+OVERLAY_MAX_PX = 1000
 
 
 def _num(v: float) -> str:
@@ -93,6 +95,15 @@ def save_mask_png(path: str, mask: np.ndarray) -> None:
     Image.fromarray(mask.astype(np.uint8) * 255).save(tmp)
 
 
+def _figure(figsize):
+  """A matplotlib Figure on the Agg canvas (no pyplot), as hcd.plots."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=figsize, dpi=100, layout="constrained")
+  FigureCanvasAgg(fig)
+  return fig
+
+
 def _cell_extent(rows: int, cols: int, stride: int):
   """imshow extent (target px) of the cells' centre squares."""
   pad = (slide_grid.TILE - stride) / 2
@@ -101,7 +112,7 @@ def _cell_extent(rows: int, cols: int, stride: int):
 
 def plot_heatmap(path: str, heat: np.ndarray, title: str) -> str:
   """heatmap.png: probabilities coloured, no-tissue cells blank."""
-  fig = plots._figure((7, 7 * heat.shape[0] / max(heat.shape[1], 1) + 0.5))  # pylint: disable=protected-access
+  fig = _figure((7, 7 * heat.shape[0] / max(heat.shape[1], 1) + 0.5))
   ax = fig.add_subplot()
   im = ax.imshow(np.ma.masked_invalid(heat), cmap="inferno", vmin=0, vmax=1,
                  interpolation="nearest")
@@ -118,7 +129,7 @@ def plot_overlay(path: str, view: np.ndarray, heat: np.ndarray, stride: int,
   view = view[::step, ::step]
   cell = slide_grid.MASK_CELL * step  # Target px per view pixel.
   h, w = view.shape[:2]
-  fig = plots._figure((8, 8 * h / max(w, 1) + 0.5))  # pylint: disable=protected-access
+  fig = _figure((8, 8 * h / max(w, 1) + 0.5))
   ax = fig.add_subplot()
   ax.imshow(view, extent=(0, w * cell, h * cell, 0), interpolation="nearest")
   im = ax.imshow(np.ma.masked_invalid(heat), cmap="inferno", vmin=0, vmax=1,

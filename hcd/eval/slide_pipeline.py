@@ -12,7 +12,9 @@ tile k of the output, which is how probabilities find their cells.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -22,6 +24,41 @@ from hcd.eval import slide_read
 
 # Batches buffered ahead of the model.
 PREFETCH = 2
+
+
+class ReadGate:
+  """Lets a slide be closed only when no read of it is in flight.
+
+  When one read fails, tf.data stops, but the other reader threads may
+  still be inside OpenSlide; closing the slide then makes OpenSlide abort
+  the whole process (an assertion in its TIFF cache). Reads go through
+  `reading()`; `close()` refuses new ones and waits for the rest.
+  """
+
+  def __init__(self):
+    self._cv = threading.Condition()
+    self._busy = 0
+    self._closed = False
+
+  @contextlib.contextmanager
+  def reading(self):
+    """Context of one read. Raises RuntimeError once closed."""
+    with self._cv:
+      if self._closed:
+        raise RuntimeError("the slide was closed")
+      self._busy += 1
+    try:
+      yield
+    finally:
+      with self._cv:
+        self._busy -= 1
+        self._cv.notify_all()
+
+  def close(self, timeout_s: float = 120.0) -> None:
+    """Refuses new reads; waits (GIL released) for those in flight."""
+    with self._cv:
+      self._closed = True
+      self._cv.wait_for(lambda: self._busy == 0, timeout_s)
 
 
 def block_tiles(slide, geom: slide_read.Geometry,
@@ -49,7 +86,8 @@ def block_tiles(slide, geom: slide_read.Geometry,
 
 def tile_dataset(slide, geom: slide_read.Geometry,
                  blocks: Sequence[slide_grid.Block], batch_size: int,
-                 parallelism: int | None = None):
+                 parallelism: int | None = None,
+                 gate: ReadGate | None = None):
   """Batches of the blocks' tiles, in block order.
 
   Args:
@@ -58,6 +96,7 @@ def tile_dataset(slide, geom: slide_read.Geometry,
     blocks: the blocks to read.
     batch_size: tiles per batch (the last may be smaller).
     parallelism: blocks read at once (default: the CPU count, at least 2).
+    gate: the slide's ReadGate (close it before the slide).
 
   Returns:
     tf.data.Dataset of uint8 [B, 96, 96, 3].
@@ -66,8 +105,11 @@ def tile_dataset(slide, geom: slide_read.Geometry,
   blocks = list(blocks)
   parallelism = parallelism or max(2, os.cpu_count() or 2)
 
+  gate = gate or ReadGate()
+
   def read(k):
-    return block_tiles(slide, geom, blocks[int(k)])
+    with gate.reading():
+      return block_tiles(slide, geom, blocks[int(k)])
 
   def read_op(k):
     tiles = tf.numpy_function(read, [k], tf.uint8, stateful=False)

@@ -146,8 +146,9 @@ def plan_geometry(slide, mpp0: float, target_mpp: float) -> Geometry:
   """Chooses the level closest to the target resolution.
 
   Closest in log scale: a level 1.9x finer and one 1.9x coarser are as far;
-  at a tie (2x finer and 2x coarser) the finer one, which is downsampled
-  rather than upsampled.
+  at a tie (2x finer and 2x coarser, to 0.1%: resolutions stored as
+  rationals are a little off) the finer one, which is downsampled rather
+  than upsampled.
 
   Args:
     slide: an open OpenSlide.
@@ -159,7 +160,7 @@ def plan_geometry(slide, mpp0: float, target_mpp: float) -> Geometry:
   """
   downs = [float(d) for d in slide.level_downsamples]
   level = min(range(len(downs)), key=lambda k: (
-      round(abs(math.log(mpp0 * downs[k] / target_mpp)), 6), downs[k]))
+      round(abs(math.log(mpp0 * downs[k] / target_mpp)), 3), downs[k]))
   ratio = target_mpp / (mpp0 * downs[level])
   if abs(ratio - 1.0) < SAME_SCALE:
     ratio = 1.0
