@@ -290,6 +290,27 @@ def test_workers_share_the_set_and_merge_joins_them(tmp_path, colour_run,
     slide.worker_share(paths, 2, 2)
 
 
+def test_slides_from_a_csv_or_pattern_and_labels_checked(tmp_path):
+  (tmp_path / "a").mkdir()
+  for name in ("x.svs", "y.svs"):
+    (tmp_path / "a" / name).write_text("")
+  (tmp_path / "set.csv").write_text("path,label\na/y.svs,1\na/x.svs,0\n")
+  assert slide.list_slides(str(tmp_path / "set.csv")) == [
+      str(tmp_path / "a" / "y.svs"), str(tmp_path / "a" / "x.svs")]
+  assert slide.list_slides(str(tmp_path / "a" / "*.svs")) == [
+      str(tmp_path / "a" / "x.svs"), str(tmp_path / "a" / "y.svs")]
+  with pytest.raises(ValueError, match="matches no file"):
+    slide.list_slides(str(tmp_path / "*.ndpi"))
+  with pytest.raises(ValueError, match="same name"):
+    slide.check_names(["a/x.svs", "b/x.tif"])
+  labels = tmp_path / "labels.csv"
+  labels.write_text("slide,label\na/x.svs,1\ny,0\n")
+  assert slide.read_labels(str(labels)) == {"x": 1, "y": 0}
+  labels.write_text("slide,label\nx,yes\n")
+  with pytest.raises(ValueError, match="line 2: label 'yes' is not 0 or 1"):
+    slide.read_labels(str(labels))
+
+
 def test_bad_settings_name_the_flag():
   for kw, flag in [({"stride": 0}, "--stride"), ({"tta": 3}, "--tta"),
                    ({"min_tissue": 1.5}, "--min_tissue"),
