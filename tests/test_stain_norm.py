@@ -100,3 +100,28 @@ def test_unknown_method_lists_known():
     models.build_model("tiny", stain_norm="vahadane")
   with pytest.raises(ValueError, match="reinhard"):
     models.build_model("resnet", stain_norm="macenk0")
+
+
+def test_train_config_stain_norm_reaches_the_saved_model(tmp_path):
+  """--stain_norm: checked up front, built into the model, saved with it."""
+  import test_pipeline  # pylint: disable=g-import-not-at-top
+  from hcd import rundir  # pylint: disable=g-import-not-at-top
+  from hcd.eval import predict  # pylint: disable=g-import-not-at-top
+  from hcd.train import loop  # pylint: disable=g-import-not-at-top
+  from hcd.train.config import ConfigError  # pylint: disable=g-import-not-at-top
+  from hcd.train.config import TrainConfig  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ConfigError, match="reinhard"):
+    TrainConfig(model="tiny", stain_norm="macenko").validate()
+  plain = TrainConfig(model="tiny", model_overrides={"width": 4})
+  assert plain.model_kwargs == {"width": 4}
+  shards, _ = test_pipeline.write(tmp_path / "data", n=64, block_size=32)
+  config = TrainConfig(model="tiny", model_overrides={"width": 4},
+                       stain_norm="reinhard", shards_dir=shards,
+                       workdir=str(tmp_path / "run"), batch_size=16,
+                       epochs=1, steps_per_epoch=2, jit_compile="false",
+                       tensorboard=False, seed=1)
+  assert config.model_kwargs == {"width": 4, "stain_norm": "reinhard"}
+  loop.train_and_evaluate(config,
+                          strategy=tf.distribute.OneDeviceStrategy("/cpu:0"))
+  model = predict.load_model(rundir.model_file(str(tmp_path / "run")))
+  assert model.get_layer("stain_norm").method == "reinhard"

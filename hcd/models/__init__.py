@@ -86,6 +86,11 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
+# In-model stain normalisation methods (hcd.models.stain; here so that a
+# flag can be checked without importing TensorFlow).
+STAIN_NORMS = ("none", "reinhard")
+
+
 def model_names() -> list[str]:
   """Returns the known model names in table order."""
   return list(MODELS)

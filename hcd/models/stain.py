@@ -31,7 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-STAIN_NORMS = ("none", "reinhard")
+from hcd.models import STAIN_NORMS
 
 # sRGB (linear) -> CIE XYZ, D65 white point: as skimage/torchstain.
 _XYZ_FROM_RGB = np.array([[0.412453, 0.357580, 0.180423],

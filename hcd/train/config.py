@@ -37,6 +37,11 @@ def _model_names() -> list[str]:
   return models.model_names()
 
 
+def _stain_norms() -> tuple[str, ...]:
+  from hcd import models  # pylint: disable=g-import-not-at-top
+  return models.STAIN_NORMS
+
+
 def setting(default, help: str, choices=None, group: str = "",
             **kwargs):  # pylint: disable=redefined-builtin
   """A TrainConfig field with its flag help text and allowed values.
@@ -206,6 +211,12 @@ class TrainConfig:
   stain_jitter: float = setting(
       0.0, "H&E stain jitter sigma (0: off, ~0.05 'HED-light'); helps on "
       "slides from other labs.", group="augmentation")
+  stain_norm: str = setting(
+      "none", "Stain normalisation inside the model: 'reinhard' maps every "
+      "input's L*a*b* mean and deviation to one reference before the first "
+      "layer, so slides in other labs' stains look alike to the model (and "
+      "the exported model carries it); 'none' is off.",
+      choices=_stain_norms, group="augmentation")
   mix: str = setting(
       "none", "Batch mixing: mixup (images and labels blended), cutmix (a "
       "random box pasted from another image; the label mixes by how much of "
@@ -248,6 +259,13 @@ class TrainConfig:
     # A plain replace, not str.format: other braces stay as the user wrote.
     self.workdir = self.workdir.replace("{fold}", str(self.fold)).replace(
         "{seed}", str(self.seed))
+
+  @property
+  def model_kwargs(self) -> dict[str, Any]:
+    """The model builder's arguments: --model_override and --stain_norm."""
+    if self.stain_norm == "none":
+      return dict(self.model_overrides)
+    return {**self.model_overrides, "stain_norm": self.stain_norm}
 
   def validate(self) -> None:
     """Checks every value against its allowed range or choices.

@@ -169,7 +169,7 @@ class Trainer:
     self.global_batch = config.batch_size
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
-      self.model = models.build_model(config.model, **config.model_overrides)
+      self.model = models.build_model(config.model, **config.model_kwargs)
       self.augmenter = augment.build_augmenter(
           flips=config.flips, rot90=config.rot90,
           color_jitter=config.color_jitter, stain_jitter=config.stain_jitter,
@@ -216,7 +216,7 @@ class Trainer:
     # model's values, so both train one set of weights.
     self.small_model = None
     if config.progressive_size:
-      overrides = {**config.model_overrides, "size": config.progressive_size}
+      overrides = {**config.model_kwargs, "size": config.progressive_size}
       with strategy.scope():
         self.small_model = models.build_model(config.model, **overrides)
       _check_same_variables(self.model, self.small_model)
@@ -538,7 +538,7 @@ def _train_and_evaluate(config: TrainConfig, strategy,
   try:
     models.get_spec(config.model)
     # Before any data is read: a misspelt --model_override fails now.
-    models.check_overrides(config.model, config.model_overrides)
+    models.check_overrides(config.model, config.model_kwargs)
     if config.progressive_size:
       try:
         models.check_overrides(config.model, {"size": 0})
