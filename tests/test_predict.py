@@ -392,8 +392,7 @@ def test_bf16_model_runs_in_float32_where_bf16_is_not_native(
 
 @pytest.mark.parametrize("flag,value", [("tta", "3"), ("batch_size", "0"),
                                         ("skipped_prob", "1.5"),
-                                        ("skipped_prob", "nan"),
-                                        ("stain_tta", "0")])
+                                        ("skipped_prob", "nan")])
 def test_cli_predict_checks_flags_before_reading_data(tmp_path, tiny_run,
                                                       flag, value):
   """A bad value is a usage error naming the flag; no data is looked at."""

@@ -246,7 +246,7 @@ def test_report_shows_the_restained_aucs_side_by_side(stained_split,
   source = inputs.open_source(shards_dir=shards, split="valid", batch_size=8)
   result = evaluate.evaluate([rundir.model_file(run)], source,
                              rundir.RunDir(run).eval, tta=1, progress=False,
-                             restain_to=slide, stain_tta=2)
+                             restain_to=slide)
   out = report.compare_runs([run, other], str(tmp_path / "reports"))
   table = open(out["markdown"]).read()
   assert "| Macenko AUC | Reinhard AUC | mean of clean and re-stained |" in (
@@ -260,6 +260,6 @@ def test_report_shows_the_restained_aucs_side_by_side(stained_split,
   assert float(rows["run"]["restained_reinhard_auc"]) == pytest.approx(
       aucs[2])
   assert rows["other"]["shift_mean_auc"] == ""  # Not evaluated re-stained.
-  assert rows["run"]["eval_tta"] == "1x2 stain"  # --stain_tta is shown
+  assert rows["run"]["eval_tta"] == "1"
   assert (f"Best mean of clean and re-stained AUC: **run**, "
           f"{np.mean(aucs):.4f}") in table

@@ -51,11 +51,6 @@ def _define_input_flags(split_default: str | None,
   flags.DEFINE_integer(
       "tta", 1, "Dihedral test-time augmentation: 1, 2, 4 or 8 transforms, "
       "probabilities averaged.")
-  flags.DEFINE_integer(
-      "stain_tta", 1, "Test-time stain augmentation: stain views per "
-      "dihedral view (1: off), the first unchanged, the others with the H&E "
-      "stain amounts perturbed (HED-light, fixed seeds); probabilities "
-      "averaged. Costs tta x stain_tta model passes.")
   flags.DEFINE_boolean(
       "skip_unreadable", False, "Leave out images that cannot be decoded "
       "(listed in the log and a side file) instead of refusing.")
@@ -263,8 +258,6 @@ def check_input_flags(values) -> None:
   from hcd.eval import predict  # pylint: disable=g-import-not-at-top
   try:
     predict.tta_transforms(values.tta)
-    if "stain_tta" in values:
-      predict.check_stain_tta(values.stain_tta)
     if "skipped_prob" in values:
       predict.check_skipped_prob(values.skipped_prob)
   except ValueError as e:  # The message names the flag.

@@ -58,8 +58,7 @@ def main(argv):
                source.description, FLAGS.tta)
   result = evaluate.evaluate(model_paths, source, out_dir, FLAGS.tta,
                              threshold, FLAGS.progress, FLAGS.jit_compile,
-                             FLAGS.restain_to, FLAGS.restain_method,
-                             stain_tta=FLAGS.stain_tta)
+                             FLAGS.restain_to, FLAGS.restain_method)
   auc = result["roc_auc"]
   print(json.dumps({k: result[k] for k in (
       "roc_auc", "pr_auc", "accuracy", "accuracy_at_threshold", "threshold",

@@ -72,8 +72,7 @@ def main(argv):
                model_paths, FLAGS.tta)
   summary = predict.predict_submission(
       model_paths, source, FLAGS.out, FLAGS.tta, sample_ids,
-      FLAGS.skipped_prob, FLAGS.progress, FLAGS.jit_compile,
-      stain_tta=FLAGS.stain_tta)
+      FLAGS.skipped_prob, FLAGS.progress, FLAGS.jit_compile)
   print(json.dumps(summary))
   msg = (f"hcd_predict: wrote {summary['rows']} rows to {FLAGS.out} "
          f"({summary['images_per_s']:.0f} images/s, TTA {FLAGS.tta}, "

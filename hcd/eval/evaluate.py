@@ -61,8 +61,8 @@ def evaluate(model_paths: Sequence[str], source: inputs.Source, out_dir: str,
              tta: int = 1, threshold: float | str = 0.5,
              progress: bool = True, jit_compile: bool = False,
              restain_to: str | None = None,
-             restain_methods: Sequence[str] = ("macenko", "reinhard"),
-             stain_tta: int = 1) -> dict:
+             restain_methods: Sequence[str] = ("macenko", "reinhard")
+             ) -> dict:
   """Evaluates one model (or the average of several) on labelled data.
 
   Args:
@@ -78,8 +78,6 @@ def evaluate(model_paths: Sequence[str], source: inputs.Source, out_dir: str,
     restain_to: a whole-slide image or a folder of patches whose stain the
       split is also scored in (hcd.eval.restain); None: clean only.
     restain_methods: the re-staining methods, of restain.METHODS.
-    stain_tta: test-time stain views per dihedral view (1: none;
-      hcd.eval.predict.make_predict_fn).
 
   Returns:
     The metrics dict that was written to metrics.json.
@@ -87,20 +85,18 @@ def evaluate(model_paths: Sequence[str], source: inputs.Source, out_dir: str,
   Raises:
     hcd.rundir.RunError: a model that does not load.
     hcd.data.pipeline.ShardFileError: an unreadable shard (named).
-    ValueError: unlabelled examples, bad tta, stain_tta or threshold.
+    ValueError: unlabelled examples, bad tta or threshold.
     OSError: an output that cannot be written (named).
   """
   threshold = parse_threshold(threshold)
   predict_lib.tta_transforms(tta)  # Fail before loading anything.
-  predict_lib.check_stain_tta(stain_tta)
   target = None
   if restain_to:
     restain_methods = restain.check_methods(restain_methods)
     # Before any model is loaded: a bad source fails in seconds.
     target = restain.source_pixels(restain_to)
   models = [predict_lib.load_model(p) for p in model_paths]
-  predict_fn = predict_lib.make_predict_fn(models, tta, jit_compile,
-                                           stain_tta)
+  predict_fn = predict_lib.make_predict_fn(models, tta, jit_compile)
   t0 = time.perf_counter()
   with source.naming_bad_shard():
     preds = predict_lib.predict(models, source.dataset, tta,
@@ -125,7 +121,6 @@ def evaluate(model_paths: Sequence[str], source: inputs.Source, out_dir: str,
       "models": [os.path.abspath(p) for p in model_paths],
       "data": source.description,
       "tta": tta,
-      "stain_tta": stain_tta,
       "predict_seconds": seconds,
       "images_per_s": len(preds.ids) / seconds if seconds > 0 else None,
   })

@@ -12,10 +12,6 @@ Models are loaded with `keras.saving.load_model(safe_mode=True)`: hcd models
 contain only standard Keras layers, so nothing arbitrary is deserialised
 (`load_model`; which file of a run to load is hcd.rundir's business).
 
-Test-time stain augmentation (`stain_tta` > 1) also averages over copies of
-each view with the H&E stain perturbed (`stain_view`): a cheap hedge when
-the data come from another lab's stain than training did.
-
 An ensemble averages the (TTA-averaged) probabilities of several models.
 All transforms and models run in one `tf.function` per batch, so the only
 Python work per batch is bookkeeping.
@@ -39,10 +35,6 @@ from hcd.eval import submission
 from hcd import fileio
 
 TTA_CHOICES = (1, 2, 4, 8)
-# Test-time stain views: HED jitter strength ("HED-light", Tellez et al.)
-# and the first word of every view's fixed stateless seed.
-STAIN_TTA_SIGMA = 0.05
-STAIN_TTA_SEED = 2028
 
 
 @dataclasses.dataclass
@@ -157,56 +149,25 @@ def load_model(path: str):
   return model
 
 
-def check_stain_tta(stain_tta: int) -> int:
-  """Returns stain_tta if it is a whole number of views in 1..16.
-
-  Raises:
-    ValueError: anything else, naming the flag.
-  """
-  if not isinstance(stain_tta, int) or not 1 <= stain_tta <= 16:
-    raise ValueError(f"--stain_tta must be a whole number in 1..16 (stain "
-                     f"views per dihedral view, 1: off), got {stain_tta!r}")
-  return stain_tta
-
-
-def stain_view(images, index: int):
-  """The `index`-th test-time stain view of a uint8 batch (0: unchanged).
-
-  Views 1, 2, ... perturb the H&E stain amounts by STAIN_TTA_SIGMA
-  (augment.random_stain_jitter, the "HED-light" setting) with seeds fixed
-  by `index`, so predictions are repeatable and each view is one
-  plausible other stain of the same tissue.
-  """
-  from hcd.models import augment  # pylint: disable=g-import-not-at-top
-  if index == 0:
-    return images
-  return augment.augment_batch(images, [STAIN_TTA_SEED, index], flips=False,
-                               rot90=False, stain_jitter=STAIN_TTA_SIGMA)
-
-
-def make_predict_fn(models: Sequence, tta: int = 1, jit_compile: bool = False,
-                    stain_tta: int = 1):
+def make_predict_fn(models: Sequence, tta: int = 1, jit_compile: bool = False):
   """Builds images -> mean probability over models and TTA views.
 
   Args:
     models: keras models, uint8 [B, 96, 96, 3] -> [B, 1].
-    tta: dihedral views per model (1, 2, 4 or 8).
+    tta: views per model (1, 2, 4 or 8).
     jit_compile: compile the whole step with XLA.
-    stain_tta: stain views per dihedral view (1: none; see `stain_view`);
-      the model runs tta * stain_tta times per batch.
 
   Returns:
     A tf.function mapping a uint8 batch to float32 [B].
 
   Raises:
-    ValueError: no models, a bad tta or stain_tta.
+    ValueError: no models or a bad tta.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from hcd.models import augment  # pylint: disable=g-import-not-at-top
   if not models:
     raise ValueError("no models to predict with")
   ks = tta_transforms(tta)
-  views = [(k, j) for k in ks for j in range(check_stain_tta(stain_tta))]
   models = list(models)
 
   @tf.function(input_signature=[tf.TensorSpec((None,) + IMAGE_SHAPE,
@@ -218,12 +179,12 @@ def make_predict_fn(models: Sequence, tta: int = 1, jit_compile: bool = False,
     # concurrently (inter-op parallelism), each with its full activations
     # live: measured 30-40% slower at TTA 8 on CPU than this chain.
     for model in models:
-      for k, j in views:
+      for k in ks:
         with tf.control_dependencies([total]):
-          view = tf.identity(stain_view(augment.d4_transform(images, k), j))
+          view = tf.identity(augment.d4_transform(images, k))
         p = model(view, training=False)
         total += tf.cast(tf.reshape(p, [-1]), tf.float32)
-    return total / float(len(models) * len(views))
+    return total / float(len(models) * len(ks))
 
   return predict_fn
 
@@ -231,7 +192,7 @@ def make_predict_fn(models: Sequence, tta: int = 1, jit_compile: bool = False,
 def predict(models: Sequence, dataset, tta: int = 1,
             num_examples: int | None = None, progress: bool = True,
             jit_compile: bool = False, desc: str = "predict",
-            predict_fn=None, stain_tta: int = 1) -> Predictions:
+            predict_fn=None) -> Predictions:
   """Predicts every batch of a dataset.
 
   Args:
@@ -245,7 +206,6 @@ def predict(models: Sequence, dataset, tta: int = 1,
     desc: progress bar label.
     predict_fn: a function from `make_predict_fn` to reuse (saves tracing
       when predicting several datasets with the same models).
-    stain_tta: stain views per dihedral view (see make_predict_fn).
 
   Returns:
     Predictions in dataset order.
@@ -257,7 +217,7 @@ def predict(models: Sequence, dataset, tta: int = 1,
       one.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  fn = predict_fn or make_predict_fn(models, tta, jit_compile, stain_tta)
+  fn = predict_fn or make_predict_fn(models, tta, jit_compile)
   ids: list[str] = []
   probs, labels = [], []
   with progress_lib.bar(total=num_examples, unit="img", desc=desc,
@@ -302,7 +262,7 @@ def write_skipped(path: str, skipped) -> str:
 def predict_submission(model_paths: Sequence[str], source, out: str,
                        tta: int = 1, sample_ids: Sequence[str] | None = None,
                        skipped_prob: float = 0.5, progress: bool = True,
-                       jit_compile: bool = False, stain_tta: int = 1) -> dict:
+                       jit_compile: bool = False) -> dict:
   """Predicts a source and writes a validated Kaggle submission.
 
   Args:
@@ -318,7 +278,6 @@ def predict_submission(model_paths: Sequence[str], source, out: str,
       with missing rows; 0.5 carries no information).
     progress: show progress bars.
     jit_compile: XLA-compile the prediction step.
-    stain_tta: stain views per dihedral view (see make_predict_fn).
 
   Returns:
     A summary dict (rows, models, tta, seconds, images/s, skipped, paths).
@@ -328,17 +287,15 @@ def predict_submission(model_paths: Sequence[str], source, out: str,
       listed) or invalid probabilities; nothing is written.
     hcd.rundir.RunError: a model that does not load.
     hcd.data.pipeline.ShardFileError: an unreadable shard (named).
-    ValueError: a bad tta, stain_tta or skipped_prob (before any model is
-      loaded).
+    ValueError: a bad tta or skipped_prob (before any model is loaded).
   """
   tta_transforms(tta)
-  check_stain_tta(stain_tta)
   skipped_prob = check_skipped_prob(skipped_prob)
   models = [load_model(p) for p in model_paths]
   t0 = time.perf_counter()
   with source.naming_bad_shard():
     preds = predict(models, source.dataset, tta, source.num_examples,
-                    progress, jit_compile, stain_tta=stain_tta)
+                    progress, jit_compile)
   seconds = time.perf_counter() - t0
   ids, probs = list(preds.ids), preds.probs
   filled = []
@@ -354,7 +311,6 @@ def predict_submission(model_paths: Sequence[str], source, out: str,
       "predicted": len(preds.ids),
       "models": [os.path.abspath(p) for p in model_paths],
       "tta": tta,
-      "stain_tta": stain_tta,
       "seconds": seconds,
       "images_per_s": len(preds.ids) / seconds if seconds > 0 else None,
       "skipped": len(source.skipped),

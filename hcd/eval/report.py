@@ -74,10 +74,7 @@ def _shift_cells(workdir: str) -> dict[str, Any]:
     return {}
   met = rundir.read_json(path)
   restained = met.get("restained") or {}
-  tta = met.get("tta")
-  if tta is not None and (met.get("stain_tta") or 1) > 1:
-    tta = f"{tta}x{met['stain_tta']} stain"  # --stain_tta views per view
-  cells = {"eval_tta": tta,
+  cells = {"eval_tta": met.get("tta"),
            "eval_auc": rundir.finite(met.get("roc_auc"))}
   for method, m in restained.items():
     cells[f"restained_{method}_auc"] = rundir.finite(m.get("roc_auc"))
