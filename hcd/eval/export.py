@@ -6,7 +6,9 @@ writes
   model.keras     Keras 3 archive; loads with
                   keras.saving.load_model(path, safe_mode=True) and no hcd
                   (only standard layers: the Rescaling that casts uint8 is
-                  the model's first layer, the sigmoid its last)
+                  the model's first layer, the sigmoid its last; a model
+                  trained with --stain_norm needs `import hcd.models.stain`
+                  first)
   saved_model/    TensorFlow SavedModel with a `serve` endpoint
                   (tf.saved_model.load(path).serve(uint8_batch)), for
                   TF Serving or anything without Keras

@@ -9,7 +9,9 @@ layers plus two of hcd's, each with a standard equivalent that
 `standard_model` swaps in whenever hcd saves: `FusedBatchNorm` (Keras'
 BatchNormalization through TensorFlow's fused kernel, hcd.models.batchnorm)
 and the P4M group convolution. So a saved `.keras` file loads with
-`keras.saving.load_model(safe_mode=True)` without hcd installed.
+`keras.saving.load_model(safe_mode=True)` without hcd installed; the one
+exception is a model built with `stain_norm` (hcd.models.stain), whose
+layer has no standard equivalent and needs `import hcd.models.stain` first.
 Augmentation is not part of any model (see `hcd.models.augment`).
 
 The table maps a name to a `ModelSpec`; builders are imported lazily so that
