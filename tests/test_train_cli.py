@@ -182,13 +182,18 @@ def test_recipe_flagfiles_train_through_the_cli(tmp_path):
                                              "runs/pcam_cpu")
   # The jitter stays on: valid alone preferred it off, other slides on.
   assert (cpu["stain_jitter"], pcam["stain_jitter"]) == (0.05, 0.05)
+  # In-model stain normalisation: measured on pcam_cpu.flags only so far.
+  assert (cpu["stain_norm"], pcam["stain_norm"]) == ("reinhard", "none")
   # The two-resolution ensemble: pcam.flags and a narrow pcam_cpu.flags,
   # their budgets summing to the 28 minutes of epochs of a 30-minute run.
   ens96 = parse_flags(ws, "--flagfile=pcam_ens96.flags")
   ens64 = parse_flags(ws, "--flagfile=pcam_ens64.flags")
   for member, base, sub in ((ens96, pcam, "96px"), (ens64, cpu, "64px")):
     differ = {k for k in base if member[k] != base[k]}
-    assert differ <= {"time_budget_min", "workdir", "model_overrides"}, differ
+    # The ensemble was measured without the stain normalisation.
+    assert differ <= {"time_budget_min", "workdir", "model_overrides",
+                      "stain_norm"}, differ
+    assert member["stain_norm"] == "none"
     assert member["workdir"] == f"runs/pcam_ens/{sub}"
   assert ens96["model_overrides"] == pcam["model_overrides"]
   assert ens64["model_overrides"] == {**cpu["model_overrides"],
