@@ -2,7 +2,7 @@
 """Recipe study: each training lever alone and combined, on real PCam patches.
 
   .venv/bin/python bench/recipe_study.py --shards_dir=bench_out/pcam/shards \
-      --out_dir=bench_out/pcam/study --experiments=baseline,ema,p4m [--epochs=10]
+      --out_dir=bench_out/pcam/study --experiments=baseline,ema,mixup [--epochs=10]
 
 The shards come from `../shared/data/pcam96_jpeg` (tools/make_shards
 --split=train and --split=valid). Every experiment is the base flagfile
@@ -38,21 +38,18 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name -> (what it tests, extra hcd_train flags). Each row changes one thing
-# relative to "baseline" unless its name says "combined".
+# relative to "baseline" unless its name says "combined". Rows of levers
+# that lost and were removed from hcd (P4M ResNet, cutmix, centre crop,
+# foveated input, strided stems, progressive resizing, centre pooling) are
+# gone with them; their figures stay in BENCHMARKS.md.
 EXPERIMENTS = {
     "baseline": ("resnet.flags as shipped (D4, stain 0.05, cosine 2e-3, "
                  "batch 64)", []),
     "ema": ("+ weight EMA, decay 0.999 (validate/save the average)",
             ["--ema_decay=0.999"]),
-    "p4m": ("P4M group-conv ResNet (same channels, 1/8 weights, exactly "
-            "D4-invariant)", ["--model=p4m_resnet"]),
     "mixup": ("+ mixup, alpha 0.2", ["--mix=mixup", "--mix_alpha=0.2"]),
-    "cutmix": ("+ centre-aware cutmix, alpha 1", ["--mix=cutmix",
-                                                  "--mix_alpha=1.0"]),
     "hsv": ("+ HSV: brightness/contrast/saturation 0.1, hue 0.04",
             ["--color_jitter=0.1", "--hue_jitter=0.04"]),
-    "crop64": ("centre crop 64 px (2.25x less compute)",
-               ["--model_override=crop=64"]),
     "up128": ("input upsampled to 128 px (1.8x compute)",
               ["--model_override=size=128"]),
     "down64": ("input resized to 64 px in the model (keeps the context "
@@ -90,27 +87,6 @@ EXPERIMENTS = {
                               ["--model_override=size=48", "--batch_size=128",
                                "--learning_rate=0.004",
                                "--time_budget_min=29"]),
-    "fovea48_bs128_budget29": ("combined: two 48-px streams (the centre at "
-                               "full resolution, the whole patch at half; "
-                               "1.15x the compute of the 64-px input) + "
-                               "batch 128, lr 4e-3 + --time_budget_min=29",
-                               ["--model_override=fovea=48",
-                                "--batch_size=128", "--learning_rate=0.004",
-                                "--time_budget_min=29"]),
-    "stem3_bs128_budget29": ("combined: the full 96 px through a stride-3 "
-                             "stem (learned downsampling to the 64-px "
-                             "input's 16-px grid, at its compute) + batch "
-                             "128, lr 4e-3 + --time_budget_min=29",
-                             ["--model_override=stem_strides=(3,2)",
-                              "--batch_size=128", "--learning_rate=0.004",
-                              "--time_budget_min=29"]),
-    "stem23_bs128_budget29": ("combined: the full 96 px through stem strides "
-                              "2 then 3 (the first conv at full resolution; "
-                              "1.02x the compute of the 64-px input) + batch "
-                              "128, lr 4e-3 + --time_budget_min=29",
-                              ["--model_override=stem_strides=(2,3)",
-                               "--batch_size=128", "--learning_rate=0.004",
-                               "--time_budget_min=29"]),
     "down64_bs128_budget29_stain0": ("pcam_cpu.flags without H&E stain "
                                      "jitter (0 instead of 0.05)",
                                      ["--model_override=size=64",
@@ -118,35 +94,7 @@ EXPERIMENTS = {
                                       "--learning_rate=0.004",
                                       "--time_budget_min=29",
                                       "--stain_jitter=0"]),
-    "prog64_e11": ("progressive resizing: 8 epochs on the input resized to "
-                   "64 px, then 3 at 96 px (11 in all, one cosine)",
-                   ["--progressive_size=64", "--progressive_epochs=8",
-                    "--epochs=11"]),
-    "prog64_e10": ("progressive resizing: 8 epochs at 64 px, then 2 at "
-                   "96 px (10 in all, one cosine)",
-                   ["--progressive_size=64", "--progressive_epochs=8",
-                    "--epochs=10"]),
-    "prog48_e11": ("progressive resizing: 8 epochs at 48 px, then 3 at "
-                   "96 px (11 in all, one cosine)",
-                   ["--progressive_size=48", "--progressive_epochs=8",
-                    "--epochs=11"]),
     "stain0": ("no H&E stain jitter", ["--stain_jitter=0"]),
-    "p4m_bs128": ("combined: P4M + batch 128, lr 4e-3",
-                  ["--model=p4m_resnet", "--batch_size=128",
-                   "--learning_rate=0.004"]),
-    "p4m_bs128_ema": ("combined: P4M + batch 128, lr 4e-3 + EMA 0.998",
-                      ["--model=p4m_resnet", "--batch_size=128",
-                       "--learning_rate=0.004", "--ema_decay=0.998"]),
-    "p4m_cpu": ("with --base=pcam_cpu.flags: the P4M ResNet at the same "
-                "channels (6/12/24 features x 8 orientations = 48/96/192, stem "
-                "4/8 x 8 = 32/64; 2 blocks per stage, 64 px from the base)",
-                ["--model=p4m_resnet", "--model_override=widths=(6,12,24)",
-                 "--model_override=stem_widths=(4,8)"]),
-    "centre_pool": ("with --base=pcam_cpu.flags: the ResNet's last feature "
-                    "map pooled over its centre cells (the centre third of "
-                    "the patch, where the label is decided) beside the "
-                    "global average pooling; 192 more weights",
-                    ["--model_override=centre_pool=True"]),
     "narrow_cpu": ("with --base=pcam_cpu.flags: stages of 32/64/128 channels "
                    "instead of 48/96/192 (0.55x the multiply-adds per image), "
                    "so the 29-minute budget holds more epochs",

@@ -8,7 +8,7 @@
 The recipe is hcd_train's own: every hcd_train flag (and --flagfile) is
 accepted and turned into the same TrainConfig, so `--flagfile=pcam.flags`
 measures the recipe pcam.flags trains with (model, batch size, D4 / stain /
-colour / hue augmentation, mixup or cutmix, label smoothing, weight EMA,
+colour / hue augmentation, mixup, label smoothing, weight EMA,
 learning-rate schedule). Without flags it is the notebook's setting (model1,
 batch 32, random flips). Three ways to train that recipe on the same uint8
 batch, one device, no input pipeline cost (a constant batch):
@@ -22,7 +22,7 @@ batch, one device, no input pipeline cost (a constant batch):
         iterator
   fit   keras Model.fit on Sequential([augmenter, model]) with the same
         optimizer and schedule (EMA: Adam(use_ema=True)), loss (label
-        smoothing), metrics, mixup/cutmix as a map in the tf.data input,
+        smoothing), metrics, mixup as a map in the tf.data input,
         steps_per_execution = steps
 
 each with XLA (jit_compile=True) and without, and in each of --precisions
@@ -117,8 +117,7 @@ def bare_step_fn(config, jit, lr):
     seed = tf.stack([tf.constant(config.seed, tf.int64), step])
     images = augment.augment_batch(images, seed, **_augment_kwargs(config))
     if config.mix != "none":
-      images, labels = augment.mix_batch(images, labels, seed, config.mix,
-                                         config.mix_alpha)
+      images, labels = augment.mixup(images, labels, seed, config.mix_alpha)
     with tf.GradientTape() as tape:
       probs = model(images, training=True)
       loss = loss_fn(labels[:, None], probs)
@@ -177,8 +176,7 @@ def fit_step_fn(config, jit, lr, steps):
   if config.mix != "none":
     seeds = tf.data.Dataset.random(seed=config.seed).batch(2)
     ds = tf.data.Dataset.zip(ds, seeds).map(
-        lambda xy, s: augment.mix_batch(xy[0], xy[1], s, config.mix,
-                                        config.mix_alpha))
+        lambda xy, s: augment.mixup(xy[0], xy[1], s, config.mix_alpha))
   ds = ds.map(lambda x, y: (x, y[:, None])).prefetch(2)
 
   def run(unused_images, unused_labels, n):

@@ -325,7 +325,7 @@ def test_stateless_call_is_a_pure_function_of_the_seed_state():
     np.testing.assert_array_equal(v.numpy(), b)  # the layer is untouched
 
 
-# --- hue jitter and batch mixing (mixup / centre-aware cutmix) --------------
+# --- hue jitter and batch mixing (mixup) -------------------------------------
 
 
 @pytest.mark.parametrize("jit", [False, True])
@@ -359,8 +359,8 @@ def test_hue_jitter_zero_is_off_and_range_checked():
 def test_mixup_blends_images_and_labels_alike(jit):
   x = _images(6, seed=1)
   y = np.array([1, 0, 0, 1, 1, 0], np.float32)
-  fn = tf.function(lambda im, lab, s: augment.mix_batch(im, lab, s, "mixup",
-                                                        0.4), jit_compile=jit)
+  fn = tf.function(lambda im, lab, s: augment.mixup(im, lab, s, 0.4),
+                   jit_compile=jit)
   out, target = (t.numpy() for t in fn(x, y, tf.constant([3, 4], tf.int64)))
   assert out.dtype == np.uint8 and out.shape == x.shape
   partner, partner_y = x[::-1].astype(float), y[::-1]
@@ -375,29 +375,6 @@ def test_mixup_blends_images_and_labels_alike(jit):
     assert np.abs(out[i] - expected).max() <= 1.0
   again = fn(x, y, tf.constant([3, 4], tf.int64))[0].numpy()
   np.testing.assert_array_equal(out, again)  # Stateless: same seed, same mix.
-
-
-def test_cutmix_label_follows_the_centre_not_the_area():
-  x = np.zeros((2, 96, 96, 3), np.uint8)
-  x[1] = 255
-  y = np.array([0.0, 1.0], np.float32)
-  seen_centre, seen_edge = False, False
-  for s in range(60):
-    out, target = augment.mix_batch(x, y, tf.constant([s, 9], tf.int64),
-                                    "cutmix", 1.0)
-    out, target = out.numpy(), target.numpy()
-    pasted = out[0, ..., 0] == 255  # The box from image 1 in image 0.
-    centre = pasted[32:64, 32:64].mean()
-    assert np.isclose(target[0], centre, atol=1e-6)  # Not pasted.mean().
-    seen_centre |= centre == 1.0
-    seen_edge |= pasted.any() and centre == 0.0
-  assert seen_centre and seen_edge
-
-
-def test_mix_rejects_unknown_mode():
-  with pytest.raises(ValueError, match="mixup or cutmix"):
-    augment.mix_batch(_images(2), np.zeros(2, np.float32),
-                      tf.constant([1, 1], tf.int64), "blend")
 
 
 def test_beta_draws_have_the_beta_moments():

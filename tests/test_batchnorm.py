@@ -40,7 +40,7 @@ def _run(layer, x, training):
 
 
 @pytest.mark.parametrize("shape", [(6, 5, 5, 7), (3, 4, 4, 8, 5), (16, 9)],
-                         ids=["nhwc", "p4m_5d", "dense_2d"])
+                         ids=["nhwc", "5d", "dense_2d"])
 @pytest.mark.parametrize("training", [True, False])
 def test_matches_keras_batchnorm(shape, training):
   keras_bn, fused = _pair(shape, momentum=0.9)

@@ -21,7 +21,6 @@ NOTEBOOK_COUNTS = {"model1": 8_868_929, "model2": 2_212_925,
 # Architectures without a reference count: a range that catches a missing
 # or doubled stage but not a tweak of one layer.
 COUNT_RANGES = {"resnet": (1_000_000, 1_500_000),
-                "p4m_resnet": (150_000, 250_000),  # Exact: test_p4m.py.
                 "efficientnet_v2_b0": (5_500_000, 6_500_000),
                 "tiny": (500, 10_000)}
 
@@ -129,9 +128,9 @@ def test_mixed_precision_keeps_float32_output(policy):
 
 def test_saved_models_load_in_safe_mode_without_hcd(built, tmp_path):
   # model1 uses no layer type that model2 lacks; skip its 35 MB file.
-  names = ["model2", "resnet", "efficientnet_v2_b0", "tiny", "fovea"]
-  built = {**built, "fovea": models.build_model(
-      "resnet", widths=(8, 16), stem_widths=(4, 4), fovea=48)}
+  names = ["model2", "resnet", "efficientnet_v2_b0", "tiny", "resnet64"]
+  built = {**built, "resnet64": models.build_model(
+      "resnet", widths=(8, 16), stem_widths=(4, 4), size=64)}
   x = _images(4, seed=1)
   np.save(tmp_path / "x.npy", x)
   expected = {}
@@ -178,114 +177,13 @@ def test_python_m_hcd_models_prints_every_model(built):
   assert lines["model1"][1] == "8,868,929"
 
 
-def test_foveated_resnet_is_two_trunks_and_one_head():
-  # Each stream holds a whole trunk; the head sees both pooled vectors, so
-  # the count is 2 x (trunk) + (2 x 256 + 1) = 2 x (one-stream model) - 1.
-  one = models.build_model("resnet").count_params()
-  two = models.build_model("resnet", fovea=48)
-  assert two.count_params() == 2 * one - 1
-  y = np.asarray(two(_images(2), training=False))
-  assert y.shape == (2, 1) and y.dtype == np.float32
-
-
-def test_foveated_streams_see_the_centre_and_the_whole_patch():
-  model = models.build_model("resnet", widths=(8, 16), stem_widths=(4, 4),
-                             fovea=48)
-  pools = keras.Model(model.input, [model.get_layer("fovea_pool").output,
-                                     model.get_layer("context_pool").output])
-  x = _images(2, seed=3)
-  outside = x.copy()
-  outside[:, :20] = 255 - outside[:, :20]  # rows 0-19: outside the centre 48
-  centre = x.copy()
-  centre[:, 40:56, 40:56] = 255 - centre[:, 40:56, 40:56]
-  f0, c0 = (np.asarray(t) for t in pools(x, training=False))
-  f1, c1 = (np.asarray(t) for t in pools(outside, training=False))
-  f2, c2 = (np.asarray(t) for t in pools(centre, training=False))
-  np.testing.assert_array_equal(f0, f1)  # the fovea never sees the ring
-  assert not np.allclose(c0, c1)        # the context does
-  assert not np.allclose(f0, f2) and not np.allclose(c0, c2)
-
-
-@pytest.mark.parametrize("overrides,match", [
-    (dict(fovea=48, size=64), "excludes crop and size"),
-    (dict(fovea=48, crop=80), "excludes crop and size"),
-    (dict(fovea=96), r"fovea must be in 8\.\.95"),
-    (dict(fovea=4), r"fovea must be in 8\.\.95"),
-])
-def test_foveated_resnet_refuses_bad_settings(overrides, match):
-  with pytest.raises(ValueError, match=match):
-    models.build_model("resnet", **overrides)
-
-
-def test_stride3_stem_reaches_the_64px_grid_with_the_same_weights():
-  # stem_strides=(3, 2) takes 96 px to 16 px, where the 64-px input enters
-  # the stages, with the same convolutions (so the same parameter count).
+def test_resnet_size_resizes_inside_the_model_with_the_same_weights():
+  # pcam_cpu.flags' --model_override=size=64: the whole patch, resized by a
+  # layer of the model, so validation and saved models see the same view.
+  at96 = models.build_model("resnet")
   at64 = models.build_model("resnet", size=64)
-  s3 = models.build_model("resnet", stem_strides=(3, 2))
-  assert s3.count_params() == at64.count_params()
-  for model in (at64, s3):
-    assert model.get_layer("stem1_relu").output.shape[1:3] == (16, 16)
-  assert s3.get_layer("stem0_conv").strides == (3, 3)
-  y = np.asarray(s3(_images(2), training=False))
-  assert y.shape == (2, 1) and np.all(np.isfinite(y))
-
-
-def test_stride3_stem_sees_every_pixel_once():
-  # 3x3 kernels at stride 3 tile the 96 px exactly: changing one pixel
-  # changes exactly one output position of the first stem convolution.
-  model = models.build_model("resnet", widths=(8,), stem_widths=(4, 4),
-                             stem_strides=(3, 2))
-  stem0 = keras.Model(model.input, model.get_layer("stem0_conv").output)
-  x = _images(1, seed=5)
-  for row, col in [(0, 0), (47, 50), (95, 95)]:
-    y = x.copy()
-    y[0, row, col] = 255 - y[0, row, col]
-    diff = np.abs(np.asarray(stem0(y)) - np.asarray(stem0(x))).sum(axis=-1)
-    changed = np.argwhere(diff[0] > 0)
-    assert changed.tolist() == [[row // 3, col // 3]]
-
-
-@pytest.mark.parametrize("overrides", [
-    dict(stem_strides=(3,)), dict(stem_strides=(5, 2)),
-    dict(stem_strides=(0, 2)), dict(stem_strides=(2.0, 2)),
-])
-def test_stem_strides_refuses_bad_settings(overrides):
-  with pytest.raises(ValueError, match="stem_strides must hold one stride"):
-    models.build_model("resnet", **overrides)
-
-
-def test_centre_pool_adds_the_centre_cells_features_to_the_head():
-  # The head sees [global mean, centre mean] of the last map: one more
-  # weight per channel of the last stage, nothing else.
-  plain = models.build_model("resnet", size=64)
-  model = models.build_model("resnet", size=64, centre_pool=True)
-  assert model.count_params() == plain.count_params() + 256
-  last = model.get_layer("pool_centre_crop").input
-  probe = keras.Model(model.input, [last, model.get_layer("pool").output])
-  fmap, pooled = (np.asarray(t) for t in probe(_images(2), training=False))
-  assert fmap.shape[1:3] == (4, 4) and pooled.shape == (2, 512)
-  np.testing.assert_allclose(pooled[:, :256], fmap.mean(axis=(1, 2)),
-                             rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(pooled[:, 256:],
-                             fmap[:, 1:3, 1:3].mean(axis=(1, 2)),
-                             rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("grid,cells", [(3, 1), (4, 2), (6, 2), (8, 4),
-                                        (9, 3)])
-def test_centre_cells_cover_the_centre_third_and_stay_centred(grid, cells):
-  from hcd.models import common  # pylint: disable=g-import-not-at-top
-  x = keras.Input((grid, grid, 2))
-  model = keras.Model(x, common.centre_and_global_pool(x))
-  fmap = np.arange(grid * grid * 2, dtype=np.float32).reshape(
-      1, grid, grid, 2)
-  centre = np.asarray(model(fmap))[0, 2:]
-  lo = (grid - cells) // 2
-  np.testing.assert_allclose(
-      centre, fmap[0, lo:lo + cells, lo:lo + cells].mean(axis=(0, 1)))
-  assert cells * 3 >= grid and (grid - cells) % 2 == 0
-
-
-def test_centre_pool_refuses_the_foveated_resnet():
-  with pytest.raises(ValueError, match="centre_pool applies to the single"):
-    models.build_model("resnet", fovea=48, centre_pool=True)
+  assert at64.count_params() == at96.count_params()
+  assert at64.get_layer("resize").output.shape[1:3] == (64, 64)
+  assert at64.get_layer("stem1_relu").output.shape[1:3] == (16, 16)
+  with pytest.raises(ValueError, match="size must be >= 8"):
+    models.build_model("resnet", size=4)

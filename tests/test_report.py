@@ -232,7 +232,7 @@ def test_two_recipes_on_the_same_folds_are_two_experiments(tmp_path):
   labels = np.array([0, 1] * 20)
   ids = [f"img{k}" for k in range(40)]
   scores = {"resnet": np.clip(0.6 * labels + rng.normal(0.2, 0.2, 40), 0, 1),
-            "p4m_resnet": rng.uniform(0, 1, 40)}
+            "efficientnet_v2_b0": rng.uniform(0, 1, 40)}
   runs_ = []
   for model, probs in scores.items():
     for k in range(2):
@@ -247,23 +247,23 @@ def test_two_recipes_on_the_same_folds_are_two_experiments(tmp_path):
           data={"val": {"num_examples": 20 + k}},
           runtime={"gpus": ["GPU:0"] if k else []}, log_every_steps=10 * k))
   out = report.compare_runs(runs_, str(tmp_path / "rep"))
-  resnet, p4m = out["cross_validation"]
-  for cv, model in ((resnet, "resnet"), (p4m, "p4m_resnet")):
+  resnet, effnet = out["cross_validation"]
+  for cv, model in ((resnet, "resnet"), (effnet, "efficientnet_v2_b0")):
     assert cv["label"] == f"model={model}"
     assert cv["runs"] == {"0": f"{model}_f0", "1": f"{model}_f1"}
     assert cv["missing"] == [] and cv["num_examples"] == 40
     assert cv["oof_auc"] == pytest.approx(roc_auc_score(labels,
                                                         scores[model]))
-  assert resnet["oof_auc"] > p4m["oof_auc"]
+  assert resnet["oof_auc"] > effnet["oof_auc"]
   with open(out["markdown"]) as f:
     md = f.read()
   assert "2 experiments, all on the same folds" in md
-  assert "### model=resnet" in md and "### model=p4m_resnet" in md
+  assert "### model=resnet" in md and "### model=efficientnet_v2_b0" in md
   with open(out["oof_csv"]) as f:
     rows = list(csv.DictReader(f))
   assert len(rows) == 80
   assert {r["experiment"] for r in rows} == {"model=resnet",
-                                             "model=p4m_resnet"}
+                                             "model=efficientnet_v2_b0"}
   # A second fold 0 of the same recipe is still a duplicate, named.
   again = _fold_run(tmp_path / "resnet_again", 0, 2, ids[:20], labels[:20],
                     scores["resnet"][:20], 0.9, model="resnet",

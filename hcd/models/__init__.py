@@ -5,13 +5,13 @@ tumour [B, 1]. The cast to float and the /255 are the model's first layer
 (`Rescaling`), so the input pipeline ships 4x fewer bytes to the device, and
 the last layer is `Dense(1, sigmoid, dtype="float32")` so mixed precision
 still returns float32 probabilities. Models are built from standard Keras
-layers plus two of hcd's, each with a standard equivalent that
-`standard_model` swaps in whenever hcd saves: `FusedBatchNorm` (Keras'
-BatchNormalization through TensorFlow's fused kernel, hcd.models.batchnorm)
-and the P4M group convolution. So a saved `.keras` file loads with
-`keras.saving.load_model(safe_mode=True)` without hcd installed; the one
-exception is a model built with `stain_norm` (hcd.models.stain), whose
-layer has no standard equivalent and needs `import hcd.models.stain` first.
+layers plus one of hcd's with a standard equivalent that `standard_model`
+swaps in whenever hcd saves: `FusedBatchNorm` (Keras' BatchNormalization
+through TensorFlow's fused kernel, hcd.models.batchnorm). So a saved
+`.keras` file loads with `keras.saving.load_model(safe_mode=True)` without
+hcd installed; the one exception is a model built with `stain_norm`
+(hcd.models.stain), whose layer has no standard equivalent and needs
+`import hcd.models.stain` first.
 Augmentation is not part of any model (see `hcd.models.augment`).
 
 The table maps a name to a `ModelSpec`; builders are imported lazily so that
@@ -73,11 +73,6 @@ MODELS: dict[str, ModelSpec] = {
         _lazy("resnet", "resnet"), 1e-3,
         "compact ResNet for 96 px: 2 stride-2 stem convs, residual stages "
         "64/128/256, global pooling (use warm-up + cosine)"),
-    "p4m_resnet": ModelSpec(
-        _lazy("p4m", "p4m_resnet"), 2e-3,
-        "rotation/mirror-equivariant (P4M group-conv) compact ResNet: the "
-        "resnet's channels and compute at 1/8 of its weights, exactly "
-        "invariant to the 8 D4 transforms"),
     "efficientnet_v2_b0": ModelSpec(
         _lazy("applications", "efficientnet_v2_b0"), 1e-3,
         "keras.applications EfficientNetV2-B0 backbone, weights=None unless "
@@ -181,8 +176,7 @@ def standard_model(model):
   hcd saves every .keras file through this, so saved models load with
   `keras.saving.load_model(safe_mode=True)` without hcd installed. A custom
   layer opts in by defining `standard_equivalent()` -> (standard layer,
-  its weights); e.g. a P4M group convolution becomes the plain Conv2D of
-  its expanded kernel, and a FusedBatchNorm the BatchNormalization it
+  its weights); e.g. a FusedBatchNorm becomes the BatchNormalization it
   computes. Models without such layers are returned as they are.
 
   Args:

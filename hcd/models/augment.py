@@ -285,10 +285,6 @@ def augment_batch(images, seed, flips: bool = True, rot90: bool = True,
   return x
 
 
-# The label concerns the centre 32x32 px of a 96 px patch (PCam/Kaggle).
-CENTRE = (32, 64)
-
-
 _BETA_GRID = 4096
 
 
@@ -314,65 +310,33 @@ def _beta(seed, n, alpha: float):
   return lo + (hi - lo) * frac
 
 
-def mix_batch(images, labels, seed, mode: str, alpha: float = 0.2,
-              centre: tuple[int, int] = CENTRE):
-  """Mixes every image with its partner in the reversed batch.
+def mixup(images, labels, seed, alpha: float = 0.2):
+  """Mixes every image with its partner in the reversed batch (mixup).
 
-  mixup: image = lam * a + (1 - lam) * b (rounded back to uint8), target =
-    lam * y_a + (1 - lam) * y_b, lam ~ Beta(alpha, alpha) per image.
-  cutmix: a box of area fraction 1 - lam (uniform centre, clipped to the
-    image) is pasted from b. The target mixes by how much of the *centre*
-    region comes from b, not by area: the label says whether the centre
-    32x32 px holds tumour, so a box that misses the centre leaves the
-    label alone and one that covers it takes b's.
+  image = lam * a + (1 - lam) * b (rounded back to uint8), target =
+  lam * y_a + (1 - lam) * y_b, lam ~ Beta(alpha, alpha) per image.
 
   Args:
     images: uint8 [B, H, W, C].
     labels: float32 [B] in [0, 1].
     seed: stateless seed, int tensor [2].
-    mode: "mixup" or "cutmix".
     alpha: Beta parameter (small: mostly one image dominates).
-    centre: [start, end) of the square region that decides the label.
 
   Returns:
     (images uint8 [B, H, W, C], targets float32 [B]).
-
-  Raises:
-    ValueError: unknown mode.
   """
-  if mode not in ("mixup", "cutmix"):
-    raise ValueError(f"mix mode must be mixup or cutmix, got {mode!r}")
   images = tf.convert_to_tensor(images)
   labels = tf.cast(labels, tf.float32)
   other, other_labels = tf.reverse(images, [0]), tf.reverse(labels, [0])
-  n = tf.shape(images)[0]
-  s_lam, s_box = _split_seed(seed, 2)
-  lam = _beta(s_lam, n, alpha)
-  if mode == "mixup":
-    w = lam[:, None, None, None]
-    mixed = (tf.cast(images, tf.float32) * w +
-             tf.cast(other, tf.float32) * (1.0 - w))
-    out = tf.cast(tf.clip_by_value(tf.round(mixed), 0.0, 255.0), images.dtype)
-    return out, lam * labels + (1.0 - lam) * other_labels
-  h, w = images.shape[1], images.shape[2]
-  cut = tf.sqrt(1.0 - lam)
-  cy = tf.random.stateless_uniform([n], s_box, 0.0, float(h))
-  cx = tf.random.stateless_uniform(
-      [n], tf.random.experimental.stateless_fold_in(s_box, 1), 0.0, float(w))
-  y0 = tf.clip_by_value(tf.round(cy - cut * h / 2), 0.0, float(h))
-  y1 = tf.clip_by_value(tf.round(cy + cut * h / 2), 0.0, float(h))
-  x0 = tf.clip_by_value(tf.round(cx - cut * w / 2), 0.0, float(w))
-  x1 = tf.clip_by_value(tf.round(cx + cut * w / 2), 0.0, float(w))
-  rows = tf.range(h, dtype=tf.float32)[None, :, None]
-  cols = tf.range(w, dtype=tf.float32)[None, None, :]
-  inside = ((rows >= y0[:, None, None]) & (rows < y1[:, None, None]) &
-            (cols >= x0[:, None, None]) & (cols < x1[:, None, None]))
-  out = tf.where(inside[..., None], other, images)
-  c0, c1 = float(centre[0]), float(centre[1])
-  overlap_y = tf.maximum(0.0, tf.minimum(y1, c1) - tf.maximum(y0, c0))
-  overlap_x = tf.maximum(0.0, tf.minimum(x1, c1) - tf.maximum(x0, c0))
-  from_other = overlap_y * overlap_x / ((c1 - c0) ** 2)
-  return out, (1.0 - from_other) * labels + from_other * other_labels
+  # The first of two split seeds, as when cutmix drew its box from the
+  # second: a mixup run's draws stay those of earlier runs.
+  s_lam, _ = _split_seed(seed, 2)
+  lam = _beta(s_lam, tf.shape(images)[0], alpha)
+  w = lam[:, None, None, None]
+  mixed = (tf.cast(images, tf.float32) * w +
+           tf.cast(other, tf.float32) * (1.0 - w))
+  out = tf.cast(tf.clip_by_value(tf.round(mixed), 0.0, 255.0), images.dtype)
+  return out, lam * labels + (1.0 - lam) * other_labels
 
 
 # The allowed range of each jitter strength, defined once: the Augmenter

@@ -14,8 +14,8 @@ step").
 arithmetic, within float rounding) that calls the fused kernel where it
 applies: the TensorFlow backend, normalisation over the last axis, no mask,
 no renorm, no synchronized statistics; anything else takes Keras' own path.
-Inputs of any rank >= 2 go through the kernel as a 4-D view (the P4M
-ResNet's [B, H, W, 8, C] statistics per feature are the same reduction).
+Inputs of any rank >= 2 go through the kernel as a 4-D view (statistics
+per feature over every other axis are the same reduction).
 
 Like Keras, the statistics are computed in float32 whatever the compute
 dtype, and the moving variance is updated with the biased batch variance

@@ -41,29 +41,23 @@ def probability_head(x, name: str = "probability"):
   return layers.Dense(1, activation="sigmoid", dtype="float32", name=name)(x)
 
 
-def input_view(x, crop: int = 0, size: int = 0):
-  """Optionally centre-crops and/or resizes the rescaled input (in-model).
+def input_view(x, size: int = 0):
+  """Optionally resizes the rescaled input (in-model).
 
-  Both are standard Keras layers inside the model, so training, evaluation
-  and every saved model see the same view.
+  A standard Keras layer inside the model, so training, evaluation and every
+  saved model see the same view.
 
   Args:
     x: the rescaled [B, 96, 96, 3] input.
-    crop: keep the centre crop x crop px (0: all 96). The label concerns the
-      centre 32x32 px; a crop trades outer context for compute.
-    size: resize (bilinear) to size x size px after the crop (0: keep).
-      Upsampling gives the stride-2 stem more pixels per tissue feature.
+    size: resize (bilinear) to size x size px (0: keep). The whole patch is
+      kept, context ring included, at fewer pixels: cheaper per image.
 
   Returns:
-    The (cropped, resized) tensor.
+    The (resized) tensor.
 
   Raises:
-    ValueError: crop or size out of range.
+    ValueError: size out of range.
   """
-  if crop:
-    if not 0 < crop <= IMAGE_SHAPE[0]:
-      raise ValueError(f"crop must be in 1..{IMAGE_SHAPE[0]}, got {crop}")
-    x = layers.CenterCrop(crop, crop, name="centre_crop")(x)
   if size:
     if size < 8:
       raise ValueError(f"size must be >= 8, got {size}")
@@ -72,63 +66,27 @@ def input_view(x, crop: int = 0, size: int = 0):
   return x
 
 
-def centre_and_global_pool(x, name: str = "pool"):
-  """Global average pooling, concatenated with pooling over the centre cells.
-
-  Why: the label concerns only the centre 32x32 px of the 96 px patch, but
-  global average pooling weighs every cell of the last feature map alike,
-  so tumour in the context ring (label 0) and in the centre (label 1) pool
-  to similar features. Pooling the cells over the centre third as well
-  lets the classifier weigh them apart, for C more inputs to one Dense
-  unit and no convolution.
-
-  Args:
-    x: the last stage's [B, H, W, C] feature map, H == W.
-    name: prefix of the layers' names ("<name>" is the concatenation).
-
-  Returns:
-    [B, 2C]: the whole map's mean features, then the centre cells'.
-
-  Raises:
-    ValueError: a non-square map.
-  """
-  grid = x.shape[1]
-  if grid is None or grid != x.shape[2]:
-    raise ValueError(f"centre pooling needs a square feature map, got "
-                     f"{tuple(x.shape[1:3])}")
-  # The fewest cells that cover the centre third and stay centred (same
-  # parity as the grid): 4 -> 2, 6 -> 2, 3 -> 1, 8 -> 4.
-  cells = -(-grid // 3)
-  if (grid - cells) % 2:
-    cells += 1
-  margin = (grid - cells) // 2
-  centre = layers.Cropping2D(margin, name=f"{name}_centre_crop")(x)
-  pooled = [layers.GlobalAveragePooling2D(name=f"{name}_global")(x),
-            layers.GlobalAveragePooling2D(name=f"{name}_centre")(centre)]
-  return layers.Concatenate(name=name)(pooled)
-
-
 def residual_trunk(name: str, widths, stem_widths, blocks_per_stage: int,
-                   crop: int, size: int, stem, block, stain_norm: str = "none"):
+                   size: int, stem, block, stain_norm: str = "none"):
   """The shared layout of hcd's ResNets: input, stem convs, residual stages.
 
   Args:
     name: the model's name, for error messages.
     widths, stem_widths, blocks_per_stage, stem, block: see
       `residual_stages`.
-    crop, size: see `input_view`.
+    size: see `input_view`.
     stain_norm: see `input_and_rescale`.
 
   Returns:
     (the uint8 keras.Input, the last stage's feature map).
 
   Raises:
-    ValueError: empty widths or stem_widths, blocks_per_stage < 1, bad crop
-      or size, an unknown stain_norm.
+    ValueError: empty widths or stem_widths, blocks_per_stage < 1, bad
+      size, an unknown stain_norm.
   """
   check_stages(name, widths, stem_widths, blocks_per_stage)
   inputs, x = input_and_rescale(stain_norm=stain_norm)
-  x = input_view(x, crop, size)
+  x = input_view(x, size)
   return inputs, residual_stages(x, widths, stem_widths, blocks_per_stage,
                                  stem, block)
 
@@ -143,7 +101,7 @@ def check_stages(name: str, widths, stem_widths, blocks_per_stage: int):
 
 
 def residual_stages(x, widths, stem_widths, blocks_per_stage: int, stem,
-                    block, prefix: str = ""):
+                    block):
   """Stem convolutions, then residual stages, on the tensor `x`.
 
   Args:
@@ -154,16 +112,14 @@ def residual_stages(x, widths, stem_widths, blocks_per_stage: int, stem,
     blocks_per_stage: residual blocks per stage.
     stem: callable(x, width, index, name) -> x, one stem convolution.
     block: callable(x, width, strides, name) -> x, one residual block.
-    prefix: prepended to every layer name, so that one model can hold
-      several trunks (the foveated ResNet's two streams).
 
   Returns:
     The last stage's feature map.
   """
   for i, w in enumerate(stem_widths):
-    x = stem(x, w, i, f"{prefix}stem{i}")
+    x = stem(x, w, i, f"stem{i}")
   for s, w in enumerate(widths):
     for b in range(blocks_per_stage):
       x = block(x, w, 2 if (s > 0 and b == 0) else 1,
-                f"{prefix}stage{s}_block{b}")
+                f"stage{s}_block{b}")
   return x

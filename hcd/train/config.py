@@ -22,7 +22,7 @@ from typing import Any
 from hcd.data import BALANCE_MODES
 LR_SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adam", "sgd")
-MIX_MODES = ("none", "mixup", "cutmix")
+MIX_MODES = ("none", "mixup")
 STRATEGIES = ("auto", "mirrored", "multiworker", "one_device")
 JIT_MODES = ("auto", "true", "false")
 PRECISIONS = ("none", "bf16", "fp16", "auto")
@@ -176,16 +176,6 @@ class TrainConfig:
       "its current value does not. Each plan is logged and checkpointed. "
       "0: no budget, train --epochs.",
       group="model")
-  progressive_size: int = setting(
-      0, "Progressive resizing: the first --progressive_epochs epochs train "
-      "on the input resized to this many px inside the model (bilinear, "
-      "keeping the whole patch; cheaper per image), the rest at the model's "
-      "own input, which validation, TTA and every saved model use. The "
-      "model must take a `size` override (the ResNets do). 0: off.",
-      group="model")
-  progressive_epochs: int = setting(
-      0, "Epochs at --progressive_size before the model's own input; fewer "
-      "than --epochs.", group="model")
   label_smoothing: float = setting(0.0, "Binary label smoothing.",
                                    group="model")
   ema_decay: float = setting(
@@ -218,10 +208,8 @@ class TrainConfig:
       "the exported model carries it); 'none' is off.",
       choices=_stain_norms, group="augmentation")
   mix: str = setting(
-      "none", "Batch mixing: mixup (images and labels blended), cutmix (a "
-      "random box pasted from another image; the label mixes by how much of "
-      "the centre 32x32 px, which decides the label, comes from each), or "
-      "none.", choices=MIX_MODES, group="augmentation")
+      "none", "Batch mixing: mixup (images and labels blended with a "
+      "partner's), or none.", choices=MIX_MODES, group="augmentation")
   mix_alpha: float = setting(
       0.2, "Beta(alpha, alpha) of the mixing weight for --mix.",
       group="augmentation")
@@ -309,17 +297,6 @@ class TrainConfig:
     check(self.warmup_epochs >= 0, "warmup_epochs must be >= 0")
     check(self.time_budget_min >= 0,
           f"time_budget_min must be >= 0, got {self.time_budget_min}")
-    if self.progressive_size or self.progressive_epochs:
-      check(self.progressive_size >= 8,
-            f"progressive_size must be >= 8 px, got {self.progressive_size}")
-      check(0 < self.progressive_epochs < self.epochs,
-            f"progressive_epochs must be in 1..{self.epochs - 1} (fewer than "
-            f"--epochs={self.epochs}), got {self.progressive_epochs}")
-      # The budget measures its pace at the decision epoch; at the smaller
-      # input that pace would under-count the full-size epochs after it.
-      check(not self.time_budget_min, "progressive_size and time_budget_min "
-            "exclude each other: the budget's pace, measured on the smaller "
-            "input, would not hold for the full-size epochs")
     check(self.weight_decay >= 0.0,
           f"weight_decay must be >= 0, got {self.weight_decay}")
     check(0.0 <= self.ema_decay < 1.0,

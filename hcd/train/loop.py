@@ -211,41 +211,30 @@ class Trainer:
         self.ema = [tf.Variable(tf.convert_to_tensor(v), trainable=False,
                                 name=f"ema_{k}")
                     for k, v in enumerate(self._ema_sources)]
-    # Progressive resizing: the same network with the input resized in it.
-    # Its own variables are never used: the train step calls it with this
-    # model's values, so both train one set of weights.
-    self.small_model = None
-    if config.progressive_size:
-      overrides = {**config.model_kwargs, "size": config.progressive_size}
-      with strategy.scope():
-        self.small_model = models.build_model(config.model, **overrides)
-      _check_same_variables(self.model, self.small_model)
     self._build_steps()
 
   # -- pure, XLA-compiled functions -----------------------------------------
 
   def _build_steps(self):
     from hcd.models import augment  # pylint: disable=g-import-not-at-top
-    model, augmenter, small_model = self.model, self.augmenter, self.small_model
+    model, augmenter = self.model, self.augmenter
     smoothing = float(self.config.label_smoothing)
     global_batch = float(self.global_batch)
 
-    mix, mix_alpha = self.config.mix, float(self.config.mix_alpha)
+    mixup = self.config.mix == "mixup"
+    mix_alpha = float(self.config.mix_alpha)
 
     def forward_backward(tv, ntv, aug_state, mix_seed, images, labels,
-                         weights, loss_scale, small):
-      # `small` is a Python bool: one trace per input size.
-      net = small_model if small else model
+                         weights, loss_scale):
       if self._aug_vars:
         images, _ = augmenter.stateless_call([], aug_state, images,
                                              training=True)
       targets = labels
-      if mix != "none":
-        images, targets = augment.mix_batch(images, labels, mix_seed, mix,
-                                            mix_alpha)
+      if mixup:
+        images, targets = augment.mixup(images, labels, mix_seed, mix_alpha)
       with tf.GradientTape() as tape:
         tape.watch(tv)
-        probs, new_ntv = net.stateless_call(tv, ntv, images, training=True)
+        probs, new_ntv = model.stateless_call(tv, ntv, images, training=True)
         per_example = _bce(targets, probs, smoothing)
         # Divided by the GLOBAL batch: the optimizer sums replica gradients.
         loss = tf.reduce_sum(per_example * weights) / global_batch
@@ -285,7 +274,7 @@ class Trainer:
                      tf.float32)
     return tf.constant(1.0, tf.float32)
 
-  def _train_replica(self, batch, small: bool):
+  def _train_replica(self, batch):
     ctx = tf.distribute.get_replica_context()
     step = tf.convert_to_tensor(self.step)
     tv = self._values(self.model.trainable_variables)
@@ -300,7 +289,7 @@ class Trainer:
         tf.cast(ctx.replica_id_in_sync_group, tf.int64)])
     per_example, probs, labels, grads, new_ntv = self.forward_backward(
         tv, ntv, aug_state, mix_seed, batch["image"], batch["label"],
-        batch["weight"], self._loss_scale(), small)
+        batch["weight"], self._loss_scale())
     self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
     if self._stat_index:
       stats = ctx.all_reduce(tf.distribute.ReduceOp.MEAN,
@@ -348,19 +337,15 @@ class Trainer:
     return probs[:, 0], batch["label"], batch["weight"]
 
   @tf.function
-  def train_loop(self, iterator, num_steps, small: bool = False):
+  def train_loop(self, iterator, num_steps):
     """Runs `num_steps` training steps (one tf.function call).
 
     Args:
       iterator: the distributed training iterator.
       num_steps: a scalar tensor.
-      small: train on the input resized to --progressive_size (a Python
-        bool, so each value has its own trace).
     """
-    if small and self.small_model is None:
-      raise ValueError("small=True needs --progressive_size")
     for _ in tf.range(num_steps):
-      self.strategy.run(self._train_replica, args=(next(iterator), small))
+      self.strategy.run(self._train_replica, args=(next(iterator),))
       self.step.assign_add(1)
       if self.ema:
         self._update_ema()
@@ -450,21 +435,6 @@ class Trainer:
     return float(tf.convert_to_tensor(self.optimizer.learning_rate))
 
 
-def _check_same_variables(model, other) -> None:
-  """Raises RuntimeError unless both models hold the same variables in order.
-
-  The progressive-resizing model is called with the main model's variable
-  values, so each position must be the same weight.
-  """
-  for attr in ("trainable_variables", "non_trainable_variables"):
-    a = [(v.name, tuple(v.shape)) for v in getattr(model, attr)]
-    b = [(v.name, tuple(v.shape)) for v in getattr(other, attr)]
-    if a != b:
-      raise RuntimeError(f"{model.name}: the resized model's {attr} differ "
-                         "from the model's; progressive resizing needs a "
-                         "`size` override that adds no weights")
-
-
 def _check_batch(config: TrainConfig, strategy, plan: pipeline.DataPlan):
   replicas = strategy.num_replicas_in_sync
   if config.batch_size % replicas:
@@ -539,12 +509,6 @@ def _train_and_evaluate(config: TrainConfig, strategy,
     models.get_spec(config.model)
     # Before any data is read: a misspelt --model_override fails now.
     models.check_overrides(config.model, config.model_kwargs)
-    if config.progressive_size:
-      try:
-        models.check_overrides(config.model, {"size": 0})
-      except ValueError as e:
-        raise ValueError(f"--progressive_size needs a model with a `size` "
-                         f"override: {e}") from None
   except ValueError as e:  # The message lists the known names or overrides.
     raise ConfigError(str(e)) from None
   if strategy is None:
@@ -651,9 +615,6 @@ def _train_and_evaluate(config: TrainConfig, strategy,
                if chief and config.tensorboard else None)
 
   epoch_times, step_times = [], []
-  # The ETA comes from the epochs at the current input size (progressive
-  # resizing changes the cost per epoch): epoch_times[phase_start:].
-  phase_start = 0
   epoch = start_epoch
   while epoch * steps_per_epoch < int(trainer.total_steps.numpy()):
     total_steps = int(trainer.total_steps.numpy())
@@ -661,14 +622,6 @@ def _train_and_evaluate(config: TrainConfig, strategy,
     # Whole epochs, but a time budget's last epoch may be shorter.
     epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
     trainer.train_metrics.reset()
-    small = epoch < config.progressive_epochs
-    if config.progressive_size and epoch in (start_epoch,
-                                             config.progressive_epochs):
-      logging.info("progressive resizing: epoch %d trains on the input %s",
-                   epoch + 1, f"resized to {config.progressive_size} px"
-                   if small else "at the model's own size")
-      if epoch == config.progressive_epochs:
-        phase_start = len(epoch_times)
     done = start_step - epoch * steps_per_epoch if epoch == start_epoch else 0
     done = min(max(done, 0), epoch_steps)
     bar = progress.bar(total=epoch_steps, desc=f"epoch {epoch + 1}/"
@@ -683,7 +636,7 @@ def _train_and_evaluate(config: TrainConfig, strategy,
       if config.checkpoint_every_steps:
         n = min(n, config.checkpoint_every_steps -
                 int(trainer.step.numpy()) % config.checkpoint_every_steps)
-      trainer.train_loop(train_iter, tf.constant(n, tf.int64), small)
+      trainer.train_loop(train_iter, tf.constant(n, tf.int64))
       done += n
       trained += n
       bar.update(n)
@@ -743,8 +696,7 @@ def _train_and_evaluate(config: TrainConfig, strategy,
           val_time, steps_per_epoch, first)
       eta = _eta_text(time_left)
     else:
-      eta = _eta(epoch_times[phase_start:],
-                 _epochs_left(config, epoch, num_epochs))
+      eta = _eta(epoch_times, num_epochs - epoch - 1)
     logging.info(
         "epoch %d/%d: loss %.4f acc %.4f auc %.4f | val_loss %s val_acc %s "
         "val_auc %s | %.1f s, %.0f img/s, lr %.3g%s", epoch + 1,
@@ -859,22 +811,6 @@ def _start_run_dir(run: rundir.RunDir, flags_text: str | None,
 
 def _fmt(x) -> str:
   return "-" if x is None else f"{x:.4f}"
-
-
-def _epochs_left(config: TrainConfig, epoch: int, num_epochs: int) -> float:
-  """Epochs left after `epoch` (0-based), in epochs of the current size.
-
-  While progressive resizing trains on the small input, the full-size epochs
-  still to come count by their pixel ratio (e.g. 2.25 for 64 -> 96 px; 2.07
-  was measured on a CPU) until their own time is known.
-  """
-  left = num_epochs - epoch - 1
-  if epoch >= config.progressive_epochs:
-    return left
-  full = num_epochs - config.progressive_epochs
-  own = (config.model_overrides.get("size") or
-         config.model_overrides.get("crop") or features.IMAGE_SHAPE[0])
-  return left - full + full * (own / config.progressive_size) ** 2
 
 
 def _eta(epoch_times: list[float], remaining: float) -> str:
