@@ -15,7 +15,7 @@ batch, one device, no input pipeline cost (a constant batch):
 
   bare  one tf.function doing augment + mix + forward + backward + Adam (+
         the EMA update), nothing else: the floor for any loop
-  hcd   hcd.train.loop.Trainer.train_loop: strategy.run, the per-replica
+  hcd   hcd.train.steps.Trainer.train_loop: strategy.run, the per-replica
         step as a separate tf.function, Adam applied outside it, BatchNorm
         statistics written back, EMA of weights and statistics,
         loss/accuracy/AUC metrics, a `steps_per_loop` loop over a tf.data
@@ -65,8 +65,8 @@ from hcd import models
 from hcd.cli import flags as train_flags
 from hcd.models import augment
 from hcd.models import batchnorm
-from hcd.train import loop
 from hcd.train import runtime
+from hcd.train import steps as train_steps
 
 _STEPS = flags.DEFINE_integer("steps", 20, "Steps per timed repeat.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per method.")
@@ -104,7 +104,7 @@ def _bce(config):
 def bare_step_fn(config, jit, lr):
   keras.utils.set_random_seed(config.seed)
   model = models.build_model(config.model, **config.model_overrides)
-  opt = loop.make_optimizer(config, lr, 100)
+  opt = train_steps.make_optimizer(config, lr, 100)
   opt.build(model.trainable_variables)
   step = tf.Variable(0, dtype=tf.int64)
   tracked = list(model.trainable_variables)
@@ -141,7 +141,7 @@ def hcd_step_fn(config, jit, lr, steps):
   strategy = tf.distribute.OneDeviceStrategy("/cpu:0" if not tf.config
                                              .list_physical_devices("GPU")
                                              else "/gpu:0")
-  trainer = loop.Trainer(config, strategy, lr, 100, jit)
+  trainer = train_steps.Trainer(config, strategy, lr, 100, jit)
   images, labels = batch(config.batch_size)
   ds = tf.data.Dataset.from_tensors({
       "image": images, "label": labels,
@@ -161,7 +161,7 @@ def fit_step_fn(config, jit, lr, steps):
                                                     **_augment_kwargs(config)),
                             models.build_model(config.model,
                                                **config.model_overrides)])
-  opt = loop.make_optimizer(config, lr, 100)
+  opt = train_steps.make_optimizer(config, lr, 100)
   if config.ema_decay:  # Keras' own EMA (of the trainable weights).
     # Set before the optimizer is built (compile builds it). A from_config
     # copy would need the lr schedule registered with Keras and would drop

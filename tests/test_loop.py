@@ -18,11 +18,15 @@ import pytest
 import tensorflow as tf
 
 from hcd import rundir
+from hcd.data import features
 from hcd.data import manifest as manifest_lib
+from hcd.data import pipeline
 from hcd.data import writer
 from hcd.train import artifacts
+from hcd.train import budget
 from hcd.train import loop
 from hcd.train import runtime
+from hcd.train import steps
 from hcd.train.config import ConfigError
 from hcd.train.config import TrainConfig
 
@@ -88,7 +92,7 @@ def test_run_directory_contract(shards_dir, tmp_path):
 
   # Predictions: every validation image once, labels from the shards, and
   # the saved model reproduces the probabilities (safe mode, no hcd code).
-  plan = loop.pipeline.make_plan(shards_dir, split_spec=loop.pipeline.SplitSpec(
+  plan = pipeline.make_plan(shards_dir, split_spec=pipeline.SplitSpec(
       0.2, 123), balance="undersample", seed=1)
   val_ids, val_labels, _ = test_pipeline.subset_ids(plan.val)
   rows = _read_csv(run.val_predictions)
@@ -105,7 +109,7 @@ def test_run_directory_contract(shards_dir, tmp_path):
   images, ids, _ = zip(*[
       (im, i, l) for path in manifest_lib.shard_paths(shards_dir, manifest)
       for rec in tf.data.TFRecordDataset(path).as_numpy_iterator()
-      for im, i, l in zip(*loop.features.parse_block_numpy(rec))])
+      for im, i, l in zip(*features.parse_block_numpy(rec))])
   index = {i: k for k, i in enumerate(ids)}
   some = rows[:8]
   batch = np.stack([images[index[r["id"]]] for r in some])
@@ -350,11 +354,11 @@ def test_tightly_clustered_model_is_ranked_by_its_exact_auc(tmp_path):
   writer.write_arrays(images, ids, labels, str(tmp_path), "train", 2)
   config = _config(str(tmp_path), "/unused", val_fraction=0.5)
   strategy = _strategy()
-  plan = loop.pipeline.run_plan(config)
-  trainer = loop.Trainer(config, strategy, 1e-3, 4, jit=False)
+  plan = pipeline.run_plan(config)
+  trainer = steps.Trainer(config, strategy, 1e-3, 4, jit=False)
   head = trainer.model.get_layer("probability")
   kernel, bias = head.get_weights()
-  val_with_ids = loop.pipeline.eval_dataset(plan.val, 16, with_ids=True)
+  val_with_ids = pipeline.eval_dataset(plan.val, 16, with_ids=True)
   _, y, p = trainer.predict(val_with_ids)
   logits = np.log(p / (1 - p))
   # The head is linear in its weights: squeeze the logits into 0.016 +- 0.01,
@@ -364,14 +368,14 @@ def test_tightly_clustered_model_is_ranked_by_its_exact_auc(tmp_path):
   head.set_weights([kernel * scale,
                     (bias - logits.mean()) * scale + 0.016])
   val_ds = strategy.distribute_datasets_from_function(
-      lambda ctx: loop.pipeline.eval_dataset(plan.val, 16, steps=100,
-                                             input_context=ctx))
-  steps = loop.pipeline.eval_steps(plan.val, 16)
-  exact = trainer.evaluate(iter(val_ds), steps)["val_auc"]
+      lambda ctx: pipeline.eval_dataset(plan.val, 16, steps=100,
+                                        input_context=ctx))
+  val_steps = pipeline.eval_steps(plan.val, 16)
+  exact = trainer.evaluate(iter(val_ds), val_steps)["val_auc"]
   ids, labels, probs = trainer.predict(val_with_ids)
   assert np.ptp(probs) < 0.005 and len(np.unique(probs)) > 10
   assert exact == pytest.approx(roc_auc_score(labels, probs), abs=1e-9)
-  streaming = loop._Metrics("val_")  # pylint: disable=protected-access
+  streaming = steps.Metrics("val_")
   streaming.update(tf.constant(labels, tf.float32),
                    tf.constant(probs[:, None], tf.float32),
                    tf.zeros(len(labels)), tf.ones(len(labels)))
@@ -457,14 +461,14 @@ def test_weight_decay_shrinks_kernels_only(tmp_path, optimizer):
   config = _config(str(tmp_path), tmp_path / "run", weight_decay=0.5,
                    lr_schedule="constant", optimizer=optimizer)
   model = models.build_model("tiny")
-  opt = loop.make_optimizer(config, learning_rate=0.1, steps_per_epoch=4)
+  opt = steps.make_optimizer(config, learning_rate=0.1, steps_per_epoch=4)
   before = {v.path: np.array(v) for v in model.trainable_variables}
   opt.apply_gradients([(tf.zeros_like(v), v)
                        for v in model.trainable_variables])
   names = set()
   for v in model.trainable_variables:
     names.add(v.name)
-    if v.name in loop.NO_DECAY_NAMES:
+    if v.name in steps.NO_DECAY_NAMES:
       np.testing.assert_array_equal(np.array(v), before[v.path], v.path)
     else:
       np.testing.assert_allclose(np.array(v), before[v.path] * (1 - 0.1 * 0.5),
@@ -477,7 +481,7 @@ def test_sgd_takes_a_nesterov_momentum_step(tmp_path):
   # constant gradient g: w1 = w0 - lr*g*(1+mu), w2 = w1 - lr*g*(1+mu+mu^2).
   config = _config(str(tmp_path), tmp_path / "run", optimizer="sgd",
                    momentum=0.5, lr_schedule="constant")
-  opt = loop.make_optimizer(config, learning_rate=0.1, steps_per_epoch=4)
+  opt = steps.make_optimizer(config, learning_rate=0.1, steps_per_epoch=4)
   assert isinstance(opt, keras.optimizers.SGD) and opt.nesterov
   w = keras.Variable(np.ones(3, np.float32))
   g = tf.constant([1.0, -2.0, 0.5])
@@ -491,11 +495,11 @@ def test_sgd_takes_a_nesterov_momentum_step(tmp_path):
 
 def test_eta_skips_the_tracing_epoch_and_ends_at_zero():
   # 300 s first epoch (tracing), then ~100 s: 3 epochs left is 5 minutes.
-  assert loop._eta([300.0, 100.0, 102.0, 98.0], 3) == ", eta 0:05:00"
-  assert loop._eta([90.0], 2) == ", eta 0:03:00"
-  assert loop._eta([100.0, 100.0], 72) == ", eta 2:00:00"
-  assert loop._eta([100.0, 100.0], 0) == ""
-  assert loop._eta([], 5) == ""
+  assert budget.eta([300.0, 100.0, 102.0, 98.0], 3) == ", eta 0:05:00"
+  assert budget.eta([90.0], 2) == ", eta 0:03:00"
+  assert budget.eta([100.0, 100.0], 72) == ", eta 2:00:00"
+  assert budget.eta([100.0, 100.0], 0) == ""
+  assert budget.eta([], 5) == ""
 
 
 def test_time_budget_sets_the_length_and_anneals_within_it(shards_dir,

@@ -4,11 +4,11 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 import tensorflow as tf
 
-from hcd.train import loop
+from hcd.train import steps
 
 
 def _streaming_auc(labels, probs):
-  m = loop._Metrics("val_")  # pylint: disable=protected-access
+  m = steps.Metrics("val_")
   for s in range(0, len(labels), 64):
     y = tf.constant(labels[s:s + 64], tf.float32)
     p = tf.constant(probs[s:s + 64, None], tf.float32)

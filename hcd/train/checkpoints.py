@@ -290,3 +290,71 @@ class Saver:
           self._checkpoint, self._directory, max_to_keep=self._max_to_keep,
           checkpoint_name=_PREFIX)
     self._manager.save(checkpoint_number=number)
+
+
+def run_checkpoints(trainer, budgeted: bool):
+  """(the run checkpoint, the best-model checkpoint) of a Trainer.
+
+  The run checkpoint holds everything a resumed run needs: the model, the
+  optimizer, the epoch and step counters, the best AUC and its epoch, the
+  weight EMA and, with a time budget, the planned length and where the
+  cosine stands and ends (so a resumed run anneals as planned).
+
+  Args:
+    trainer: a hcd.train.steps.Trainer.
+    budgeted: whether the run has an active time budget.
+  """
+  from hcd.train import schedule  # pylint: disable=g-import-not-at-top
+  ckpt = tf.train.Checkpoint(model=trainer.model, optimizer=trainer.optimizer,
+                             epoch=trainer.epoch, step=trainer.step,
+                             best_auc=trainer.best_auc,
+                             best_epoch=trainer.best_epoch)
+  if trainer.ema:
+    ckpt.ema = trainer.ema.averages
+  if budgeted:
+    ckpt.total_steps = trainer.total_steps
+    if isinstance(trainer.lr_schedule, schedule.HeldCosineDecay):
+      ckpt.lr_plan = tf.train.Checkpoint(**trainer.lr_schedule.variables)
+  best = tf.train.Checkpoint(model=trainer.model, epoch=trainer.epoch,
+                             best_auc=trainer.best_auc)
+  return ckpt, best
+
+
+def open_run(trainer, run: rundir.RunDir, run_config: dict, chief: bool,
+             temp_dir: str | None, epochs: int, budgeted: bool):
+  """Checks a run directory, restores its newest checkpoint, makes savers.
+
+  Nothing is written: a directory holding another run, or a run already
+  past its end, is refused as it is.
+
+  Args:
+    trainer: a hcd.train.steps.Trainer (restored in place).
+    run: the run directory.
+    run_config: the config.json the run will write (config and derived).
+    chief: whether this worker writes the run's files (and may repair a
+      damaged checkpoint index).
+    temp_dir: a non-chief worker's scratch directory (None on the chief).
+    epochs: the run's --epochs.
+    budgeted: whether the run has an active time budget.
+
+  Returns:
+    (the restored checkpoint's path or None, the latest Saver, the best
+    Saver).
+
+  Raises:
+    ConfigError: another run's directory, checkpoints of which none
+      restores, or a finished run asked to train past its end.
+  """
+  # Before the run writes the new config.json over the old one.
+  check_resumable(run, run_config)
+  ckpt, best = run_checkpoints(trainer, budgeted)
+  # Every worker restores the chief's checkpoint (a shared filesystem),
+  # and before anything is written, so that a run it cannot continue
+  # leaves the directory as it was.
+  latest = restore_latest(ckpt, run.checkpoints, repair=chief)
+  if latest:
+    check_not_past_end(
+        run, int(trainer.epoch.numpy()), int(trainer.step.numpy()),
+        int(trainer.total_steps.numpy()), epochs)
+  return (latest, Saver(ckpt, run.checkpoints, temp_dir, max_to_keep=2),
+          Saver(best, run.best_checkpoints, temp_dir, max_to_keep=1))

@@ -9,7 +9,7 @@ gradient all-reduce and apply run outside XLA, through `strategy.run`. What
 fails: `fit(jit_compile=True)` with 2 MirroredStrategy replicas ("Trying to
 access resource .../replica_1/... from device ...:0") and `fit` under
 MultiWorkerMirroredStrategy ("PerReplica ... unsupported type",
-tensorflow#72388, keras#20585). See hcd/train/loop.py.
+tensorflow#72388, keras#20585). See hcd/train/steps.py.
 """
 
 from __future__ import annotations
