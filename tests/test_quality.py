@@ -14,6 +14,7 @@ import tifffile
 
 from hcd.data import decode
 from hcd.data import quality
+from hcd.data import scan_report
 from hcd.data import screening
 from hcd.data import sources
 from hcd.data import synthetic
@@ -75,7 +76,7 @@ def bad_dir(tmp_path_factory):
 def test_scan_reports_every_problem_and_continues(bad_dir):
   records, expect, good = bad_dir
   df, summary = quality.scan(records, workers=1, progress=False)
-  assert list(df.columns) == list(quality.COLUMNS)
+  assert list(df.columns) == list(scan_report.COLUMNS)
   assert df["id"].tolist() == [r.id for r in records]
   for row in df.itertuples():
     flags, error = expect[row.id]
@@ -161,7 +162,7 @@ def test_parallel_scan_equals_serial_scan(bad_dir):
   # chunk_size=2 puts the duplicate pair into different worker tasks.
   two = quality.run_scan(records, workers=2, chunk_size=2, progress=False)
   assert one.lines == two.lines
-  assert quality.to_csv_text(one.dataframe()) == quality.to_csv_text(
+  assert scan_report.to_csv_text(one.dataframe()) == scan_report.to_csv_text(
       two.dataframe())
 
 
@@ -174,10 +175,10 @@ def test_clean_rows_format_like_every_other_row(bad_dir, tmp_path):
   records = records + [sources.Record('pa"tch,1', quoted, 1)]
   result = quality.run_scan(records, workers=1, progress=False)
   rows = np.arange(len(records))
-  general = quality._format_general(  # pylint: disable=protected-access
+  general = scan_report._format_general(  # pylint: disable=protected-access
       result.columns, rows)
   assert result.lines == general
-  clean = quality._clean_rows(  # pylint: disable=protected-access
+  clean = scan_report._clean_rows(  # pylint: disable=protected-access
       result.columns, rows)
   assert clean.sum() == len(good) and not clean[-1]
 
@@ -191,33 +192,33 @@ def test_report_round_trip_and_exclusions(bad_dir, tmp_path):
     rows = list(csv.DictReader(f))
   assert [r["id"] for r in rows] == [r.id for r in records]
   with open(json_path) as f:
-    assert json.load(f)["schema_version"] == quality.SCHEMA_VERSION
-  back = quality.read_report(str(tmp_path))
-  assert quality.to_csv_text(back) == quality.to_csv_text(result.dataframe())
-  excluded = quality.load_exclusions(str(tmp_path))
+    assert json.load(f)["schema_version"] == scan_report.SCHEMA_VERSION
+  back = scan_report.read_report(str(tmp_path))
+  assert scan_report.to_csv_text(back) == scan_report.to_csv_text(result.dataframe())
+  excluded = scan_report.load_exclusions(str(tmp_path))
   assert set(excluded) == {i for i, (f, _) in expect.items() if f}
   dark_id = next(i for i, (f, _) in expect.items() if f == "dark")
   assert excluded[dark_id].startswith("dark: max ") and "< 10" in (
       excluded[dark_id])
   assert excluded["empty"] == "unreadable: empty file (0 bytes)"
-  assert quality.excluded_ids(result.dataframe()) == excluded
+  assert scan_report.excluded_ids(result.dataframe()) == excluded
   # Saved again by a spreadsheet program, with a byte-order mark: the same.
   text = open(csv_path, encoding="utf-8").read()
   with open(csv_path, "w", encoding="utf-8-sig", newline="") as f:
     f.write(text)
-  assert quality.to_csv_text(quality.read_report(str(tmp_path))) == (
-      quality.to_csv_text(back))
+  assert scan_report.to_csv_text(scan_report.read_report(str(tmp_path))) == (
+      scan_report.to_csv_text(back))
 
 
 def test_load_exclusions_errors_name_the_path(tmp_path):
-  with pytest.raises(quality.ScanError, match=str(tmp_path / "scan.csv")):
-    quality.load_exclusions(str(tmp_path))
+  with pytest.raises(scan_report.ScanError, match=str(tmp_path / "scan.csv")):
+    scan_report.load_exclusions(str(tmp_path))
   (tmp_path / "scan.csv").write_text("id,label\nabc,0\n")
-  with pytest.raises(quality.ScanError, match="missing column"):
-    quality.load_exclusions(str(tmp_path))
+  with pytest.raises(scan_report.ScanError, match="missing column"):
+    scan_report.load_exclusions(str(tmp_path))
   (tmp_path / "scan.csv").write_text("id,flags,reasons\n\"abc,dark\n")
-  with pytest.raises(quality.ScanError, match="malformed"):
-    quality.load_exclusions(str(tmp_path))
+  with pytest.raises(scan_report.ScanError, match="malformed"):
+    scan_report.load_exclusions(str(tmp_path))
 
 
 def test_folder_layout_ids_are_not_hash_checked(tmp_path):
@@ -239,7 +240,7 @@ def test_folder_layout_ids_are_not_hash_checked(tmp_path):
   assert summary["sha1_checked"] == 0 and summary["num_flagged"] == 0
   assert summary["label_counts"] == {"0": 2, "1": 2}
   result.write(str(tmp_path / "scan"))
-  back = quality.read_report(str(tmp_path / "scan"))
+  back = scan_report.read_report(str(tmp_path / "scan"))
   assert back["id"].tolist() == df["id"].tolist()
   assert back["path"].tolist() == [r.path for r in records]
 
@@ -249,7 +250,7 @@ def test_workspace_md_documents_every_column():
     text = f.read()
   section = text[text.index("## Scan report"):]
   section = section[:section.index("\n## ", 3)]
-  for c in quality.COLUMNS + screening.FLAGS:
+  for c in scan_report.COLUMNS + screening.FLAGS:
     assert c in section, c
 
 
@@ -300,13 +301,13 @@ def test_tools_end_to_end(tmp_path):
   assert summary["split"] == "train" and summary["num_images"] == 300
   assert summary["flag_counts"]["dark"] == 1
   assert summary["flag_counts"]["unreadable"] == 1
-  assert quality.load_exclusions(out)[victim].startswith("unreadable: ")
+  assert scan_report.load_exclusions(out)[victim].startswith("unreadable: ")
 
   p = _tool("scan_quality", f"--data_dir={data}", "--split=test",
             f"--out_dir={tmp_path / 'scans' / 'test'}", "--workers=1",
             "--noprogress")
   assert p.returncode == 0, p.stderr
-  test_df = quality.read_report(str(tmp_path / "scans" / "test"))
+  test_df = scan_report.read_report(str(tmp_path / "scans" / "test"))
   assert len(test_df) == 50 and (test_df["label"] == -1).all()
 
 
@@ -399,6 +400,6 @@ def test_scan_quality_peak_memory_is_not_raised_by_a_bomb(tmp_path):
          "--noprogress"], capture_output=True, text=True, env=ENV, cwd=ROOT,
         check=True)
     peaks[case] = int(out.stdout.split()[-1]) / 1024  # MB (ru_maxrss: KB).
-  report = quality.read_report(str(tmp_path / "bomb" / "scan"))
+  report = scan_report.read_report(str(tmp_path / "bomb" / "scan"))
   assert report["flags"].tolist().count("bad_shape") == 1
   assert peaks["bomb"] - peaks["normal"] < 50, peaks

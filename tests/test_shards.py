@@ -20,6 +20,8 @@ import tensorflow as tf
 from hcd.data import decode
 from hcd.data import features
 from hcd.data import manifest as manifest_lib
+from hcd.data import shard_plan
+from hcd.data import shard_worker
 from hcd.data import tfrecord
 from hcd.data import verify
 from hcd.data import writer
@@ -100,26 +102,26 @@ def test_shard_names_follow_tfds():
 @pytest.mark.parametrize("n", [1, 5000, 7300, 100_000, 220_025, 1_000_000])
 def test_default_num_shards_gives_100_to_200_mb(n):
   counts = {"0": n - n // 2, "1": n // 2} if n > 1 else None
-  k = writer.default_num_shards(n, counts)
+  k = shard_plan.default_num_shards(n, counts)
   size = n * features.IMAGE_BYTES / k
   if k == 1:
-    assert size <= writer.MAX_SHARD_BYTES
+    assert size <= shard_plan.MAX_SHARD_BYTES
   else:
     assert 100e6 <= size <= 200e6, (k, size)
 
 
 def test_default_num_shards_caps_at_smaller_class():
-  assert writer.default_num_shards(100_000, {"0": 99_993, "1": 7}) == 7
-  assert writer.default_num_shards(100_000) == 14  # Unlabelled: no cap.
+  assert shard_plan.default_num_shards(100_000, {"0": 99_993, "1": 7}) == 7
+  assert shard_plan.default_num_shards(100_000) == 14  # Unlabelled: no cap.
 
 
 def test_assignment_deterministic_stratified_and_hash_ordered():
   rng = np.random.default_rng(1)
   ids = [f"{k:040x}" for k in rng.integers(0, 2**62, 1000)]
   labels = (rng.random(1000) < 0.4).astype(int)
-  members = writer.shard_members(ids, labels, 7)
+  members = shard_plan.shard_members(ids, labels, 7)
   perm = rng.permutation(1000)
-  again = writer.shard_members([ids[p] for p in perm], labels[perm], 7)
+  again = shard_plan.shard_members([ids[p] for p in perm], labels[perm], 7)
   as_ids = [[ids[i] for i in m] for m in members]
   assert as_ids == [[ids[perm[i]] for i in m] for m in again]
   sizes = [len(m) for m in members]
@@ -128,10 +130,10 @@ def test_assignment_deterministic_stratified_and_hash_ordered():
   for m in members:
     # Each shard gets its share of both classes, within one image.
     assert abs(labels[m].sum() - n1 / 7) <= 1
-    h = writer.id_hash([ids[i] for i in m])
+    h = shard_plan.id_hash([ids[i] for i in m])
     assert np.all(np.diff(h.astype(np.float64)) > 0)  # Interleaved by hash.
   np.testing.assert_array_equal(
-      writer.assign_shards(ids, labels, 7)[np.concatenate(members)],
+      shard_plan.assign_shards(ids, labels, 7)[np.concatenate(members)],
       np.repeat(np.arange(7), sizes))
 
 
@@ -298,6 +300,7 @@ def _data_and_scan(tmp_path, flat_value, **scan_kw):
     (data root, the flat image's id, the scan directory).
   """
   quality = pytest.importorskip("hcd.data.quality")
+  from hcd.data import scan_report  # pylint: disable=g-import-not-at-top
   from hcd.data import sources  # pylint: disable=g-import-not-at-top
   root = tmp_path / "data"
   make_kaggle(root, n=12, n_pos=4)
@@ -305,7 +308,7 @@ def _data_and_scan(tmp_path, flat_value, **scan_kw):
                    0)
   records, _, _ = sources.list_records(str(root), "train")
   df, summary = quality.scan(records, workers=1, progress=False, **scan_kw)
-  quality.write_report(df, summary, str(tmp_path / "scan"))
+  scan_report.write_report(df, summary, str(tmp_path / "scan"))
   return root, flat, str(tmp_path / "scan")
 
 
@@ -323,7 +326,7 @@ def test_scan_report_exclusions(tmp_path):
 def test_scan_thresholds_are_the_ones_recorded_and_in_force(tmp_path):
   # The scan decides what is dark; the manifest must say by which threshold
   # (it used to record make_shards' own default of 10 beside "max 14 < 20").
-  from hcd.data import quality  # pylint: disable=g-import-not-at-top
+  from hcd.data import scan_report  # pylint: disable=g-import-not-at-top
   root, grey, scan = _data_and_scan(tmp_path, 14, dark_max=20)
   r = make(root, tmp_path / "out", scan_dir=scan)
   assert _reasons(r["manifest"]) == {grey: "scan: dark: max 14 < 20"}
@@ -335,7 +338,7 @@ def test_scan_thresholds_are_the_ones_recorded_and_in_force(tmp_path):
   assert not (tmp_path / "out2").exists()
   make(root, tmp_path / "out3", scan_dir=scan, dark_max=20)
   os.remove(os.path.join(scan, "scan_summary.json"))
-  with pytest.raises(quality.ScanError, match="scan_summary.json"):
+  with pytest.raises(scan_report.ScanError, match="scan_summary.json"):
     make(root, tmp_path / "out4", scan_dir=scan)
 
 
@@ -435,7 +438,7 @@ def test_rerun_is_a_no_op_and_new_shard_count_replaces_old(tmp_path):
 def test_resume_after_crash_keeps_finished_shards(tmp_path, monkeypatch):
   make_kaggle(tmp_path / "data", n=30, n_pos=10)
   out = tmp_path / "out"
-  real = writer._write_shard_task  # pylint: disable=protected-access
+  real = shard_worker.write_shard_task
   calls = []
 
   def crash_on_second(task, on_progress=None):
@@ -446,7 +449,7 @@ def test_resume_after_crash_keeps_finished_shards(tmp_path, monkeypatch):
       raise KeyboardInterrupt
     return real(task, on_progress)
 
-  monkeypatch.setattr(writer, "_write_shard_task", crash_on_second)
+  monkeypatch.setattr(shard_worker, "write_shard_task", crash_on_second)
   with pytest.raises(KeyboardInterrupt):
     make(tmp_path / "data", out, num_shards=3)
   monkeypatch.undo()

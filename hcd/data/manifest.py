@@ -32,6 +32,10 @@ class ManifestError(ValueError):
   """A missing or invalid manifest; the message names the path."""
 
 
+class ShardError(ValueError):
+  """make_shards refuses, or a shard fails verification; names the file."""
+
+
 def shard_name(split: str, index: int, num_shards: int) -> str:
   """Returns the TFDS-style file name of one shard.
 

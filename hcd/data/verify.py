@@ -26,7 +26,7 @@ from hcd.data.manifest import manifest_path
 from hcd.data.manifest import manifest_splits
 from hcd.data.manifest import shard_paths
 from hcd.data.tfrecord import sha256_file
-from hcd.data.writer import ShardError
+from hcd.data.manifest import ShardError
 from hcd.fileio import file_size
 from hcd.text import one_line
 
@@ -73,14 +73,12 @@ def verify_split(shards_dir: str, split: str, workers: int | None = None,
     if size != e["bytes"]:
       raise ShardError(f"{p}: {size} bytes, the manifest says {e['bytes']}; "
                        f"the shard is truncated or was replaced")
-  excluded = {x["id"] for x in manifest.get("excluded", [])}
   workers = workers or os.cpu_count() or 1
   seen: dict[bytes, str] = {}
   with parallel.gc_paused(), concurrent.futures.ThreadPoolExecutor(
       max(1, workers)) as pool:
     # hashlib releases the GIL on big buffers: hashing runs beside parsing.
     digests = [pool.submit(sha256_file, p) for p in paths]
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     for e, p, fut in progress_lib.bar(
         list(zip(manifest["shards"], paths, digests)),
         desc=f"verify {split}", unit="shard", enabled=progress):
@@ -89,40 +87,9 @@ def verify_split(shards_dir: str, split: str, workers: int | None = None,
         raise ShardError(f"{p}: sha256 {digest} does not match the manifest's "
                          f"{e['sha256']}; the shard is corrupt: delete it "
                          f"and rerun make_shards")
-      n_records, counts = 0, collections.Counter()
-      name = os.path.basename(p)
-      # The training pipeline's own parser (features.parse_block), run in
-      # TensorFlow; only shapes, ids and labels come back to Python.
-      ds = tf.data.TFRecordDataset(p, buffer_size=1 << 23).map(
-          _block_summary, num_parallel_calls=2).prefetch(4)
-      try:
-        for shape, ids, labels in ds.as_numpy_iterator():
-          if tuple(shape[1:]) != features.IMAGE_SHAPE or not (
-              shape[0] == len(ids) == len(labels)):
-            raise ShardError(f"{p}: record {n_records} holds images "
-                             f"{tuple(shape)}, {len(ids)} ids, {len(labels)} "
-                             f"labels")
-          for i in ids:
-            if i in seen:
-              raise ShardError(f"{p}: id {i.decode()} is also in {seen[i]}; "
-                               f"ids must be unique")
-            seen[i] = name
-          counts.update(labels.tolist())
-          n_records += 1
-      except tf.errors.OpError as err:
-        raise ShardError(f"{p}: unreadable TFRecord or unparsable block after "
-                         f"record {n_records}: {type(err).__name__}: "
-                         f"{one_line(err.message)}") from None
-      counts = {str(k): v for k, v in counts.items()}
-      got = {"num_records": n_records, "num_examples": sum(counts.values()),
-             "label_counts": dict(counts)}
-      want = {"num_records": e["num_records"],
-              "num_examples": e["num_examples"],
-              "label_counts": {k: v for k, v in e["label_counts"].items() if v}}
-      if got != want:
-        raise ShardError(f"{p}: holds {got}, the manifest says {want}")
-  leaked = sorted(i.decode() for i in seen.keys() & {
-      x.encode() for x in excluded})
+      _check_records(p, e, seen)
+  excluded = {x["id"].encode() for x in manifest.get("excluded", [])}
+  leaked = sorted(i.decode() for i in seen.keys() & excluded)
   if leaked:
     raise ShardError(f"{where}: id {leaked[0]} is listed as excluded but is "
                      f"in shard {seen[leaked[0].encode()]}")
@@ -131,6 +98,55 @@ def verify_split(shards_dir: str, split: str, workers: int | None = None,
           "label_counts": manifest.get("label_counts"),
           "bytes": sum(e["bytes"] for e in manifest["shards"]),
           "seconds": time.perf_counter() - t0}
+
+
+def _check_records(path: str, entry: dict, seen: dict[bytes, str]) -> None:
+  """Parses every record of a shard and checks it against its entry.
+
+  Args:
+    path: the shard.
+    entry: its manifest entry.
+    seen: id -> shard name of the shards checked so far; this shard's ids
+      are added.
+
+  Raises:
+    ShardError: an unreadable or malformed record, an id seen before, or
+      counts other than the entry's.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  n_records, counts = 0, collections.Counter()
+  name = os.path.basename(path)
+  # The training pipeline's own parser (features.parse_block), run in
+  # TensorFlow; only shapes, ids and labels come back to Python.
+  ds = tf.data.TFRecordDataset(path, buffer_size=1 << 23).map(
+      _block_summary, num_parallel_calls=2).prefetch(4)
+  try:
+    for shape, ids, labels in ds.as_numpy_iterator():
+      if tuple(shape[1:]) != features.IMAGE_SHAPE or not (
+          shape[0] == len(ids) == len(labels)):
+        raise ShardError(f"{path}: record {n_records} holds images "
+                         f"{tuple(shape)}, {len(ids)} ids, {len(labels)} "
+                         f"labels")
+      for i in ids:
+        if i in seen:
+          raise ShardError(f"{path}: id {i.decode()} is also in {seen[i]}; "
+                           f"ids must be unique")
+        seen[i] = name
+      counts.update(labels.tolist())
+      n_records += 1
+  except tf.errors.OpError as err:
+    raise ShardError(f"{path}: unreadable TFRecord or unparsable block after "
+                     f"record {n_records}: {type(err).__name__}: "
+                     f"{one_line(err.message)}") from None
+  counts = {str(k): v for k, v in counts.items()}
+  got = {"num_records": n_records, "num_examples": sum(counts.values()),
+         "label_counts": dict(counts)}
+  want = {"num_records": entry["num_records"],
+          "num_examples": entry["num_examples"],
+          "label_counts": {k: v for k, v in entry["label_counts"].items()
+                           if v}}
+  if got != want:
+    raise ShardError(f"{path}: holds {got}, the manifest says {want}")
 
 
 def verify(shards_dir: str, split: str | None = None,

@@ -3,12 +3,12 @@
 `make_split` converts one split of a data directory in a single decode pass
 per image (read, decode, screen by `hcd.data.screening`: shape, SHA-1 of the
 pixels against a Kaggle id, dark/bright) and writes whole shards in worker
-processes that never import TensorFlow (the bytes come from
-`hcd.data.tfrecord`). Which image goes to which shard (`assign_shards`,
-`shard_members`) depends only on the ids and labels, so the output never
-depends on the number of workers. The layout and manifest are documented in
-WORKSPACE.md ("Shards"); readers use `hcd.data.manifest`, and
-`hcd.data.verify` rereads the output with TensorFlow.
+processes that never import TensorFlow (hcd/data/shard_worker.py; the
+bytes come from `hcd.data.tfrecord`). Which image goes to which shard
+(hcd/data/shard_plan.py) depends only on the ids and labels, so the output
+never depends on the number of workers. The layout and manifest are
+documented in WORKSPACE.md ("Shards"); readers use `hcd.data.manifest`,
+and `hcd.data.verify` rereads the output with TensorFlow.
 
 Resumability: each finished shard is renamed into place and then gets a
 sidecar `<out_dir>/.hcd-<split>.state/<shard>.json` holding its manifest
@@ -21,184 +21,41 @@ finished output writes nothing. One lock per split keeps a second run out.
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import contextlib
-import ctypes
-import dataclasses
 import datetime
 import fcntl
 import hashlib
 import json
-import math
 import os
 import re
-import signal
 import time
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
 import hcd
 from hcd import progress as progress_lib
 from hcd import text
-from hcd.data import decode
 from hcd.data import features
 from hcd.data import parallel
+from hcd.data import scan_report
 from hcd.data import screening
 from hcd.data import sources
+from hcd.data import shard_plan
+from hcd.data import shard_worker
 from hcd.data.manifest import DATASET_NAME
 from hcd.data.manifest import label_counts
 from hcd.data.manifest import manifest_path
+from hcd.data.manifest import ShardError
 from hcd.data.manifest import shard_name
 from hcd.data.manifest import state_dir
 from hcd.data.tfrecord import encode_block_head
-from hcd.data.tfrecord import RecordWriter
 from hcd import fileio
 from hcd.fileio import atomic_write_text
 from hcd.fileio import file_size
 
-# Shards of at most this many bytes: 100-200 MB each once there are two or
-# more, big enough for sequential reads and few enough files to interleave.
-MAX_SHARD_BYTES = 200_000_000
-# Bytes per image in a shard beyond its pixels (id, label, framing), used only
-# to estimate shard sizes.
-_PER_IMAGE_OVERHEAD = 48
 DARK_BRIGHT_MODES = ("auto", "exclude", "keep")
 _SPLIT_RE = re.compile(r"[A-Za-z0-9_]+")
-# Test hook: a writer process SIGKILLs itself (and the main process) after
-# writing this many blocks, to test recovery from kill -9 deterministically.
-KILL_AFTER_BLOCKS_ENV = "HCD_MAKE_SHARDS_KILL_AFTER_BLOCKS"
-
-
-class ShardError(ValueError):
-  """make_shards refuses, or a shard fails verification; names the file."""
-
-
-def id_hash(ids: Sequence[str], seed: int = 0) -> np.ndarray:
-  """Stable 64-bit hash per id (independent of Python's hash seed).
-
-  Args:
-    ids: image ids.
-    seed: salts the hash.
-
-  Returns:
-    uint64 array, one hash per id.
-  """
-  out = np.empty(len(ids), np.uint64)
-  salt = str(seed).encode()
-  for k, i in enumerate(ids):
-    out[k] = int.from_bytes(
-        hashlib.blake2b(i.encode(), digest_size=8, key=salt).digest(), "little")
-  return out
-
-
-def _assign(h: np.ndarray, labels: np.ndarray, num_shards: int) -> np.ndarray:
-  out = np.empty(len(h), np.int64)
-  offset = 0
-  for lab in np.unique(labels):
-    idx = np.nonzero(labels == lab)[0]
-    idx = idx[np.argsort(h[idx], kind="stable")]
-    # Offsetting each label's deal keeps shard sizes within one of each other.
-    out[idx] = (np.arange(len(idx)) + offset) % num_shards
-    offset += len(idx)
-  return out
-
-
-def assign_shards(ids: Sequence[str], labels: Sequence[int],
-                  num_shards: int) -> np.ndarray:
-  """Assigns each image to a shard, deterministically and stratified by label.
-
-  Within each label, images are ordered by a hash of their id and dealt
-  round-robin, so each shard gets both classes in the split's proportion and
-  the assignment depends only on the set of ids (not on listing order).
-
-  Args:
-    ids: image ids.
-    labels: their labels (-1 for unlabelled).
-    num_shards: number of shards.
-
-  Returns:
-    int array: the shard index of each image.
-  """
-  return _assign(id_hash(ids), np.asarray(labels), num_shards)
-
-
-def shard_members(ids: Sequence[str], labels: Sequence[int],
-                  num_shards: int) -> list[np.ndarray]:
-  """Lists each shard's images in the order they are written.
-
-  Shards are those of `assign_shards`; inside a shard, images are ordered
-  by the id hash, so the classes are interleaved and any block of a shard is
-  a random sample of it (the input pipeline relies on this).
-
-  Args:
-    ids: image ids.
-    labels: their labels.
-    num_shards: number of shards.
-
-  Returns:
-    num_shards int arrays of indices into `ids`.
-  """
-  h = id_hash(ids)
-  assignment = _assign(h, np.asarray(labels), num_shards)
-  order = np.lexsort((h, assignment))
-  bounds = np.cumsum(np.bincount(assignment, minlength=num_shards))[:-1]
-  return np.split(order, bounds)
-
-
-def default_num_shards(num_images: int,
-                       counts: dict[str, int] | None = None,
-                       max_shard_bytes: int = MAX_SHARD_BYTES) -> int:
-  """Chooses a shard count: shards of at most `max_shard_bytes`.
-
-  With two or more shards each is 100-200 MB (by default); small inputs get
-  one. A labelled split never gets more shards than its smaller class has
-  images, so every shard holds both classes.
-
-  Args:
-    num_images: images in the split.
-    counts: label counts ({"0": n0, "1": n1}), if labelled.
-    max_shard_bytes: the size cap.
-
-  Returns:
-    The number of shards, >= 1.
-  """
-  total = num_images * (features.IMAGE_BYTES + _PER_IMAGE_OVERHEAD)
-  n = max(1, math.ceil(total / max_shard_bytes))
-  classes = [counts.get(k, 0) for k in ("0", "1")] if counts else []
-  if classes and min(classes) > 0:
-    n = min(n, min(classes))
-  return n
-
-
-# --- Writing shards -----------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _open_shard(path: str) -> Iterator[RecordWriter]:
-  """A RecordWriter on the shard's temporary name (`fileio.tmp_name`).
-
-  The caller renames `writer.path` to `path` when the shard is complete.
-  Whatever happens before that, the partial file is deleted; an OSError
-  (disk full, say) is re-raised naming the shard, since a failed write()
-  names no file and "No space left on device" alone does not say where.
-
-  Args:
-    path: the shard's final path.
-
-  Yields:
-    The open RecordWriter.
-  """
-  writer = None
-  try:
-    writer = RecordWriter(fileio.tmp_name(path))
-    yield writer
-  except OSError as e:
-    raise fileio.named_error(e, path) from None
-  finally:
-    if writer is not None:
-      writer.abort()  # A no-op once the file has been renamed into place.
 
 
 def write_shard(path: str, images: np.ndarray, ids: Sequence[str],
@@ -225,7 +82,7 @@ def write_shard(path: str, images: np.ndarray, ids: Sequence[str],
     raise ValueError(f"{path}: images must be uint8 "
                      f"{(n,) + features.IMAGE_SHAPE}, got {images.dtype} "
                      f"{images.shape}")
-  with _open_shard(path) as writer:
+  with shard_worker.open_shard(path) as writer:
     for s in range(0, n, block_size):
       block = images[s:s + block_size]
       writer.write(encode_block_head(block.nbytes, ids[s:s + block_size],
@@ -317,7 +174,7 @@ def write_arrays(images: np.ndarray, ids: Sequence[str],
   os.makedirs(out_dir, exist_ok=True)
   labels = np.asarray(labels, np.int64)
   entries = []
-  for s, idx in enumerate(shard_members(ids, labels, num_shards)):
+  for s, idx in enumerate(shard_plan.shard_members(ids, labels, num_shards)):
     entries.append(write_shard(
         os.path.join(out_dir, shard_name(split, s, num_shards)),
         images[idx], [ids[i] for i in idx], labels[idx], block_size))
@@ -325,205 +182,6 @@ def write_arrays(images: np.ndarray, ids: Sequence[str],
                             block_size=block_size)
   write_manifest(out_dir, manifest)
   return manifest
-
-
-@dataclasses.dataclass
-class _ShardTask:
-  """One shard to write: which images, where, how to screen them."""
-  index: int
-  path: str
-  sidecar: str
-  fingerprint: str
-  members: list  # [(path, id, label)] in write order.
-  dark_max: int
-  bright_min: int
-  dark_bright: str  # "exclude" or "keep" (then only flagged).
-  block_size: int
-  skip_invalid: bool
-
-
-_blocks_written = 0
-
-
-def _maybe_die() -> None:
-  """Test hook: simulates kill -9 of the whole run (KILL_AFTER_BLOCKS_ENV)."""
-  global _blocks_written
-  _blocks_written += 1
-  limit = os.environ.get(KILL_AFTER_BLOCKS_ENV)
-  if limit and _blocks_written >= int(limit):
-    if _main_pid and _main_pid != os.getpid():
-      os.kill(_main_pid, signal.SIGKILL)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _write_shard_task(task: _ShardTask,
-                      on_progress: Callable[[int], None] | None = None
-                      ) -> dict:
-  """Decodes, screens and writes one shard, then its sidecar.
-
-  Returns:
-    {"index", "fingerprint", "entry" (None if not written), "excluded",
-     "flagged", "invalid"}. Invalid images (unreadable, bad shape, pixels
-    not hashing to a Kaggle id) are excluded with `skip_invalid`; otherwise
-    the shard is not written and they are returned in "invalid".
-  """
-  bs = task.block_size
-  block = np.empty((bs,) + features.IMAGE_SHAPE, np.uint8)
-  paths: list[str] = []
-  ids: list[str] = []
-  labels: list[int] = []
-  excluded: list[dict] = []
-  flagged: list[dict] = []
-  invalid: list[dict] = []
-  counts: collections.Counter = collections.Counter()
-  layouts = decode.TiffLayoutCache()
-
-  def flush():
-    n = len(ids)
-    if not n:
-      return
-    flat = block[:n].reshape(n, -1)
-    mx, mn = flat.max(axis=1), flat.min(axis=1)
-    bad = (screening.is_dark(mx, task.dark_max) |
-           screening.is_bright(mn, task.bright_min))
-    images, keep_ids, keep_labels = block[:n], ids, labels
-    if bad.any():
-      for j in np.nonzero(bad)[0]:
-        reason = screening.dark_bright_reason(mn[j], mx[j], task.dark_max,
-                                              task.bright_min)
-        (excluded if task.dark_bright == "exclude" else flagged).append(
-            {"id": ids[j], "path": paths[j], "reason": reason})
-      if task.dark_bright == "exclude":
-        keep = np.nonzero(~bad)[0]
-        images = block[:n][keep]
-        keep_ids = [ids[j] for j in keep]
-        keep_labels = [labels[j] for j in keep]
-    if keep_ids:
-      writer.write(encode_block_head(images.nbytes, keep_ids, keep_labels),
-                   images)
-      counts.update(keep_labels)
-    if on_progress:
-      on_progress(n)
-    paths.clear()
-    ids.clear()
-    labels.clear()
-    _maybe_die()
-
-  # Any failure, and a shard refused for its invalid images, leaves no
-  # partial file behind (_open_shard).
-  with _open_shard(task.path) as writer, parallel.gc_paused():
-    for path, rid, label in task.members:
-      try:
-        img = screening.read_image(path, layouts)
-      except screening.Fault as e:
-        invalid.append({"id": rid, "path": path, "reason": e.reason})
-        continue
-      # A Kaggle id is the SHA-1 of the pixels: a mismatch means the file
-      # is not the image its name (and so its label) claims.
-      mismatch = screening.check_sha1(rid, img)
-      if mismatch:
-        invalid.append({"id": rid, "path": path, "reason": mismatch})
-        continue
-      block[len(ids)] = img
-      paths.append(path)
-      ids.append(rid)
-      labels.append(label)
-      if len(ids) == bs:
-        flush()
-    flush()
-    num_bytes, sha = writer.close()
-    result = {"index": task.index, "fingerprint": task.fingerprint,
-              "entry": None, "excluded": excluded, "flagged": flagged,
-              "invalid": invalid}
-    if invalid and not task.skip_invalid:
-      return result
-    result["excluded"] = excluded + invalid
-    result["invalid"] = []
-    result["entry"] = {
-        "file": os.path.basename(task.path),
-        "num_examples": sum(counts.values()),
-        "num_records": writer.num_records,
-        "label_counts": {str(k): v for k, v in sorted(counts.items())},
-        "bytes": num_bytes,
-        "sha256": sha,
-        "fingerprint": task.fingerprint,
-    }
-    os.replace(writer.path, task.path)
-  # The sidecar goes last: a shard without one is simply redone.
-  atomic_write_text(task.sidecar, json.dumps(result) + "\n", fsync=False)
-  return result
-
-
-_progress_counter = None
-_main_pid = None
-
-
-def _die_with_parent() -> None:
-  """Makes Linux SIGKILL this process when its parent dies.
-
-  Without it, pool workers outlive a killed (kill -9) main process: they
-  block forever on the task queue, still holding the split's lock.
-  """
-  try:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-  except (OSError, AttributeError):  # Not Linux: workers exit on EOF only.
-    return
-  if os.getppid() == 1:  # The parent died before prctl took effect.
-    os._exit(1)  # pylint: disable=protected-access
-
-
-def _init_worker(counter, main_pid: int) -> None:
-  global _progress_counter, _main_pid
-  _die_with_parent()
-  _progress_counter = counter
-  _main_pid = main_pid
-  # Ctrl-C goes to the whole process group; let the main process handle it
-  # (it cancels the pool) instead of every worker printing a traceback.
-  signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _add_progress(n: int) -> None:
-  with _progress_counter.get_lock():
-    _progress_counter.value += n
-
-
-def _pool_write_shard(task: _ShardTask) -> dict:
-  return _write_shard_task(task, _add_progress)
-
-
-def _run_tasks(tasks: list[_ShardTask], workers: int,
-               pbar) -> Iterator[dict]:
-  """Runs shard tasks in this process (workers <= 1) or a process pool."""
-  global _main_pid
-  _main_pid = os.getpid()
-  if workers <= 1 or len(tasks) <= 1:
-    for t in tasks:
-      yield _write_shard_task(t, pbar.update)
-    return
-  # Forked while this process is free of TensorFlow (the CLI), else
-  # forkserver (see hcd.data.parallel).
-  ctx = parallel.pool_context()
-  counter = ctx.Value("q", 0)
-  with concurrent.futures.ProcessPoolExecutor(
-      min(workers, len(tasks)), mp_context=ctx, initializer=_init_worker,
-      initargs=(counter, os.getpid())) as pool:
-    pending = {pool.submit(_pool_write_shard, t) for t in tasks}
-    try:
-      while pending:
-        done, pending = concurrent.futures.wait(
-            pending, timeout=0.2,
-            return_when=concurrent.futures.FIRST_COMPLETED)
-        pbar.update(counter.value - pbar.n)
-        for f in done:
-          yield f.result()
-    except concurrent.futures.process.BrokenProcessPool:
-      raise ShardError("a make_shards worker process died (killed, or out of "
-                       "memory); rerun the same command to resume") from None
-    except BaseException:
-      for f in pending:
-        f.cancel()
-      raise
 
 
 @contextlib.contextmanager
@@ -591,12 +249,6 @@ def _labels_csv_used(data_dir: str, split: str, layout: str,
   return None
 
 
-def _scan_exclusions(scan_dir: str) -> dict[str, str]:
-  # Imported here: hcd.data.quality belongs to the scanner.
-  from hcd.data import quality  # pylint: disable=g-import-not-at-top
-  return quality.load_exclusions(scan_dir)
-
-
 def _thresholds(scan_dir: str | None, dark_max: int | None,
                 bright_min: int | None) -> tuple[int, int]:
   """The dark/bright thresholds in force: asked for, the scan's, or default.
@@ -607,14 +259,13 @@ def _thresholds(scan_dir: str | None, dark_max: int | None,
 
   Raises:
     ShardError: a threshold asked for disagrees with the scan report's.
-    hcd.data.quality.ScanError: unreadable scan summary.
+    hcd.data.scan_report.ScanError: unreadable scan summary.
   """
   asked = {"dark_max": dark_max, "bright_min": bright_min}
   if not scan_dir:
     return (screening.DARK_MAX if dark_max is None else int(dark_max),
             screening.BRIGHT_MIN if bright_min is None else int(bright_min))
-  from hcd.data import quality  # pylint: disable=g-import-not-at-top
-  scan = quality.load_thresholds(scan_dir)
+  scan = scan_report.load_thresholds(scan_dir)
   for name, value in asked.items():
     if value is not None and int(value) != scan[name]:
       raise ShardError(
@@ -646,7 +297,8 @@ def make_split(data_dir: str, split: str, out_dir: str,
     workers: writer processes (default: all CPUs; 1 = in this process).
     scan_dir: a tools/scan_quality output directory; the images its report
       flags are excluded, with the report's reason.
-    num_shards: number of shards (default: `default_num_shards`).
+    num_shards: number of shards (default:
+      `shard_plan.default_num_shards`).
     labels_csv: labels CSV for the Kaggle layout (default
       `<data_dir>/train_labels.csv` for train).
     skip_invalid: exclude invalid inputs (label-CSV problems, unreadable or
@@ -676,10 +328,69 @@ def make_split(data_dir: str, split: str, out_dir: str,
     ShardError: invalid images without skip_invalid, a bad option, a scan
       report of other data or of other thresholds, or another run holding
       the split's lock.
-    hcd.data.quality.ScanError: a missing or malformed scan report.
+    hcd.data.scan_report.ScanError: a missing or malformed scan report.
     OSError: an unwritable out_dir.
   """
   t0 = time.perf_counter()
+  _check_options(split, dark_bright, block_size)
+  dark_max, bright_min = _thresholds(scan_dir, dark_max, bright_min)
+  data_dir = os.path.abspath(data_dir)
+  out_dir = os.path.abspath(out_dir)
+  if not os.path.isdir(data_dir):
+    raise sources.DataError(f"{data_dir}: no such data directory")
+  options = {"dark_max": int(dark_max), "bright_min": int(bright_min),
+             "dark_bright": dark_bright, "block_size": int(block_size),
+             "sha1_check": screening.SHA1_CHECK}
+  # A refused run leaves no empty out_dir behind (fileio.made_dirs).
+  with fileio.made_dirs(out_dir), _split_lock(out_dir, split), \
+      parallel.gc_paused():
+    removed_tmp = _remove_stale_tmp(out_dir, split)
+    result = _convert(data_dir, split, out_dir, options, labels_csv,
+                      scan_dir, num_shards, skip_invalid, overwrite,
+                      workers or os.cpu_count() or 1, progress)
+  result.update(removed_tmp=removed_tmp, seconds=time.perf_counter() - t0)
+  return result
+
+
+def _convert(data_dir: str, split: str, out_dir: str, options: dict,
+             labels_csv: str | None, scan_dir: str | None,
+             num_shards: int | None, skip_invalid: bool, overwrite: bool,
+             workers: int, progress: bool) -> dict:
+  """`make_split` once its options are checked and the split is locked.
+
+  Returns:
+    make_split's result but for "removed_tmp" and "seconds".
+  """
+  records, pre_excluded, layout = _select_records(
+      data_dir, split, labels_csv, skip_invalid, scan_dir)
+  source = {"data_dir": data_dir, "split": split, "layout": layout,
+            "labels_csv": _labels_csv_used(data_dir, split, layout,
+                                           labels_csv),
+            "scan_dir": os.path.abspath(scan_dir) if scan_dir else None}
+  tasks = _plan_tasks(records, split, out_dir, num_shards, options,
+                      data_dir, bool(scan_dir), bool(skip_invalid))
+  plan_fp = _fingerprint({"shards": [t.fingerprint for t in tasks],
+                          "excluded": pre_excluded, "source": source})
+  mpath = manifest_path(out_dir, split)
+  old = None if overwrite else _read_json(mpath)
+  if _up_to_date(old, plan_fp, out_dir):
+    return {"status": "up_to_date", "manifest": old, "manifest_path": mpath,
+            "written": 0, "reused": len(tasks), "removed": [],
+            "images": old["num_examples"]}
+  results, written = _write_tasks(tasks, overwrite, workers, progress,
+                                  mpath, split)
+  _check_invalid(results, os.path.join(data_dir, split))
+  manifest = _assemble_manifest(split, [results[t.index] for t in tasks],
+                                source, pre_excluded, options, plan_fp)
+  write_manifest(out_dir, manifest)
+  removed = _remove_unplanned(out_dir, split, {t.path for t in tasks})
+  return {"status": "written", "manifest": manifest, "manifest_path": mpath,
+          "written": written, "reused": len(tasks) - written,
+          "removed": removed, "images": manifest["num_examples"]}
+
+
+def _check_options(split: str, dark_bright: str, block_size: int) -> None:
+  """Raises ShardError for a bad split name, dark_bright mode or block."""
   if not _SPLIT_RE.fullmatch(split or ""):
     raise ShardError(f"split name {split!r} must be letters, digits or _")
   if dark_bright not in DARK_BRIGHT_MODES:
@@ -687,134 +398,155 @@ def make_split(data_dir: str, split: str, out_dir: str,
                      f"{list(DARK_BRIGHT_MODES)}")
   if block_size < 1:
     raise ShardError(f"block_size must be >= 1, got {block_size}")
-  dark_max, bright_min = _thresholds(scan_dir, dark_max, bright_min)
-  workers = workers or os.cpu_count() or 1
-  data_dir = os.path.abspath(data_dir)
-  out_dir = os.path.abspath(out_dir)
-  if not os.path.isdir(data_dir):
-    raise sources.DataError(f"{data_dir}: no such data directory")
-  # A refused run leaves no empty out_dir behind (fileio.made_dirs).
-  with fileio.made_dirs(out_dir), _split_lock(out_dir, split), \
-      parallel.gc_paused():
-    removed_tmp = _remove_stale_tmp(out_dir, split)
-    records, problems, layout = sources.list_records(
-        data_dir, split, labels_csv, skip_invalid)
-    pre_excluded = [{"id": p.id, "path": p.path,
-                     "reason": f"{p.kind}: {p.reason}"} for p in problems]
-    if scan_dir:
-      report = _scan_exclusions(scan_dir)
-      known = {r.id for r in records} | {p.id for p in problems}
-      foreign = sorted(i for i in report if i not in known)
-      if foreign:
-        raise ShardError(
-            f"{scan_dir}: the scan report excludes {len(foreign)} id(s) that "
-            f"are not in {os.path.join(data_dir, split)} (first: "
-            f"{foreign[0]}); is it the report of another split or data set?")
-      pre_excluded += [{"id": r.id, "path": r.path,
-                        "reason": f"scan: {report[r.id]}"}
-                       for r in records if r.id in report]
-      records = [r for r in records if r.id not in report]
-    if not records:
-      raise ShardError(f"{os.path.join(data_dir, split)}: no images left to "
-                       f"shard ({len(pre_excluded)} excluded)")
-    ids = [r.id for r in records]
-    labels = np.asarray([r.label for r in records], np.int64)
-    labelled = bool(np.all(labels >= 0))
-    counts = label_counts(labels)
-    n_shards = num_shards or default_num_shards(
-        len(records), counts if labelled else None)
-    if n_shards > len(records):
-      raise ShardError(f"num_shards={n_shards} is more than the "
-                       f"{len(records)} images of split {split!r}")
-    small = min((counts.get(k, 0), k) for k in ("0", "1"))
-    if labelled and small[0] > 0 and n_shards > small[0]:
-      raise ShardError(f"num_shards={n_shards} is more than the {small[0]} "
-                       f"images of class {small[1]}: some shards would lack "
-                       f"that class; use --num_shards={small[0]} or fewer")
-    mode = dark_bright
-    if mode == "auto":
-      mode = "exclude" if labelled and not scan_dir else "keep"
-    options = {"dark_max": int(dark_max), "bright_min": int(bright_min),
-               "dark_bright": mode, "block_size": int(block_size),
-               "sha1_check": screening.SHA1_CHECK}
-    source = {"data_dir": data_dir, "split": split, "layout": layout,
-              "labels_csv": _labels_csv_used(data_dir, split, layout,
-                                             labels_csv),
-              "scan_dir": os.path.abspath(scan_dir) if scan_dir else None}
-    sdir = state_dir(out_dir, split)
-    strip = len(os.path.join(data_dir, ""))
-    tasks = []
-    triples = [(r.path, r.id, r.label) for r in records]
-    for s, idx in enumerate(shard_members(ids, labels, n_shards)):
-      name = shard_name(split, s, n_shards)
-      members = [triples[i] for i in idx.tolist()]
-      fp = _fingerprint(
-          {"format": features.RECORD_FORMAT, "file": name, "options": options,
-           "data_dir": data_dir},
-          (f"{p[strip:]}\t{i}\t{lab}\n" for p, i, lab in members))
-      tasks.append(_ShardTask(s, os.path.join(out_dir, name),
-                              os.path.join(sdir, name + ".json"), fp, members,
-                              int(dark_max), int(bright_min), mode,
-                              int(block_size), bool(skip_invalid)))
-    plan_fp = _fingerprint({"shards": [t.fingerprint for t in tasks],
-                            "excluded": pre_excluded, "source": source})
-    mpath = manifest_path(out_dir, split)
-    old = None if overwrite else _read_json(mpath)
-    if (old and old.get("fingerprint") == plan_fp and
-        old.get("schema_version") == features.SCHEMA_VERSION and
-        all(file_size(os.path.join(out_dir, e["file"])) == e["bytes"]
-            for e in old["shards"])):
-      return {"status": "up_to_date", "manifest": old, "manifest_path": mpath,
-              "written": 0, "reused": len(tasks),
-              "removed_tmp": removed_tmp, "removed": [],
-              "images": old["num_examples"],
-              "seconds": time.perf_counter() - t0}
 
-    results: dict[int, dict] = {}
-    if not overwrite:
-      for t in tasks:
-        side = _read_json(t.sidecar)
-        if (side and side.get("fingerprint") == t.fingerprint and
-            side.get("entry") and
-            file_size(t.path) == side["entry"].get("bytes")):
-          results[t.index] = side
-    todo = [t for t in tasks if t.index not in results]
-    # Any manifest here now describes other shards, some about to be
-    # replaced: no manifest is better than a wrong one while they are.
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(mpath)
-    with progress_lib.bar(total=sum(len(t.members) for t in todo),
-                          unit="img", desc=f"make_shards {split}",
-                          enabled=progress, smoothing=0.05) as pbar:
-      for r in _run_tasks(todo, workers, pbar):
-        results[r["index"]] = r
-    invalid = [x for r in results.values() for x in r["invalid"]]
-    if invalid:
-      first = "; ".join(f"{text.shown(x['path'])}: {x['reason']}"
-                        for x in invalid[:3])
-      more = f" (+{len(invalid) - 3} more)" if len(invalid) > 3 else ""
+
+def _select_records(data_dir: str, split: str, labels_csv: str | None,
+                    skip_invalid: bool, scan_dir: str | None):
+  """The split's records to shard, less the scan report's exclusions.
+
+  Returns:
+    (records, [{"id", "path", "reason"}] excluded before any shard is
+    written, the data layout).
+
+  Raises:
+    ShardError: a scan report naming ids not in the split, or no images.
+  """
+  records, problems, layout = sources.list_records(
+      data_dir, split, labels_csv, skip_invalid)
+  excluded = [{"id": p.id, "path": p.path,
+               "reason": f"{p.kind}: {p.reason}"} for p in problems]
+  if scan_dir:
+    report = scan_report.load_exclusions(scan_dir)
+    known = {r.id for r in records} | {p.id for p in problems}
+    foreign = sorted(i for i in report if i not in known)
+    if foreign:
       raise ShardError(
-          f"{len(invalid)} invalid image(s) in "
-          f"{os.path.join(data_dir, split)}: {first}{more}; rerun with "
-          f"--skip_invalid to exclude them (listed in the manifest; finished "
-          f"shards are kept)")
-    ordered = [results[t.index] for t in tasks]
-    excluded = sorted(
-        pre_excluded + [x for r in ordered for x in r["excluded"]],
-        key=lambda x: (x["id"], x["reason"]))
-    flagged = sorted((x for r in ordered for x in r["flagged"]),
-                     key=lambda x: x["id"])
-    manifest = build_manifest(split, [r["entry"] for r in ordered], source,
-                              excluded, block_size)
-    manifest.update(flagged=flagged, options=options, fingerprint=plan_fp)
-    write_manifest(out_dir, manifest)
-    removed = _remove_unplanned(out_dir, split, {t.path for t in tasks})
-  written = len(todo)
-  return {"status": "written", "manifest": manifest, "manifest_path": mpath,
-          "written": written, "reused": len(tasks) - written,
-          "removed_tmp": removed_tmp, "removed": removed,
-          "images": manifest["num_examples"],
-          "seconds": time.perf_counter() - t0}
+          f"{scan_dir}: the scan report excludes {len(foreign)} id(s) that "
+          f"are not in {os.path.join(data_dir, split)} (first: "
+          f"{foreign[0]}); is it the report of another split or data set?")
+    excluded += [{"id": r.id, "path": r.path,
+                  "reason": f"scan: {report[r.id]}"}
+                 for r in records if r.id in report]
+    records = [r for r in records if r.id not in report]
+  if not records:
+    raise ShardError(f"{os.path.join(data_dir, split)}: no images left to "
+                     f"shard ({len(excluded)} excluded)")
+  return records, excluded, layout
+
+
+def _shard_count(labels: np.ndarray, num_shards: int | None,
+                 split: str) -> int:
+  """The number of shards: as asked, or shard_plan.default_num_shards.
+
+  Raises:
+    ShardError: more shards than images, or than images of a class.
+  """
+  labelled = bool(np.all(labels >= 0))
+  counts = label_counts(labels)
+  n_shards = num_shards or shard_plan.default_num_shards(
+      len(labels), counts if labelled else None)
+  if n_shards > len(labels):
+    raise ShardError(f"num_shards={n_shards} is more than the "
+                     f"{len(labels)} images of split {split!r}")
+  small = min((counts.get(k, 0), k) for k in ("0", "1"))
+  if labelled and small[0] > 0 and n_shards > small[0]:
+    raise ShardError(f"num_shards={n_shards} is more than the {small[0]} "
+                     f"images of class {small[1]}: some shards would lack "
+                     f"that class; use --num_shards={small[0]} or fewer")
+  return n_shards
+
+
+def _plan_tasks(records, split: str, out_dir: str, num_shards: int | None,
+                options: dict, data_dir: str, scanned: bool,
+                skip_invalid: bool) -> list[shard_worker.ShardTask]:
+  """One task per shard, each with the fingerprint of what goes into it.
+
+  Also settles options["dark_bright"] when it is "auto": exclude from
+  labelled splits unless a scan report decides, keep in unlabelled ones.
+  """
+  ids = [r.id for r in records]
+  labels = np.asarray([r.label for r in records], np.int64)
+  n_shards = _shard_count(labels, num_shards, split)
+  if options["dark_bright"] == "auto":
+    options["dark_bright"] = ("exclude" if np.all(labels >= 0) and
+                              not scanned else "keep")
+  sdir = state_dir(out_dir, split)
+  strip = len(os.path.join(data_dir, ""))
+  triples = [(r.path, r.id, r.label) for r in records]
+  tasks = []
+  for s, idx in enumerate(shard_plan.shard_members(ids, labels, n_shards)):
+    name = shard_name(split, s, n_shards)
+    members = [triples[i] for i in idx.tolist()]
+    fp = _fingerprint(
+        {"format": features.RECORD_FORMAT, "file": name, "options": options,
+         "data_dir": data_dir},
+        (f"{p[strip:]}\t{i}\t{lab}\n" for p, i, lab in members))
+    tasks.append(shard_worker.ShardTask(
+        s, os.path.join(out_dir, name), os.path.join(sdir, name + ".json"),
+        fp, members, options["dark_max"], options["bright_min"],
+        options["dark_bright"], options["block_size"], skip_invalid))
+  return tasks
+
+
+def _up_to_date(old: dict | None, plan_fp: str, out_dir: str) -> bool:
+  """Whether the manifest there describes exactly this plan's shards."""
+  return bool(
+      old and old.get("fingerprint") == plan_fp and
+      old.get("schema_version") == features.SCHEMA_VERSION and
+      all(file_size(os.path.join(out_dir, e["file"])) == e["bytes"]
+          for e in old["shards"]))
+
+
+def _write_tasks(tasks, overwrite: bool, workers: int, progress: bool,
+                 mpath: str, split: str) -> tuple[dict[int, dict], int]:
+  """Writes the shards not already finished; ({index: result}, written)."""
+  results: dict[int, dict] = {}
+  if not overwrite:
+    for t in tasks:
+      side = _read_json(t.sidecar)
+      if (side and side.get("fingerprint") == t.fingerprint and
+          side.get("entry") and
+          file_size(t.path) == side["entry"].get("bytes")):
+        results[t.index] = side
+  todo = [t for t in tasks if t.index not in results]
+  # Any manifest here now describes other shards, some about to be
+  # replaced: no manifest is better than a wrong one while they are.
+  with contextlib.suppress(FileNotFoundError):
+    os.remove(mpath)
+  with progress_lib.bar(total=sum(len(t.members) for t in todo),
+                        unit="img", desc=f"make_shards {split}",
+                        enabled=progress, smoothing=0.05) as pbar:
+    for r in shard_worker.run_tasks(todo, workers, pbar):
+      results[r["index"]] = r
+  return results, len(todo)
+
+
+def _check_invalid(results: dict[int, dict], where: str) -> None:
+  """Raises ShardError naming the invalid images the tasks refused."""
+  invalid = [x for r in results.values() for x in r["invalid"]]
+  if invalid:
+    first = "; ".join(f"{text.shown(x['path'])}: {x['reason']}"
+                      for x in invalid[:3])
+    more = f" (+{len(invalid) - 3} more)" if len(invalid) > 3 else ""
+    raise ShardError(
+        f"{len(invalid)} invalid image(s) in {where}: {first}{more}; rerun "
+        f"with --skip_invalid to exclude them (listed in the manifest; "
+        f"finished shards are kept)")
+
+
+def _assemble_manifest(split: str, ordered: list[dict], source: dict,
+                       pre_excluded: list[dict], options: dict,
+                       plan_fp: str) -> dict:
+  """The split's manifest from the tasks' results, in shard order."""
+  excluded = sorted(
+      pre_excluded + [x for r in ordered for x in r["excluded"]],
+      key=lambda x: (x["id"], x["reason"]))
+  flagged = sorted((x for r in ordered for x in r["flagged"]),
+                   key=lambda x: x["id"])
+  manifest = build_manifest(split, [r["entry"] for r in ordered], source,
+                            excluded, options["block_size"])
+  manifest.update(flagged=flagged, options=options, fingerprint=plan_fp)
+  return manifest
 
 
 def _remove_unplanned(out_dir: str, split: str, planned: set[str]) -> list[str]:
