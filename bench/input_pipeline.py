@@ -41,6 +41,7 @@ import pandas as pd  # pylint: disable=g-import-not-at-top
 import tensorflow as tf
 
 from hcd.data import pipeline
+from hcd.data import subsets
 from hcd.data import manifest as manifest_lib
 
 
@@ -107,8 +108,8 @@ def main():
       "about 14%% and 2.17's by less; see BENCHMARKS.md)")
   args = parser.parse_args()
 
-  plan = pipeline.make_plan(args.shards_dir, args.split, balance="none",
-                            split_spec=pipeline.SplitSpec(val_fraction=0.0))
+  plan = subsets.make_plan(args.shards_dir, args.split, balance="none",
+                           split_spec=subsets.SplitSpec(val_fraction=0.0))
   manifest = manifest_lib.load_manifest(args.shards_dir, args.split)
   idg_it, idg_n = None, plan.train.num_examples
   if not args.no_idg:

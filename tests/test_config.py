@@ -41,9 +41,9 @@ def test_every_config_field_is_a_flag_with_its_default_and_help():
 
 
 def test_enum_values_are_defined_once():
-  from hcd.data import pipeline  # pylint: disable=g-import-not-at-top
+  from hcd.data import subsets  # pylint: disable=g-import-not-at-top
   from hcd.train import runtime  # pylint: disable=g-import-not-at-top
-  assert pipeline.BALANCE_MODES is config_lib.BALANCE_MODES
+  assert subsets.BALANCE_MODES is config_lib.BALANCE_MODES
   assert runtime.STRATEGIES is config_lib.STRATEGIES
   assert runtime.PRECISIONS is config_lib.PRECISIONS
   assert runtime.JIT_MODES is config_lib.JIT_MODES

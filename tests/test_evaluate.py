@@ -126,7 +126,7 @@ def test_bad_threshold_and_unlabelled_data_refused(tmp_path, labelled):
 
 
 def test_run_validation_subset_is_the_pipelines(tmp_path):
-  from hcd.data import pipeline  # pylint: disable=g-import-not-at-top
+  from hcd.data import subsets  # pylint: disable=g-import-not-at-top
   ids = [f"{k:040x}" for k in range(60)]
   labels = np.arange(60) % 2
   writer.write_arrays(evalutil.images(60), ids, labels, str(tmp_path), "train",
@@ -134,8 +134,8 @@ def test_run_validation_subset_is_the_pipelines(tmp_path):
   config = {"val_fraction": 0.3, "split_seed": 7, "shards_dir": str(tmp_path)}
   src = inputs.run_validation_source(config, str(tmp_path), 8)
   _, val_ids, val_labels = inputs.take_arrays(src)
-  train = pipeline.plan_subset(str(tmp_path), "train", "train",
-                               pipeline.SplitSpec(0.3, 7))
+  train = subsets.plan_subset(str(tmp_path), "train", "train",
+                              subsets.SplitSpec(0.3, 7))
   _, train_ids, _ = inputs.take_arrays(inputs.plan_source(train, 8))
   assert src.num_examples == len(val_ids) and 5 < len(val_ids) < 35
   assert not set(val_ids) & set(train_ids)

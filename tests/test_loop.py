@@ -21,6 +21,7 @@ from hcd import rundir
 from hcd.data import features
 from hcd.data import manifest as manifest_lib
 from hcd.data import pipeline
+from hcd.data import subsets
 from hcd.data import writer
 from hcd.train import artifacts
 from hcd.train import budget
@@ -92,7 +93,7 @@ def test_run_directory_contract(shards_dir, tmp_path):
 
   # Predictions: every validation image once, labels from the shards, and
   # the saved model reproduces the probabilities (safe mode, no hcd code).
-  plan = pipeline.make_plan(shards_dir, split_spec=pipeline.SplitSpec(
+  plan = subsets.make_plan(shards_dir, split_spec=subsets.SplitSpec(
       0.2, 123), balance="undersample", seed=1)
   val_ids, val_labels, _ = test_pipeline.subset_ids(plan.val)
   rows = _read_csv(run.val_predictions)
@@ -354,7 +355,7 @@ def test_tightly_clustered_model_is_ranked_by_its_exact_auc(tmp_path):
   writer.write_arrays(images, ids, labels, str(tmp_path), "train", 2)
   config = _config(str(tmp_path), "/unused", val_fraction=0.5)
   strategy = _strategy()
-  plan = pipeline.run_plan(config)
+  plan = subsets.run_plan(config)
   trainer = steps.Trainer(config, strategy, 1e-3, 4, jit=False)
   head = trainer.model.get_layer("probability")
   kernel, bias = head.get_weights()

@@ -15,6 +15,8 @@ import tensorflow as tf
 from hcd.data import features
 from hcd.data import manifest as manifest_lib
 from hcd.data import pipeline
+from hcd.data import shard_reader
+from hcd.data import subsets
 from hcd.data import writer
 
 
@@ -41,8 +43,8 @@ def write(tmp_path, n=300, seed=0, split="train", num_shards=3, block_size=32,
 
 def subset_ids(plan):
   """Every id the selection of `plan` keeps, read with select_blocks."""
-  records = pipeline.read_blocks(plan.files, shuffle=False, seed=0,
-                                 repeat=False)
+  records = shard_reader.read_blocks(plan.files, shuffle=False, seed=0,
+                                     repeat=False)
   ids, labels, weights = [], [], []
   for b in pipeline.select_blocks(records, plan, with_ids=True):
     ids += [i.decode() for i in b["id"].numpy()]
@@ -60,8 +62,8 @@ def data(tmp_path_factory):
 
 def test_split_counts_disjoint_and_complete(data):
   shards_dir, by_id = data
-  plan = pipeline.make_plan(shards_dir, balance="none",
-                            split_spec=pipeline.SplitSpec(0.25, seed=7))
+  plan = subsets.make_plan(shards_dir, balance="none",
+                           split_spec=subsets.SplitSpec(0.25, seed=7))
   train_ids, train_labels, _ = subset_ids(plan.train)
   val_ids, val_labels, _ = subset_ids(plan.val)
   assert not set(train_ids) & set(val_ids)
@@ -77,9 +79,9 @@ def test_split_counts_disjoint_and_complete(data):
 
 def test_split_is_stable_by_id(data, tmp_path):
   shards_dir, by_id = data
-  spec = pipeline.SplitSpec(0.2, seed=3)
-  val1 = set(subset_ids(pipeline.plan_subset(shards_dir, "train", "val",
-                                             spec))[0])
+  spec = subsets.SplitSpec(0.2, seed=3)
+  val1 = set(subset_ids(subsets.plan_subset(shards_dir, "train", "val",
+                                            spec))[0])
   # Same images, another shard layout, plus 100 new images: the val subset
   # of the old ids does not move.
   images, ids, labels = make_images(300, seed=0)
@@ -88,12 +90,12 @@ def test_split_is_stable_by_id(data, tmp_path):
   writer.write_arrays(np.concatenate([images, more_images]), ids + more_ids,
                       np.concatenate([labels, more_labels]), other, "train",
                       num_shards=5, block_size=17)
-  val2 = set(subset_ids(pipeline.plan_subset(other, "train", "val", spec))[0])
+  val2 = set(subset_ids(subsets.plan_subset(other, "train", "val", spec))[0])
   assert val2 & set(by_id) == val1
   assert val2 - set(by_id)  # Some of the new ids are in val too.
   # Another seed gives another split.
-  val3 = set(subset_ids(pipeline.plan_subset(
-      shards_dir, "train", "val", pipeline.SplitSpec(0.2, seed=4)))[0])
+  val3 = set(subset_ids(subsets.plan_subset(
+      shards_dir, "train", "val", subsets.SplitSpec(0.2, seed=4)))[0])
   assert val3 != val1
 
 
@@ -104,9 +106,9 @@ def test_group_split_keeps_groups_together(data, tmp_path):
   csv_path = tmp_path / "groups.csv"
   csv_path.write_text("id,group\n" + "".join(
       f"{i},{g}\n" for i, g in groups.items()))
-  spec = pipeline.SplitSpec(0.3, seed=1,
-                            groups=pipeline.read_groups_csv(str(csv_path)))
-  plan = pipeline.make_plan(shards_dir, split_spec=spec, balance="none")
+  spec = subsets.SplitSpec(0.3, seed=1,
+                           groups=subsets.read_groups_csv(str(csv_path)))
+  plan = subsets.make_plan(shards_dir, split_spec=spec, balance="none")
   train_ids = set(subset_ids(plan.train)[0])
   val_ids = set(subset_ids(plan.val)[0])
   assert train_ids | val_ids == set(by_id)
@@ -119,11 +121,11 @@ def test_group_split_keeps_groups_together(data, tmp_path):
 def test_group_csv_errors_name_file_and_row(tmp_path):
   bad = tmp_path / "g.csv"
   bad.write_text("id,slide\na,1\n")
-  with pytest.raises(pipeline.PipelineError, match="g.csv.*'id' and 'group'"):
-    pipeline.read_groups_csv(str(bad))
+  with pytest.raises(shard_reader.PipelineError, match="g.csv.*'id' and 'group'"):
+    subsets.read_groups_csv(str(bad))
   bad.write_text("id,group\na,s1\nb,s2\na,s3\n")
-  with pytest.raises(pipeline.PipelineError, match=r"g.csv:4: id a"):
-    pipeline.read_groups_csv(str(bad))
+  with pytest.raises(shard_reader.PipelineError, match=r"g.csv:4: id a"):
+    subsets.read_groups_csv(str(bad))
 
 
 def test_group_csv_with_byte_order_mark_and_blank_line(tmp_path):
@@ -131,19 +133,19 @@ def test_group_csv_with_byte_order_mark_and_blank_line(tmp_path):
   # A spreadsheet's byte-order mark and padded header; line 4 is blank, so
   # the conflict is on line 5 as an editor numbers it.
   p.write_text("\ufeff id , group \na,s1\nb,s2\n\nb,s3\n", encoding="utf-8")
-  with pytest.raises(pipeline.PipelineError, match=r"g.csv:5: id b"):
-    pipeline.read_groups_csv(str(p))
+  with pytest.raises(shard_reader.PipelineError, match=r"g.csv:5: id b"):
+    subsets.read_groups_csv(str(p))
   p.write_text("\ufeffid,group\na,s1\n\nb,s2\n", encoding="utf-8")
-  assert pipeline.read_groups_csv(str(p)) == {"a": "s1", "b": "s2"}
+  assert subsets.read_groups_csv(str(p)) == {"a": "s1", "b": "s2"}
 
 
 def test_undersample_gives_equal_class_counts(data):
   shards_dir, by_id = data
-  plan = pipeline.make_plan(shards_dir, balance="undersample",
-                            split_spec=pipeline.SplitSpec(0.2, seed=7))
+  plan = subsets.make_plan(shards_dir, balance="undersample",
+                           split_spec=subsets.SplitSpec(0.2, seed=7))
   ids, labels, weights = subset_ids(plan.train)
-  unbalanced = pipeline.plan_subset(shards_dir, "train", "train",
-                                    pipeline.SplitSpec(0.2, seed=7))
+  unbalanced = subsets.plan_subset(shards_dir, "train", "train",
+                                   subsets.SplitSpec(0.2, seed=7))
   n_min = min(unbalanced.label_counts.values())
   assert labels.count(0) == labels.count(1) == n_min
   assert plan.train.label_counts == {"0": n_min, "1": n_min}
@@ -156,7 +158,7 @@ def test_undersample_gives_equal_class_counts(data):
 
 def test_reweight_weights_balance_the_classes(data):
   shards_dir, _ = data
-  plan = pipeline.make_plan(shards_dir, balance="reweight")
+  plan = subsets.make_plan(shards_dir, balance="reweight")
   _, labels, weights = subset_ids(plan.train)
   labels, weights = np.array(labels), np.array(weights)
   assert weights[labels == 0].sum() == pytest.approx(weights[labels == 1].sum())
@@ -165,7 +167,7 @@ def test_reweight_weights_balance_the_classes(data):
 
 def test_train_batches_are_static_uint8_from_the_train_subset(data):
   shards_dir, by_id = data
-  plan = pipeline.make_plan(shards_dir, balance="undersample")
+  plan = subsets.make_plan(shards_dir, balance="undersample")
   train_ids = set(subset_ids(plan.train)[0])
   ds = pipeline.train_dataset(plan.train, 16, seed=5, cache=False,
                               mix_size=64)
@@ -185,7 +187,7 @@ def test_train_batches_are_static_uint8_from_the_train_subset(data):
 
 def test_train_stream_is_deterministic_given_the_seed(data):
   shards_dir, _ = data
-  plan = pipeline.make_plan(shards_dir, balance="none")
+  plan = subsets.make_plan(shards_dir, balance="none")
 
   def first(seed, cache):
     ds = pipeline.train_dataset(plan.train, 8, seed=seed, cache=cache,
@@ -200,7 +202,7 @@ def test_train_stream_is_deterministic_given_the_seed(data):
 
 def test_multi_pipeline_training_reads_disjoint_files(data):
   shards_dir, _ = data
-  plan = pipeline.make_plan(shards_dir, balance="none")
+  plan = subsets.make_plan(shards_dir, balance="none")
   seen = []
   for index in range(2):
     ctx = tf.distribute.InputContext(num_input_pipelines=2,
@@ -224,7 +226,7 @@ def _eval_ids(ds):
 
 def test_eval_dataset_covers_every_image_once_with_padding(data):
   shards_dir, by_id = data
-  plan = pipeline.make_plan(shards_dir, balance="undersample")
+  plan = subsets.make_plan(shards_dir, balance="undersample")
   val_ids = sorted(subset_ids(plan.val)[0])
   ids, real = _eval_ids(pipeline.eval_dataset(plan.val, 16))
   assert sorted(ids) == val_ids and real == len(val_ids)
@@ -245,24 +247,24 @@ def test_eval_dataset_covers_every_image_once_with_padding(data):
 def test_separate_val_split_and_no_validation(tmp_path):
   shards_dir, train_ids = write(tmp_path, n=120, seed=0)
   _, valid_ids = write(tmp_path, n=40, seed=9, split="valid")
-  plan = pipeline.make_plan(shards_dir, val_split="valid", balance="none")
+  plan = subsets.make_plan(shards_dir, val_split="valid", balance="none")
   assert plan.train.num_examples == 120 and plan.val.num_examples == 40
   assert sorted(subset_ids(plan.val)[0]) == sorted(valid_ids)
-  plan = pipeline.make_plan(shards_dir, balance="none",
-                            split_spec=pipeline.SplitSpec(0.0))
+  plan = subsets.make_plan(shards_dir, balance="none",
+                           split_spec=subsets.SplitSpec(0.0))
   assert plan.val is None and plan.train.num_examples == 120
 
 
 def test_missing_manifest_and_unlabelled_shards_are_clear_errors(tmp_path):
   with pytest.raises(manifest_lib.ManifestError, match="hcd-train.manifest.json"):
-    pipeline.make_plan(str(tmp_path / "nowhere"))
+    subsets.make_plan(str(tmp_path / "nowhere"))
   images, ids, _ = make_images(20)
   out = str(tmp_path / "test_shards")
   writer.write_arrays(images, ids, [-1] * 20, out, "train", 1)
-  with pytest.raises(pipeline.PipelineError, match="unlabelled"):
-    pipeline.make_plan(out)
-  with pytest.raises(pipeline.PipelineError, match="unknown balance"):
-    pipeline.make_plan(out, balance="oversample")
+  with pytest.raises(shard_reader.PipelineError, match="unlabelled"):
+    subsets.make_plan(out)
+  with pytest.raises(shard_reader.PipelineError, match="unknown balance"):
+    subsets.make_plan(out, balance="oversample")
 
 
 def test_folds_partition_the_split_and_keep_groups(data, tmp_path):
@@ -272,8 +274,8 @@ def test_folds_partition_the_split_and_keep_groups(data, tmp_path):
   for g in (None, groups):
     seen = []
     for fold in range(4):
-      spec = pipeline.SplitSpec(seed=5, groups=g, num_folds=4, fold=fold)
-      plan = pipeline.make_plan(shards_dir, split_spec=spec, balance="none")
+      spec = subsets.SplitSpec(seed=5, groups=g, num_folds=4, fold=fold)
+      plan = subsets.make_plan(shards_dir, split_spec=spec, balance="none")
       val, _, _ = subset_ids(plan.val)
       train, _, _ = subset_ids(plan.train)
       assert set(val).isdisjoint(train) and set(val) | set(train) == set(ids)
@@ -291,11 +293,11 @@ def test_run_plan_reads_a_config_dict_like_a_train_config(data, tmp_path):
   shards_dir, _ = data
   config = TrainConfig(shards_dir=shards_dir, num_folds=3, fold=1,
                        split_seed=9, balance="none")
-  from_config = pipeline.run_plan(config)
-  from_dict = pipeline.run_validation_plan(
+  from_config = subsets.run_plan(config)
+  from_dict = subsets.run_validation_plan(
       TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))))
   assert subset_ids(from_config.val)[0] == subset_ids(from_dict)[0]
-  assert pipeline.run_validation_plan(TrainConfig.from_dict(
+  assert subsets.run_validation_plan(TrainConfig.from_dict(
       dict(config.to_dict(), num_folds=0, val_fraction=0.0))) is None
 
 
@@ -305,7 +307,7 @@ def test_evaluation_rebuilds_validation_with_the_training_defaults(data):
   from hcd.eval import inputs  # pylint: disable=g-import-not-at-top
   from hcd.train.config import TrainConfig  # pylint: disable=g-import-not-at-top
   shards_dir, _ = data
-  trained = pipeline.run_plan(TrainConfig(shards_dir=shards_dir)).val
+  trained = subsets.run_plan(TrainConfig(shards_dir=shards_dir)).val
   saved = {k: v for k, v in TrainConfig(shards_dir=shards_dir).to_dict()
            .items() if k not in ("val_fraction", "split_seed", "seed")}
   source = inputs.run_validation_source(saved, shards_dir, batch_size=16)

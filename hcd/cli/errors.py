@@ -62,8 +62,8 @@ def describe(e: BaseException, where: str | None = None) -> str:
     remedy = _REMEDIES.get(e.errno)
     return f"{text}; {remedy}" if remedy else text
   if _tf_error(e):
-    from hcd.data import pipeline  # pylint: disable=g-import-not-at-top
-    text = pipeline.op_message(e)
+    from hcd.data import shard_reader  # pylint: disable=g-import-not-at-top
+    text = shard_reader.op_message(e)
     if "no space left on device" in text.lower():
       text += "; " + _REMEDIES[errno.ENOSPC]
     return text

@@ -53,12 +53,12 @@ def samples_from_shards(shards_dir: str, split: str, n: int = 16,
   Raises:
     manifest_lib.ManifestError: no manifest.
   """
-  from hcd.data import pipeline  # pylint: disable=g-import-not-at-top
+  from hcd.data import shard_reader  # pylint: disable=g-import-not-at-top
   manifest = manifest_lib.load_manifest(shards_dir, split)
   paths = manifest_lib.shard_paths(shards_dir, manifest)
   images, labels, ids = [], [], []
   # Shards are stratified, so the first blocks hold both classes.
-  for rec in pipeline.read_blocks(paths[:1]).take(max_blocks):
+  for rec in shard_reader.read_blocks(paths[:1]).take(max_blocks):
     im, i, lab = features.parse_block_numpy(rec.numpy())
     images.append(im)
     ids += i

@@ -91,16 +91,16 @@ class Source:
     reread one by one to find it.
 
     Raises:
-      hcd.data.pipeline.ShardFileError: naming the unreadable shard;
+      hcd.data.shard_reader.ShardFileError: naming the unreadable shard;
         otherwise the original error.
     """
     if not self.files:
       yield
       return
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    from hcd.data import pipeline  # pylint: disable=g-import-not-at-top
-    with pipeline.naming_bad_shard(self.files,
-                                   (RuntimeError, tf.errors.OpError)):
+    from hcd.data import shard_reader  # pylint: disable=g-import-not-at-top
+    with shard_reader.naming_bad_shard(self.files,
+                                       (RuntimeError, tf.errors.OpError)):
       yield
 
 
@@ -124,17 +124,17 @@ def shards_source(shards_dir: str, split: str, batch_size: int) -> Source:
 
   Raises:
     manifest_lib.ManifestError: no or invalid manifest.
-    hcd.data.pipeline.ShardFileError: a shard listed in the manifest is
+    hcd.data.shard_reader.ShardFileError: a shard listed in the manifest is
       missing or has the wrong size.
   """
-  from hcd.data import pipeline  # pylint: disable=g-import-not-at-top
+  from hcd.data import shard_reader  # pylint: disable=g-import-not-at-top
   manifest = manifest_lib.load_manifest(shards_dir, split)
   paths = manifest_lib.shard_paths(shards_dir, manifest)
-  pipeline.check_shard_files(paths, manifest,
-                             manifest_lib.manifest_path(shards_dir, split))
+  shard_reader.check_shard_files(paths, manifest,
+                                 manifest_lib.manifest_path(shards_dir, split))
   # Blocks are big (256 images), so two readers keep up with any model; a
   # deterministic interleave keeps the output order reproducible.
-  ds = pipeline.read_blocks(paths, cycle_length=2)
+  ds = shard_reader.read_blocks(paths, cycle_length=2)
   ds = ds.map(features.parse_block, num_parallel_calls=_parallelism())
   ds = ds.unbatch().batch(batch_size).prefetch(PREFETCH)
   ds = ds.with_options(_fixed_options())
@@ -372,7 +372,7 @@ def plan_source(plan, batch_size: int) -> Source:
   """Batches of a training-pipeline subset (e.g. a run's validation part).
 
   Args:
-    plan: hcd.data.pipeline.SubsetPlan (selection by id hash, never
+    plan: hcd.data.subsets.SubsetPlan (selection by id hash, never
       rebalanced for validation).
     batch_size: images per batch.
 
@@ -381,7 +381,8 @@ def plan_source(plan, batch_size: int) -> Source:
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from hcd.data import pipeline  # pylint: disable=g-import-not-at-top
-  records = pipeline.read_blocks(plan.files)
+  from hcd.data import shard_reader  # pylint: disable=g-import-not-at-top
+  records = shard_reader.read_blocks(plan.files)
   blocks = pipeline.select_blocks(records, plan, with_ids=True)
   blocks = blocks.map(lambda b: {"image": b["image"], "id": b["id"],
                                  "label": tf.cast(b["label"], tf.int64)})
@@ -396,7 +397,7 @@ def run_validation_source(config: dict, shards_dir: str,
                           batch_size: int) -> Source | None:
   """The validation data a run was scored on, rebuilt from its config.json.
 
-  Planned by `hcd.data.pipeline.run_validation_plan`, the code training
+  Planned by `hcd.data.subsets.run_validation_plan`, the code training
   itself plans with (separate split, hash hold-out, fold or group split).
 
   Args:
@@ -408,12 +409,13 @@ def run_validation_source(config: dict, shards_dir: str,
     A Source, or None when the config describes no validation subset.
 
   Raises:
-    manifest_lib.ManifestError, pipeline.PipelineError: missing or bad shards.
+    manifest_lib.ManifestError, shard_reader.PipelineError: missing or bad
+      shards.
   """
-  from hcd.data import pipeline  # pylint: disable=g-import-not-at-top
+  from hcd.data import subsets  # pylint: disable=g-import-not-at-top
   from hcd.train.config import TrainConfig  # pylint: disable=g-import-not-at-top
   # Through TrainConfig: a setting config.json lacks (an older hcd wrote
   # it) takes hcd_train's default, as it did in training.
-  plan = pipeline.run_validation_plan(
+  plan = subsets.run_validation_plan(
       TrainConfig.from_dict(dict(config, shards_dir=shards_dir)))
   return None if plan is None else plan_source(plan, batch_size)

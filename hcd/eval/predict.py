@@ -286,7 +286,7 @@ def predict_submission(model_paths: Sequence[str], source, out: str,
     hcd.eval.submission.SubmissionError: missing/extra/duplicate ids (all
       listed) or invalid probabilities; nothing is written.
     hcd.rundir.RunError: a model that does not load.
-    hcd.data.pipeline.ShardFileError: an unreadable shard (named).
+    hcd.data.shard_reader.ShardFileError: an unreadable shard (named).
     ValueError: a bad tta or skipped_prob (before any model is loaded).
   """
   tta_transforms(tta)

@@ -125,7 +125,7 @@ def finish_run(config, trainer, plan, run: rundir.RunDir, chief: bool,
   Args:
     config: the run's TrainConfig.
     trainer: its hcd.train.steps.Trainer, trained.
-    plan: its hcd.data.pipeline.DataPlan.
+    plan: its hcd.data.subsets.DataPlan.
     run: the run directory.
     chief: whether this worker writes the files.
     history: every epoch's row.

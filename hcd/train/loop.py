@@ -44,6 +44,7 @@ from hcd import progress
 from hcd import rundir
 from hcd.data import features
 from hcd.data import pipeline
+from hcd.data import subsets
 from hcd.train import artifacts
 from hcd.train import budget
 from hcd.train import checkpoints
@@ -64,7 +65,7 @@ class _Run:
   config: TrainConfig
   strategy: Any
   trainer: steps.Trainer
-  plan: pipeline.DataPlan
+  plan: subsets.DataPlan
   run: rundir.RunDir
   chief: bool
   write_dir: str
@@ -111,9 +112,9 @@ def train_and_evaluate(config: TrainConfig, strategy=None,
       of which none restores (names the directory and the remedy).
     TrainingDiverged: the training loss became NaN or infinite.
     hcd.data.manifest.ManifestError: missing shard manifest (names the path).
-    hcd.data.pipeline.ShardFileError: a missing, truncated or corrupt shard
+    hcd.data.shard_reader.ShardFileError: a missing, truncated or corrupt shard
       (names it and the remedy).
-    hcd.data.pipeline.PipelineError: bad group CSV, unlabelled shards.
+    hcd.data.shard_reader.PipelineError: bad group CSV, unlabelled shards.
     OSError: the run directory cannot be written (names the path: read-only,
       no space left, ...).
   """
@@ -122,7 +123,7 @@ def train_and_evaluate(config: TrainConfig, strategy=None,
   except tf.errors.DataLossError:
     # A record failed its CRC while training, and TensorFlow's error names no
     # file; planning rereads every shard and names the one at fault.
-    pipeline.run_plan(config)
+    subsets.run_plan(config)
     raise
 
 
@@ -155,7 +156,7 @@ def _check_model(config: TrainConfig) -> None:
     raise ConfigError(str(e)) from None
 
 
-def _check_batch(config: TrainConfig, strategy, plan: pipeline.DataPlan):
+def _check_batch(config: TrainConfig, strategy, plan: subsets.DataPlan):
   replicas = strategy.num_replicas_in_sync
   if config.batch_size % replicas:
     raise ConfigError(f"batch_size {config.batch_size} is not divisible by "
@@ -187,7 +188,7 @@ def _prepare(config: TrainConfig, strategy,
   if chief:
     # Also before any data is read: a read-only --workdir fails in a second.
     fileio.check_output_dir(config.workdir)
-  plan = pipeline.run_plan(config)
+  plan = subsets.run_plan(config)
   _check_batch(config, strategy, plan)
   steps_per_epoch = (config.steps_per_epoch or
                      plan.train.num_examples // config.batch_size)
