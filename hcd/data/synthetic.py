@@ -347,39 +347,14 @@ def write_workspace(out_dir: str, num_train: int, num_test: int, seed: int = 0,
   params = {"num_train": int(num_train), "num_test": int(num_test),
             "seed": int(seed), "generator": "hcd.data.synthetic v1"}
   marker = _read_marker(out_dir)
-  if marker is not None:
-    same = all(marker.get(k) == v for k, v in params.items())
-    if same and marker.get("complete"):
-      return dict(marker, already_complete=True)
-    if not same and marker.get("complete"):
-      theirs = {k: marker.get(k) for k in params}
-      raise WorkspaceError(
-          f"{out_dir}: already holds a synthetic workspace made with "
-          f"{theirs}; delete it or choose another --out_dir")
-  elif os.path.isdir(out_dir) and os.listdir(out_dir):
-    raise WorkspaceError(f"{out_dir}: exists, is not empty and is not a "
-                         f"synthetic workspace; refusing to write into it")
+  if _matches_complete(out_dir, marker, params):
+    return dict(marker, already_complete=True)
   for split in SPLITS:
     os.makedirs(os.path.join(out_dir, split), exist_ok=True)
   atomic_write_text(os.path.join(out_dir, MARKER),
-                json.dumps(dict(params, complete=False), indent=1) + "\n")
-
+                    json.dumps(dict(params, complete=False), indent=1) + "\n")
   sizes = {"train": num_train, "test": num_test}
-  tasks = [(out_dir, seed, s, c, sizes[s]) for s in SPLITS
-           for c in range(_num_chunks(sizes[s]))]
-  workers = workers or os.cpu_count() or 1
-  ids = {s: [] for s in SPLITS}
-  labels = {s: [] for s in SPLITS}
-  with progress_lib.bar(total=num_train + num_test, unit="img",
-                        enabled=progress, desc="make_synthetic",
-                        smoothing=0.1) as bar:
-    for task, (chunk_ids, chunk_labels) in zip(
-        tasks, parallel.imap(_write_chunk, tasks, workers)):
-      ids[task[2]] += chunk_ids
-      labels[task[2]].append(chunk_labels)
-      bar.update(len(chunk_ids))
-  labels = {s: np.concatenate(v) if v else np.zeros(0, np.int64)
-            for s, v in labels.items()}
+  ids, labels = _write_images(out_dir, seed, sizes, workers, progress)
 
   # Files left by an interrupted run with other parameters would otherwise
   # show up as images without labels.
@@ -391,14 +366,59 @@ def write_workspace(out_dir: str, num_train: int, num_test: int, seed: int = 0,
         os.remove(os.path.join(split_dir, name))
 
   atomic_write_text(os.path.join(out_dir, "train_labels.csv"),
-                _csv(ids["train"], labels["train"]))
+                    _csv(ids["train"], labels["train"]))
   atomic_write_text(os.path.join(out_dir, TEST_LABELS_CSV),
-                _csv(ids["test"], labels["test"]))
+                    _csv(ids["test"], labels["test"]))
   atomic_write_text(os.path.join(out_dir, "sample_submission.csv"),
-                _csv(ids["test"], np.zeros(num_test, np.int64)))
+                    _csv(ids["test"], np.zeros(num_test, np.int64)))
   done = dict(params, complete=True,
               num_positive={s: int(labels[s].sum()) for s in SPLITS},
               num_planted={s: num_planted(sizes[s]) for s in SPLITS})
   atomic_write_text(os.path.join(out_dir, MARKER),
-                json.dumps(done, indent=1) + "\n")
+                    json.dumps(done, indent=1) + "\n")
   return done
+
+
+def _matches_complete(out_dir: str, marker: dict | None,
+                      params: dict) -> bool:
+  """Whether out_dir already holds this complete workspace.
+
+  Raises:
+    WorkspaceError: out_dir holds another complete synthetic workspace, or
+      something that is not one.
+  """
+  if marker is None:
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+      raise WorkspaceError(f"{out_dir}: exists, is not empty and is not a "
+                           f"synthetic workspace; refusing to write into it")
+    return False
+  same = all(marker.get(k) == v for k, v in params.items())
+  if same and marker.get("complete"):
+    return True
+  if not same and marker.get("complete"):
+    theirs = {k: marker.get(k) for k in params}
+    raise WorkspaceError(
+        f"{out_dir}: already holds a synthetic workspace made with "
+        f"{theirs}; delete it or choose another --out_dir")
+  return False
+
+
+def _write_images(out_dir: str, seed: int, sizes: dict[str, int],
+                  workers: int | None, progress: bool):
+  """Writes every split's images in chunks; returns (ids, labels) by split."""
+  tasks = [(out_dir, seed, s, c, sizes[s]) for s in SPLITS
+           for c in range(_num_chunks(sizes[s]))]
+  workers = workers or os.cpu_count() or 1
+  ids = {s: [] for s in SPLITS}
+  labels = {s: [] for s in SPLITS}
+  with progress_lib.bar(total=sum(sizes.values()), unit="img",
+                        enabled=progress, desc="make_synthetic",
+                        smoothing=0.1) as bar:
+    for task, (chunk_ids, chunk_labels) in zip(
+        tasks, parallel.imap(_write_chunk, tasks, workers)):
+      ids[task[2]] += chunk_ids
+      labels[task[2]].append(chunk_labels)
+      bar.update(len(chunk_ids))
+  labels = {s: np.concatenate(v) if v else np.zeros(0, np.int64)
+            for s, v in labels.items()}
+  return ids, labels

@@ -84,7 +84,7 @@ def evaluate(model_paths: Sequence[str], source: inputs.Source, out_dir: str,
 
   Raises:
     hcd.rundir.RunError: a model that does not load.
-    hcd.data.pipeline.ShardFileError: an unreadable shard (named).
+    hcd.data.shard_reader.ShardFileError: an unreadable shard (named).
     ValueError: unlabelled examples, bad tta or threshold.
     OSError: an output that cannot be written (named).
   """
@@ -103,12 +103,7 @@ def evaluate(model_paths: Sequence[str], source: inputs.Source, out_dir: str,
                                 source.num_examples, progress, jit_compile,
                                 desc="evaluate", predict_fn=predict_fn)
   seconds = time.perf_counter() - t0
-  unlabelled = [i for i, l in zip(preds.ids, preds.labels) if l not in (0, 1)]
-  if unlabelled:
-    raise ValueError(f"{source.description}: {len(unlabelled)} image(s) "
-                     f"have no label (e.g. {unlabelled[:3]}); evaluation "
-                     f"needs a labelled split (hcd_predict scores unlabelled "
-                     f"data)")
+  _check_labelled(preds, source)
   if isinstance(threshold, str):
     method = threshold
     threshold = metrics_lib.choose_threshold(preds.labels, preds.probs,
@@ -130,20 +125,36 @@ def evaluate(model_paths: Sequence[str], source: inputs.Source, out_dir: str,
         source, target, restain_to, restain_methods, preds.ids,
         result["roc_auc"], threshold, predict_fn, progress, out.restain_plot)
   os.makedirs(out_dir, exist_ok=True)
-  title = os.path.basename(os.path.dirname(os.path.abspath(model_paths[0])))
+  _write_outputs(out, result, preds, model_paths[0], source.description)
+  return result
+
+
+def _check_labelled(preds, source: inputs.Source) -> None:
+  """Raises ValueError naming images without a 0/1 label."""
+  unlabelled = [i for i, l in zip(preds.ids, preds.labels) if l not in (0, 1)]
+  if unlabelled:
+    raise ValueError(f"{source.description}: {len(unlabelled)} image(s) "
+                     f"have no label (e.g. {unlabelled[:3]}); evaluation "
+                     f"needs a labelled split (hcd_predict scores unlabelled "
+                     f"data)")
+
+
+def _write_outputs(out: rundir.EvalDir, result: dict, preds,
+                   first_model: str, description: str) -> None:
+  """The ROC and confusion plots, predictions.csv and metrics.json."""
+  title = os.path.basename(os.path.dirname(os.path.abspath(first_model)))
   if result["roc_auc"] is not None:
     plots.plot_roc(preds.labels, preds.probs, out.roc_plot,
-                   title=f"ROC {title} (TTA {tta})")
+                   title=f"ROC {title} (TTA {result['tta']})")
   else:
-    log.warning("only one class in %s: no ROC curve", source.description)
+    log.warning("only one class in %s: no ROC curve", description)
   plots.plot_confusion(result["confusion_matrix_normalized"],
                        out.confusion_plot,
-                       title=f"{title}, threshold {threshold:.3f}",
+                       title=f"{title}, threshold {result['threshold']:.3f}",
                        counts=result["confusion_matrix"])
   rundir.write_predictions(out.predictions, preds.ids, preds.labels,
                            preds.probs)
   rundir.write_json(out.metrics, result)
-  return result
 
 
 def _restained(source: inputs.Source, target, restain_to: str,
