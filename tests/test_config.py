@@ -49,6 +49,21 @@ def test_enum_values_are_defined_once():
   assert runtime.JIT_MODES is config_lib.JIT_MODES
 
 
+def test_data_settings_are_train_config_fields_defined_once():
+  # The data layer's settings carry no defaults of their own: every field
+  # is a TrainConfig field, and a config hands over its values.
+  from hcd.data import settings  # pylint: disable=g-import-not-at-top
+  names = {f.name for f in dataclasses.fields(config_lib.TrainConfig)}
+  assert set(settings.FIELDS) <= names
+  assert all(f.default is dataclasses.MISSING
+             for f in dataclasses.fields(settings.DataSettings))
+  config = config_lib.TrainConfig(shards_dir="sh", val_split="valid",
+                                  num_folds=0, balance="none", seed=7)
+  got = config.data_settings()
+  assert {n: getattr(got, n) for n in settings.FIELDS} == {
+      n: getattr(config, n) for n in settings.FIELDS}
+
+
 def test_validate_names_the_setting_and_the_choices():
   for field, value in (("balance", "oversample"), ("mix", "blend"),
                        ("strategy", "tpu")):

@@ -355,7 +355,7 @@ def test_tightly_clustered_model_is_ranked_by_its_exact_auc(tmp_path):
   writer.write_arrays(images, ids, labels, str(tmp_path), "train", 2)
   config = _config(str(tmp_path), "/unused", val_fraction=0.5)
   strategy = _strategy()
-  plan = subsets.run_plan(config)
+  plan = subsets.run_plan(config.data_settings())
   trainer = steps.Trainer(config, strategy, 1e-3, 4, jit=False)
   head = trainer.model.get_layer("probability")
   kernel, bias = head.get_weights()

@@ -293,12 +293,14 @@ def test_run_plan_reads_a_config_dict_like_a_train_config(data, tmp_path):
   shards_dir, _ = data
   config = TrainConfig(shards_dir=shards_dir, num_folds=3, fold=1,
                        split_seed=9, balance="none")
-  from_config = subsets.run_plan(config)
+  from_config = subsets.run_plan(config.data_settings())
   from_dict = subsets.run_validation_plan(
-      TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))))
+      TrainConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+      .data_settings())
   assert subset_ids(from_config.val)[0] == subset_ids(from_dict)[0]
-  assert subsets.run_validation_plan(TrainConfig.from_dict(
-      dict(config.to_dict(), num_folds=0, val_fraction=0.0))) is None
+  unsplit = TrainConfig.from_dict(
+      dict(config.to_dict(), num_folds=0, val_fraction=0.0))
+  assert subsets.run_validation_plan(unsplit.data_settings()) is None
 
 
 def test_evaluation_rebuilds_validation_with_the_training_defaults(data):
@@ -307,7 +309,8 @@ def test_evaluation_rebuilds_validation_with_the_training_defaults(data):
   from hcd.eval import inputs  # pylint: disable=g-import-not-at-top
   from hcd.train.config import TrainConfig  # pylint: disable=g-import-not-at-top
   shards_dir, _ = data
-  trained = subsets.run_plan(TrainConfig(shards_dir=shards_dir)).val
+  trained = subsets.run_plan(
+      TrainConfig(shards_dir=shards_dir).data_settings()).val
   saved = {k: v for k, v in TrainConfig(shards_dir=shards_dir).to_dict()
            .items() if k not in ("val_fraction", "split_seed", "seed")}
   source = inputs.run_validation_source(saved, shards_dir, batch_size=16)

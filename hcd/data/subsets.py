@@ -20,10 +20,9 @@ Balancing (training subset only; validation is never rebalanced):
   reweight: keep everything, weight class c by N / (2 n_c).
   none: keep everything, weight 1.
 
-`run_plan` takes any object with a run's data settings (shards_dir,
-train_split, val_split, val_fraction, split_seed, group_csv, num_folds,
-fold, balance, seed): hcd_train passes its TrainConfig, hcd_evaluate the
-run's saved one.
+`run_plan` takes a run's data settings (hcd.data.settings.DataSettings):
+hcd_train passes those of its TrainConfig, hcd_evaluate those of the run's
+saved config.json.
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ from hcd.data import manifest as manifest_lib
 from hcd.data import sources
 from hcd.data.shard_reader import check_shard_files
 from hcd.data.shard_reader import PipelineError
+from hcd.data.settings import DataSettings
 from hcd.data.shard_reader import scan_ids
 
 _HASH_BUCKETS = 1 << 62
@@ -327,33 +327,25 @@ def plan_validation(shards_dir: str, train_split: str = "train",
   return None
 
 
-def _run_settings(config) -> tuple[dict, SplitSpec]:
-  # Attributes only, no defaults here: TrainConfig holds them (a saved
-  # config.json goes through TrainConfig.from_dict), so a setting missing
-  # from a file means what it means to hcd_train.
-  spec = SplitSpec(val_fraction=float(config.val_fraction),
-                   seed=int(config.split_seed),
-                   groups=(read_groups_csv(config.group_csv)
-                           if config.group_csv else None),
-                   num_folds=int(config.num_folds), fold=int(config.fold))
-  where = {"shards_dir": config.shards_dir,
-           "train_split": config.train_split,
-           "val_split": config.val_split or None}
-  return {**where, "balance": config.balance, "seed": int(config.seed)}, spec
+def _split_spec(settings: DataSettings) -> SplitSpec:
+  return SplitSpec(val_fraction=float(settings.val_fraction),
+                   seed=int(settings.split_seed),
+                   groups=(read_groups_csv(settings.group_csv)
+                           if settings.group_csv else None),
+                   num_folds=int(settings.num_folds), fold=int(settings.fold))
 
 
-def run_plan(config) -> DataPlan:
-  """The training and validation subsets of a run, from its config.
+def run_plan(settings: DataSettings) -> DataPlan:
+  """The training and validation subsets of a run, from its data settings.
 
   The one place that turns a run's settings into a DataPlan: hcd_train
-  calls it with its TrainConfig, hcd_evaluate (`run_validation_plan`) with
-  that of the run's saved config.json, so evaluation rebuilds exactly the
-  validation images the run was scored on (separate split, hash hold-out,
-  fold or group split).
+  calls it with its TrainConfig's settings, hcd_evaluate
+  (`run_validation_plan`) with those of the run's saved config.json, so
+  evaluation rebuilds exactly the validation images the run was scored on
+  (separate split, hash hold-out, fold or group split).
 
   Args:
-    config: a TrainConfig (a saved config.json through
-      TrainConfig.from_dict).
+    settings: the run's DataSettings (TrainConfig.data_settings()).
 
   Returns:
     The DataPlan.
@@ -362,17 +354,16 @@ def run_plan(config) -> DataPlan:
     manifest_lib.ManifestError, PipelineError: see `plan_subset`;
       PipelineError also for an unreadable group CSV.
   """
-  s, spec = _run_settings(config)
-  return make_plan(s["shards_dir"], s["train_split"], s["val_split"], spec,
-                   s["balance"], seed=s["seed"])
+  return make_plan(settings.shards_dir, settings.train_split,
+                   settings.val_split or None, _split_spec(settings),
+                   settings.balance, seed=int(settings.seed))
 
 
-def run_validation_plan(config) -> SubsetPlan | None:
-  """Only the validation subset of `run_plan(config)` (None if it has none).
+def run_validation_plan(settings: DataSettings) -> SubsetPlan | None:
+  """Only the validation subset of `run_plan(settings)` (None if none).
 
   Raises:
     See `run_plan`.
   """
-  s, spec = _run_settings(config)
-  return plan_validation(s["shards_dir"], s["train_split"], s["val_split"],
-                         spec)
+  return plan_validation(settings.shards_dir, settings.train_split,
+                         settings.val_split or None, _split_spec(settings))

@@ -417,5 +417,6 @@ def run_validation_source(config: dict, shards_dir: str,
   # Through TrainConfig: a setting config.json lacks (an older hcd wrote
   # it) takes hcd_train's default, as it did in training.
   plan = subsets.run_validation_plan(
-      TrainConfig.from_dict(dict(config, shards_dir=shards_dir)))
+      TrainConfig.from_dict(dict(config, shards_dir=shards_dir))
+      .data_settings())
   return None if plan is None else plan_source(plan, batch_size)

@@ -20,6 +20,9 @@ import math
 from typing import Any
 
 from hcd.data import BALANCE_MODES
+from hcd.data import settings as data_settings
+from hcd.data.settings import DataSettings
+
 LR_SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adam", "sgd")
 MIX_MODES = ("none", "mixup")
@@ -335,6 +338,11 @@ class TrainConfig:
                                  hue_jitter=self.hue_jitter)
     except ValueError as e:
       raise ConfigError(str(e)) from None
+
+  def data_settings(self) -> DataSettings:
+    """The settings the data layer plans this run's subsets from."""
+    return DataSettings(**{name: getattr(self, name)
+                           for name in data_settings.FIELDS})
 
   def to_dict(self) -> dict:
     """The config as a JSON-friendly dict."""

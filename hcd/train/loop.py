@@ -123,7 +123,7 @@ def train_and_evaluate(config: TrainConfig, strategy=None,
   except tf.errors.DataLossError:
     # A record failed its CRC while training, and TensorFlow's error names no
     # file; planning rereads every shard and names the one at fault.
-    subsets.run_plan(config)
+    subsets.run_plan(config.data_settings())
     raise
 
 
@@ -188,7 +188,7 @@ def _prepare(config: TrainConfig, strategy,
   if chief:
     # Also before any data is read: a read-only --workdir fails in a second.
     fileio.check_output_dir(config.workdir)
-  plan = subsets.run_plan(config)
+  plan = subsets.run_plan(config.data_settings())
   _check_batch(config, strategy, plan)
   steps_per_epoch = (config.steps_per_epoch or
                      plan.train.num_examples // config.batch_size)
