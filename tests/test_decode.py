@@ -12,7 +12,6 @@ import pytest
 import tifffile
 
 from hcd.data import decode
-from hcd.data import screening
 from hcd.data import synthetic
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -134,9 +133,9 @@ def test_planar_tiff_decodes_samples_last(img):
   # An HWC array written planar is 96 samples of a 96x3 image, whatever its
   # raw bytes look like: refused, not read as RGB.
   wide = _tiff(img, photometric="rgb", planarconfig="separate")
-  with pytest.raises(decode.ShapeError) as e:  # From the tags, undecoded.
+  with pytest.raises(decode.ImageError) as e:  # From the tags, undecoded.
     decode.decode_raw(wide)
-  assert e.value.shape == (96, 3, 96)
+  assert e.value.flag == decode.BAD_SHAPE and e.value.shape == (96, 3, 96)
   with pytest.raises(decode.ImageError, match=r"shape \(96, 3, 96\)"):
     decode.decode_bytes(wide, "wide.tif")
 
@@ -211,7 +210,7 @@ def test_tf_decode_image_matches_decode_bytes(sliced):
   tf = pytest.importorskip("tensorflow")
   files = _tf_files()
   cache = decode.TiffLayoutCache()
-  proofs = [screening.check_image(f, cache) for f in files]
+  proofs = [decode.check_image(f, cache) for f in files]
   # The 4 originals have a plain strip, the 2 LZW re-saves do not.
   assert [p is not None for p in proofs] == [True] * 4 + [False] * 2
   layouts = sorted({p for p in proofs if p is not None}) if sliced else []

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from hcd.data import decode
-from hcd.data import screening
 from hcd.data import sources
 from hcd.eval import inputs
 
@@ -84,7 +83,7 @@ def test_plain_strips_are_sliced_in_the_graph(tmp_path, monkeypatch):
 
   def no_decoder(contents, names):
     if len(names):
-      raise decode.ImageError(f"{os.fsdecode(names[0])}: decoder disabled")
+      raise decode.ImageError(os.fsdecode(names[0]), "decoder disabled")
     return np.zeros((0, 96, 96, 3), np.uint8)
 
   monkeypatch.setattr(decode, "_numpy_decode", no_decoder)
@@ -159,10 +158,10 @@ def test_refusals_are_worded_like_the_scanner_and_shard_writer(tmp_path):
   refused = {n for n, (_, px, _) in cases.items() if px is None}
   assert set(reasons) == refused | {"empty.tif", "garbage.tif", "gone.tif"}
   # The skipped list must read as scan.csv and the manifest do: the same
-  # "<flag>: <detail>" that hcd.data.screening gives the scanner and writer.
+  # "<flag>: <detail>" that decode.ImageError gives the scanner and writer.
   for p in checked.problems:
-    with pytest.raises(screening.Fault) as e:
-      screening.read_image(p.path)
+    with pytest.raises(decode.ImageError) as e:
+      decode.read_image(p.path)
     assert p.reason == e.value.reason, p.path
   assert reasons["empty.tif"] == "unreadable: empty file (0 bytes)"
   assert reasons["gone.tif"].startswith("unreadable: cannot read: ")

@@ -156,7 +156,7 @@ class _ChunkScanner:
           finally:
             os_close(fd)
         except OSError as e:
-          self._fail(k, screening.read_fault(e))
+          self._fail(k, decode.read_error(path, e))
           continue
         off = pixel_offset(data)
         if (off is None or off != b.offset) and not self._place(
@@ -168,8 +168,8 @@ class _ChunkScanner:
           self.flush()
       except Exception as e:  # pylint: disable=broad-except
         # Whatever else goes wrong with one file is its row's error too.
-        self._fail(k, screening.Fault(
-            screening.UNREADABLE, f"unexpected {type(e).__name__}: {e}"))
+        self._fail(k, decode.ImageError(
+            path, f"unexpected {type(e).__name__}: {e}"))
     self.flush()
 
   def _place(self, k: int, j: int, data, off: int | None, path: str) -> bool:
@@ -199,7 +199,7 @@ class _ChunkScanner:
     b.pixel_views[j][:] = memoryview(pixels).cast("B")
     return True
 
-  def _fail(self, k: int, fault: screening.Fault) -> None:
+  def _fail(self, k: int, fault: decode.ImageError) -> None:
     """Records why image k cannot be used."""
     self.status[k] = (_BAD_SHAPE if fault.flag == screening.BAD_SHAPE else
                       _UNREADABLE)
@@ -220,9 +220,9 @@ class _ChunkScanner:
 
   def _decode(self, k: int, data: bytes, path: str) -> np.ndarray | None:
     try:
-      raw = screening.decode_raw(data, path)
-      valid = screening.validate(raw, path)
-    except screening.Fault as e:
+      raw = decode.decode_raw(data, path)
+      valid = decode.validate(raw, path)
+    except decode.ImageError as e:
       self._fail(k, e)
       return None
     self._describe(k, raw.shape, str(raw.dtype))
@@ -273,13 +273,12 @@ def _learn_layout(paths: Sequence[str], tries: int = 8) -> None:
   tiff = _worker_buffers().tiff
   for path in paths[:tries]:
     try:
-      data = screening.read_file(path)
+      data = decode.read_bytes(path)
       if tiff.pixel_offset(data) is not None:
         return
-      tiff.learn(data, screening.validate(screening.decode_raw(data, path),
-                                          path))
+      tiff.learn(data, decode.validate(decode.decode_raw(data, path), path))
       return
-    except (OSError, screening.Fault):
+    except decode.ImageError:
       continue
 
 

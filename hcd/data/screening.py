@@ -3,7 +3,8 @@
 Both the quality scanner (`hcd.data.quality`, tools/scan_quality) and the
 shard writer (`hcd.data.writer`, tools/make_shards) screen images by these
 rules, so a scan report and a manifest always agree on what a flag means and
-word its reason the same way:
+word its reason the same way (an unreadable or badly shaped file is
+hcd.data.decode's ImageError, whose `reason` reads the same way):
 
   unreadable     the file cannot be read or decoded (empty, truncated, ...)
   bad_shape      it decodes, but not to 96x96 RGB uint8 (an opaque alpha
@@ -26,7 +27,6 @@ import this.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from typing import Sequence
 
@@ -38,8 +38,9 @@ DARK_MAX = 10
 BRIGHT_MIN = 245
 BACKGROUND_MIN = 220
 
-UNREADABLE = "unreadable"
-BAD_SHAPE = "bad_shape"
+# An unusable file: decode.ImageError carries one of these two flags.
+UNREADABLE = decode.UNREADABLE
+BAD_SHAPE = decode.BAD_SHAPE
 DARK = "dark"
 BRIGHT = "bright"
 SHA1_MISMATCH = "sha1_mismatch"
@@ -51,29 +52,6 @@ FLAGS = (UNREADABLE, BAD_SHAPE, DARK, BRIGHT, SHA1_MISMATCH, DUPLICATE)
 SHA1_CHECK = "ids of 40 hex digits"
 
 _KAGGLE_ID = re.compile(r"[0-9a-f]{40}")
-
-
-class Fault(ValueError):
-  """An image that cannot be used: a flag (UNREADABLE or BAD_SHAPE), a detail.
-
-  Attributes:
-    flag: UNREADABLE or BAD_SHAPE.
-    detail: what is wrong, without the file's path (the caller names it).
-    shape, dtype: what the file decoded to (None if it did not decode).
-  """
-
-  def __init__(self, flag: str, detail: str, shape: tuple | None = None,
-               dtype: str | None = None):
-    super().__init__(flag, detail)
-    self.flag = flag
-    self.detail = detail
-    self.shape = shape
-    self.dtype = dtype
-
-  @property
-  def reason(self) -> str:
-    """The readable reason, e.g. "unreadable: empty file (0 bytes)"."""
-    return reason(self.flag, self.detail)
 
 
 def reason(flag: str, detail: str) -> str:
@@ -244,152 +222,6 @@ def check_sha1(image_id: str, pixels) -> str | None:
     return None
   digest = pixel_sha1(pixels)
   return None if digest == image_id else sha1_mismatch_reason(digest)
-
-
-def read_fault(e: OSError) -> Fault:
-  """The fault of a file that cannot be read (missing, permissions, ...).
-
-  Args:
-    e: what reading raised.
-
-  Returns:
-    An UNREADABLE Fault, "cannot read: <why>".
-  """
-  return Fault(UNREADABLE, f"cannot read: {e.strerror or e}")
-
-
-def decode_raw(data, path: str) -> np.ndarray:
-  """Decodes a file's bytes as stored (see `decode.decode_raw`).
-
-  Args:
-    data: the file's contents.
-    path: the file, for messages.
-
-  Returns:
-    The decoded array, whatever its shape and dtype.
-
-  Raises:
-    Fault: UNREADABLE (empty, not an image, cannot decode), or BAD_SHAPE
-      when the header declares another size (with the declared shape; the
-      pixels are never decoded).
-  """
-  try:
-    return decode.decode_raw(data, path)
-  except decode.ShapeError as e:
-    raise Fault(BAD_SHAPE, decode.strip_name(str(e), path), e.shape,
-                e.dtype) from None
-  except decode.ImageError as e:
-    raise Fault(UNREADABLE, decode.strip_name(str(e), path)) from None
-
-
-def validate(raw: np.ndarray, path: str) -> np.ndarray:
-  """Checks a decoded image (see `decode.validate`).
-
-  Args:
-    raw: what `decode_raw` returned.
-    path: the file, for messages.
-
-  Returns:
-    uint8 [96, 96, 3], C-contiguous (an opaque alpha channel dropped).
-
-  Raises:
-    Fault: BAD_SHAPE, with the raw shape and dtype.
-  """
-  try:
-    return decode.validate(raw, path)
-  except decode.ImageError as e:
-    raise Fault(BAD_SHAPE, decode.strip_name(str(e), path), raw.shape,
-                str(raw.dtype)) from None
-
-
-def read_file(path: str, chunk: int = 1 << 16) -> bytes:
-  """Reads a whole (small) file.
-
-  os.open + os.read skip the fstat/lseek/isatty calls of open(): per-file
-  system calls are a visible share of 100k+ reads of 28 KB files.
-
-  Args:
-    path: the file.
-    chunk: bytes per read.
-
-  Returns:
-    Its contents.
-
-  Raises:
-    OSError: the file cannot be read.
-  """
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    data = os.read(fd, chunk)
-    if len(data) < chunk:
-      return data
-    parts = [data]
-    while data:
-      data = os.read(fd, chunk)
-      parts.append(data)
-    return b"".join(parts)
-  finally:
-    os.close(fd)
-
-
-def _read_or_fault(path: str) -> bytes:
-  """The file's bytes; an OSError becomes an UNREADABLE Fault."""
-  try:
-    return read_file(path)
-  except OSError as e:
-    raise read_fault(e) from None
-
-
-def read_image(path: str,
-               layouts: decode.TiffLayoutCache | None = None) -> np.ndarray:
-  """Reads, decodes and validates one image file.
-
-  Args:
-    path: the file.
-    layouts: a layout cache: a TIFF laid out like one it has seen is not
-      decoded again, its pixels are its strip's bytes (see
-      decode.TiffLayoutCache), which skips the decoder for nearly every
-      Kaggle file.
-
-  Returns:
-    uint8 [96, 96, 3] (C-contiguous, or a read-only view of the file's bytes
-    from the layout cache).
-
-  Raises:
-    Fault: UNREADABLE (cannot read or decode) or BAD_SHAPE.
-  """
-  data = _read_or_fault(path)
-  if layouts is not None:
-    known = layouts.lookup(data)
-    if known is not None:
-      return known
-  img = validate(decode_raw(data, path), path)
-  if layouts is not None:
-    layouts.learn(data, img)
-  return img
-
-
-def check_image(path: str, layouts: decode.TiffLayoutCache):
-  """Reads and validates one image file as `read_image` does, for a reader
-  that slices the pixels itself (hcd_evaluate/hcd_predict's tf.data path).
-
-  Args:
-    path: the file.
-    layouts: the layout cache to consult and teach.
-
-  Returns:
-    The file's plain-strip layout (`decode.TiffLayoutCache.layout`), or None
-    when its pixels need the decoder.
-
-  Raises:
-    Fault: UNREADABLE or BAD_SHAPE, worded as in scan.csv and the manifest.
-  """
-  data = _read_or_fault(path)
-  known = layouts.layout(data)
-  if known is None:
-    layouts.learn(data, validate(decode_raw(data, path), path))
-    known = layouts.layout(data)
-  return known
 
 
 def duplicate_of(ids: Sequence[str], digests: Sequence) -> dict[int, int]:

@@ -117,8 +117,8 @@ class _ShardBuilder:
   def add(self, path: str, rid: str, label: int) -> None:
     """Reads and checks one image; writes the block once it is full."""
     try:
-      img = screening.read_image(path, self.layouts)
-    except screening.Fault as e:
+      img = decode.read_image(path, self.layouts)
+    except decode.ImageError as e:
       self.invalid.append({"id": rid, "path": path, "reason": e.reason})
       return
     # A Kaggle id is the SHA-1 of the pixels: a mismatch means the file

@@ -35,7 +35,6 @@ from hcd import progress as progress_lib
 from hcd.data import decode
 from hcd.data import features
 from hcd.data import manifest as manifest_lib
-from hcd.data import screening
 from hcd.data import sources
 
 CHECK_CHUNK = 256
@@ -200,8 +199,8 @@ def _check_chunk(records) -> Checked:
     # The scanner's and the shard writer's checks, so a refusal is worded
     # as in scan.csv and the manifest ("unreadable: ...", "bad_shape: ...").
     try:
-      layout = screening.check_image(r.path, cache)
-    except screening.Fault as e:
+      layout = decode.check_image(r.path, cache)
+    except decode.ImageError as e:
       found.problems.append(sources.Problem(r.id, r.path, e.reason))
       continue
     if layout is not None:
