@@ -40,6 +40,28 @@ def _pipeline_index(input_context) -> tuple[int, int]:
   return input_context.num_input_pipelines, input_context.input_pipeline_id
 
 
+def subset_blocks(plan: SubsetPlan, *, with_ids: bool = False,
+                  cycle_length: int = 4):
+  """Every image of `plan` once, in shard order, as blocks (unbatched size).
+
+  The one reader of a subset that validation (`eval_dataset`), evaluation
+  and prediction (hcd.eval.inputs) share; they batch it their own way.
+
+  Args:
+    plan: the subset (a whole split: subsets.whole_split).
+    with_ids: include the "id" strings.
+    cycle_length: shard files read concurrently (the output order depends
+      on it, deterministically).
+
+  Returns:
+    dataset of blocks {"image", "label", "weight"(, "id")}; see
+    `select_blocks`.
+  """
+  records = read_blocks(plan.files, shuffle=False, seed=0, repeat=False,
+                        cycle_length=cycle_length)
+  return select_blocks(records, plan, with_ids=with_ids)
+
+
 def select_blocks(records, plan: SubsetPlan, with_ids: bool = False):
   """Parses blocks and keeps the images of `plan`, with their weights.
 
@@ -57,19 +79,22 @@ def select_blocks(records, plan: SubsetPlan, with_ids: bool = False):
            if plan.role != "all" else None)
   weights = tf.constant(plan.class_weights, tf.float32)
 
+  # A whole split keeps every image: no mask to copy every image through.
+  keep_all = plan.role == "all" and plan.balance != "undersample"
+
   def select(serialized):
     block = features.parse_block(serialized)
     labels = block["label"]
-    mask = subsets.select_mask(block["id"], labels, plan, table)
-    labels = tf.boolean_mask(labels, mask)
-    out = {
-        "image": tf.boolean_mask(block["image"], mask),
-        "label": tf.cast(labels, tf.float32),
-        "weight": tf.gather(weights, tf.clip_by_value(labels, 0, 1)),
-    }
+    kept = {"image": block["image"], "label": labels}
     if with_ids:
-      out["id"] = tf.boolean_mask(block["id"], mask)
-    return out
+      kept["id"] = block["id"]
+    if not keep_all:
+      mask = subsets.select_mask(block["id"], labels, plan, table)
+      kept = {k: tf.boolean_mask(v, mask) for k, v in kept.items()}
+    labels = kept["label"]
+    kept["label"] = tf.cast(labels, tf.float32)
+    kept["weight"] = tf.gather(weights, tf.clip_by_value(labels, 0, 1))
+    return kept
 
   return records.map(select, num_parallel_calls=tf.data.AUTOTUNE,
                      deterministic=True)
@@ -192,9 +217,7 @@ def eval_dataset(plan: SubsetPlan, batch_size: int, *, steps: int | None = None,
     tf.data.Dataset of {"image", "label", "weight"(, "id")} batches.
   """
   num, index = _pipeline_index(input_context)
-  records = read_blocks(plan.files, shuffle=False, seed=0, repeat=False,
-                        cycle_length=cycle_length)
-  blocks = select_blocks(records, plan, with_ids=with_ids)
+  blocks = subset_blocks(plan, with_ids=with_ids, cycle_length=cycle_length)
   if num > 1:
     # Per image, not per block: blocks vary in size after selection, and an
     # uneven split could need more steps on one worker than on another.

@@ -285,6 +285,25 @@ def plan_subset(shards_dir: str, split: str, role: str,
   return plan
 
 
+def whole_split(shards_dir: str, split: str) -> SubsetPlan:
+  """Every image of a shard split, labelled or not, planned from its
+  manifest alone (no scan: what evaluation and prediction of a whole split
+  read).
+
+  Raises:
+    manifest_lib.ManifestError: missing or bad manifest (names the path).
+    ShardFileError: a shard listed in the manifest is missing or has the
+      wrong size.
+  """
+  manifest = manifest_lib.load_manifest(shards_dir, split)
+  files = manifest_lib.shard_paths(shards_dir, manifest)
+  check_shard_files(files, manifest,
+                    manifest_lib.manifest_path(shards_dir, split))
+  return SubsetPlan(shards_dir, split, files, "all", SplitSpec(),
+                    label_counts=dict(manifest.get("label_counts") or {}),
+                    num_examples=int(manifest["num_examples"]))
+
+
 def make_plan(shards_dir: str, train_split: str = "train",
               val_split: str | None = None,
               split_spec: SplitSpec = SplitSpec(),

@@ -5,7 +5,10 @@ Both sources yield the same batches, dicts of
   id     string [B]
   label  int64 [B]   (-1 where unknown, e.g. Kaggle test)
 
-Shards are read as blocks of up to 256 raw images (no decode). An image
+Shards are read as blocks of up to 256 raw images (no decode), by the
+training pipeline's own subset reader (hcd.data.pipeline.subset_blocks: a
+whole split, or a run's validation subset, which is then exactly what
+validation saw). An image
 folder (Kaggle `test/`, a class-folder split, or a plain folder of TIFFs) is
 read file by file inside tf.data and decoded a batch at a time in the graph
 by `hcd.data.decode.tf_decode_images`, so no sharding step is needed to
@@ -34,7 +37,6 @@ import numpy as np
 from hcd import progress as progress_lib
 from hcd.data import decode
 from hcd.data import features
-from hcd.data import manifest as manifest_lib
 from hcd.data import sources
 
 CHECK_CHUNK = 256
@@ -122,24 +124,17 @@ def shards_source(shards_dir: str, split: str, batch_size: int) -> Source:
     A Source.
 
   Raises:
-    manifest_lib.ManifestError: no or invalid manifest.
+    hcd.data.manifest.ManifestError: no or invalid manifest.
     hcd.data.shard_reader.ShardFileError: a shard listed in the manifest is
       missing or has the wrong size.
   """
-  from hcd.data import shard_reader  # pylint: disable=g-import-not-at-top
-  manifest = manifest_lib.load_manifest(shards_dir, split)
-  paths = manifest_lib.shard_paths(shards_dir, manifest)
-  shard_reader.check_shard_files(paths, manifest,
-                                 manifest_lib.manifest_path(shards_dir, split))
+  from hcd.data import subsets  # pylint: disable=g-import-not-at-top
+  plan = subsets.whole_split(shards_dir, split)
   # Blocks are big (256 images), so two readers keep up with any model; a
   # deterministic interleave keeps the output order reproducible.
-  ds = shard_reader.read_blocks(paths, cycle_length=2)
-  ds = ds.map(features.parse_block, num_parallel_calls=_parallelism())
-  ds = ds.unbatch().batch(batch_size).prefetch(PREFETCH)
-  ds = ds.with_options(_fixed_options())
-  return Source(ds, int(manifest["num_examples"]),
-                f"shards {shards_dir} split {split} "
-                f"({manifest['num_examples']} images)", files=paths)
+  return plan_source(plan, batch_size, cycle_length=2,
+                     description=f"shards {shards_dir} split {split} "
+                     f"({plan.num_examples} images)")
 
 
 def folder_records(data_dir: str, split: str,
@@ -367,29 +362,34 @@ def take_arrays(source: Source) -> tuple[np.ndarray, list[str], np.ndarray]:
   return np.concatenate(images), ids, np.concatenate(labels)
 
 
-def plan_source(plan, batch_size: int) -> Source:
-  """Batches of a training-pipeline subset (e.g. a run's validation part).
+def plan_source(plan, batch_size: int, cycle_length: int = 4,
+                description: str | None = None) -> Source:
+  """Batches of a subset of shards: a whole split, or a run's validation part.
+
+  Read by the training pipeline's own reader (pipeline.subset_blocks), so
+  evaluation sees exactly the images, labels and order validation saw.
 
   Args:
     plan: hcd.data.subsets.SubsetPlan (selection by id hash, never
-      rebalanced for validation).
-    batch_size: images per batch.
+      rebalanced for validation; subsets.whole_split for a whole split).
+    batch_size: images per batch (the last batch may be smaller).
+    cycle_length: shard files read concurrently (sets the order).
+    description: the Source's description (default: names the subset).
 
   Returns:
-    A Source with ids and int64 labels, in shard order.
+    A Source with ids and int64 labels (-1 where unknown), in shard order.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from hcd.data import pipeline  # pylint: disable=g-import-not-at-top
-  from hcd.data import shard_reader  # pylint: disable=g-import-not-at-top
-  records = shard_reader.read_blocks(plan.files)
-  blocks = pipeline.select_blocks(records, plan, with_ids=True)
+  blocks = pipeline.subset_blocks(plan, with_ids=True,
+                                  cycle_length=cycle_length)
   blocks = blocks.map(lambda b: {"image": b["image"], "id": b["id"],
                                  "label": tf.cast(b["label"], tf.int64)})
   ds = blocks.rebatch(batch_size).prefetch(PREFETCH).with_options(
       _fixed_options())
-  return Source(ds, plan.num_examples,
-                f"shards {plan.shards_dir} split {plan.split} ({plan.role} "
-                f"subset, {plan.num_examples} images)", files=list(plan.files))
+  return Source(ds, plan.num_examples, description or (
+      f"shards {plan.shards_dir} split {plan.split} ({plan.role} subset, "
+      f"{plan.num_examples} images)"), files=list(plan.files))
 
 
 def run_validation_source(config: dict, shards_dir: str,
@@ -408,8 +408,8 @@ def run_validation_source(config: dict, shards_dir: str,
     A Source, or None when the config describes no validation subset.
 
   Raises:
-    manifest_lib.ManifestError, shard_reader.PipelineError: missing or bad
-      shards.
+    hcd.data.manifest.ManifestError, shard_reader.PipelineError: missing
+      or bad shards.
   """
   from hcd.data import subsets  # pylint: disable=g-import-not-at-top
   from hcd.train.config import TrainConfig  # pylint: disable=g-import-not-at-top
