@@ -35,6 +35,11 @@ class ConfigError(ValueError):
   """An invalid training setting; the message names it and what is allowed."""
 
 
+def _check(cond, msg: str) -> None:
+  if not cond:
+    raise ConfigError(msg)
+
+
 def _model_names() -> list[str]:
   from hcd import models  # pylint: disable=g-import-not-at-top
   return models.model_names()
@@ -267,9 +272,6 @@ class TrainConfig:
     Raises:
       ConfigError: naming the setting and the allowed values.
     """
-    def check(cond, msg):
-      if not cond:
-        raise ConfigError(msg)
     for f in dataclasses.fields(self):
       choices = f.metadata.get("choices")
       if choices is None:
@@ -277,56 +279,72 @@ class TrainConfig:
       choices = tuple(choices() if callable(choices) else choices)
       value = getattr(self, f.name)
       noun = f.name.replace("_", " ")
-      check(value in choices, f"unknown {noun} {value!r}; known {noun}s: "
-            f"{', '.join(choices)}")
-    check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
-    check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
-    check(self.steps_per_epoch >= 0, "steps_per_epoch must be >= 0")
-    check(self.val_steps >= 0, "val_steps must be >= 0")
-    check(0.0 <= self.val_fraction < 1.0,
-          f"val_fraction must be in [0, 1), got {self.val_fraction}")
-    check(self.num_folds >= 0, f"num_folds must be >= 0, got {self.num_folds}")
+      _check(value in choices, f"unknown {noun} {value!r}; known {noun}s: "
+             f"{', '.join(choices)}")
+    self._check_data()
+    self._check_optimisation()
+    self._check_runtime()
+    self._check_augmentation()
+
+  def _check_data(self) -> None:
+    _check(0.0 <= self.val_fraction < 1.0,
+           f"val_fraction must be in [0, 1), got {self.val_fraction}")
+    _check(self.num_folds >= 0,
+           f"num_folds must be >= 0, got {self.num_folds}")
     if self.num_folds > 1:
-      check(0 <= self.fold < self.num_folds,
-            f"fold must be in 0..{self.num_folds - 1}, got {self.fold}")
-      check(not self.val_split, "num_folds and val_split exclude each other: "
-            "folds split --train_split itself")
+      _check(0 <= self.fold < self.num_folds,
+             f"fold must be in 0..{self.num_folds - 1}, got {self.fold}")
+      _check(not self.val_split, "num_folds and val_split exclude each "
+             "other: folds split --train_split itself")
     else:
-      check(self.fold == 0, f"fold={self.fold} needs num_folds > 1")
-    check(self.learning_rate is None or self.learning_rate > 0,
-          f"learning_rate must be > 0, got {self.learning_rate}")
-    check(self.steps_per_loop > 0, "steps_per_loop must be > 0")
-    check(0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0,1)")
-    check(self.warmup_epochs >= 0, "warmup_epochs must be >= 0")
-    check(self.time_budget_min >= 0,
-          f"time_budget_min must be >= 0, got {self.time_budget_min}")
-    check(self.weight_decay >= 0.0,
-          f"weight_decay must be >= 0, got {self.weight_decay}")
-    check(0.0 <= self.ema_decay < 1.0,
-          f"ema_decay must be in [0, 1), got {self.ema_decay}")
-    check(self.mix_alpha > 0, f"mix_alpha must be > 0, got {self.mix_alpha}")
-    check(self.shuffle_blocks >= 1,
-          f"shuffle_blocks must be >= 1, got {self.shuffle_blocks}")
-    check(self.mix_size >= 1, f"mix_size must be >= 1 (values up to "
-          f"batch_size mix within each batch), got {self.mix_size}")
+      _check(self.fold == 0, f"fold={self.fold} needs num_folds > 1")
+    _check(self.shuffle_blocks >= 1,
+           f"shuffle_blocks must be >= 1, got {self.shuffle_blocks}")
+    _check(self.mix_size >= 1, f"mix_size must be >= 1 (values up to "
+           f"batch_size mix within each batch), got {self.mix_size}")
+
+  def _check_optimisation(self) -> None:
+    _check(self.batch_size > 0,
+           f"batch_size must be > 0, got {self.batch_size}")
+    _check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
+    _check(self.steps_per_epoch >= 0, "steps_per_epoch must be >= 0")
+    _check(self.val_steps >= 0, "val_steps must be >= 0")
+    _check(self.learning_rate is None or self.learning_rate > 0,
+           f"learning_rate must be > 0, got {self.learning_rate}")
+    _check(0.0 <= self.label_smoothing < 1.0,
+           "label_smoothing must be in [0,1)")
+    _check(self.warmup_epochs >= 0, "warmup_epochs must be >= 0")
+    _check(self.time_budget_min >= 0,
+           f"time_budget_min must be >= 0, got {self.time_budget_min}")
+    _check(self.weight_decay >= 0.0,
+           f"weight_decay must be >= 0, got {self.weight_decay}")
+    _check(0.0 <= self.ema_decay < 1.0,
+           f"ema_decay must be in [0, 1), got {self.ema_decay}")
     # Written so that NaN fails the comparison and is refused: Adam divides
     # by 1 - beta**t and by sqrt(v) + epsilon.
     for name in ("adam_beta1", "adam_beta2"):
       value = getattr(self, name)
-      check(0.0 <= value < 1.0, f"{name} must be in [0, 1), got {value}")
-    check(0.0 <= self.momentum < 1.0,
-          f"momentum must be in [0, 1), got {self.momentum}")
-    check(0.0 < self.adam_epsilon < math.inf,
-          f"adam_epsilon must be > 0 and finite, got {self.adam_epsilon}")
-    check(self.cpu_logical_devices >= 0, f"cpu_logical_devices must be >= 0 "
-          f"(0 or 1: the CPU is not split), got {self.cpu_logical_devices}")
+      _check(0.0 <= value < 1.0, f"{name} must be in [0, 1), got {value}")
+    _check(0.0 <= self.momentum < 1.0,
+           f"momentum must be in [0, 1), got {self.momentum}")
+    _check(0.0 < self.adam_epsilon < math.inf,
+           f"adam_epsilon must be > 0 and finite, got {self.adam_epsilon}")
+
+  def _check_runtime(self) -> None:
+    _check(self.steps_per_loop > 0, "steps_per_loop must be > 0")
+    _check(self.cpu_logical_devices >= 0, f"cpu_logical_devices must be >= "
+           f"0 (0 or 1: the CPU is not split), got "
+           f"{self.cpu_logical_devices}")
     # A negative cadence would make the epoch loop take negative steps and
     # spin forever without training (step % -N is <= 0).
-    check(self.checkpoint_every_steps >= 0, f"checkpoint_every_steps must be "
-          f">= 0 (0: checkpoint at epoch ends), got "
-          f"{self.checkpoint_every_steps}")
-    check(self.log_every_steps >= 0, f"log_every_steps must be >= 0 (0: a "
-          f"progress bar), got {self.log_every_steps}")
+    _check(self.checkpoint_every_steps >= 0, f"checkpoint_every_steps must "
+           f"be >= 0 (0: checkpoint at epoch ends), got "
+           f"{self.checkpoint_every_steps}")
+    _check(self.log_every_steps >= 0, f"log_every_steps must be >= 0 (0: a "
+           f"progress bar), got {self.log_every_steps}")
+
+  def _check_augmentation(self) -> None:
+    _check(self.mix_alpha > 0, f"mix_alpha must be > 0, got {self.mix_alpha}")
     # The jitter ranges live with the augmenter that applies them; checked
     # here too so that a bad value fails before the data plan scans every
     # shard. Imported here: hcd.models.augment imports TensorFlow, and this
