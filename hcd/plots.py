@@ -299,6 +299,8 @@ def sample_grid(images, path: str, labels: Sequence[int] | None = None,
                 class_names: Sequence[str] = CLASS_NAMES) -> str:
   """Draws a grid of patches, each titled with its class, centre box drawn.
 
+  Over 60 lines only for documenting each argument.
+
   Args:
     images: uint8 [n, H, W, 3] (n >= 1).
     path: the PNG to write.

@@ -340,6 +340,8 @@ def kaggle_records(data_dir: str, split: str, labels_csv: str | None = None,
                    ) -> tuple[list[Record], list[Problem]]:
   """Lists a split of the Kaggle layout, joining labels by id.
 
+  Over 60 lines only for documenting each argument.
+
   Args:
     data_dir: directory holding `train/`, `test/` and `train_labels.csv`.
     split: "train" or "test" (any sub-directory name works).

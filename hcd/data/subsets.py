@@ -218,6 +218,8 @@ def plan_subset(shards_dir: str, split: str, role: str,
                 balance_seed: int = 0) -> SubsetPlan:
   """Plans one subset of a shard split: which images, how balanced.
 
+  Over 60 lines only for documenting each argument.
+
   Args:
     shards_dir: the shards directory.
     split: the shard split name ("train", "valid", ...).

@@ -325,6 +325,8 @@ def write_workspace(out_dir: str, num_train: int, num_test: int, seed: int = 0,
   The CSVs are renamed into place after all images are written, and the
   marker `hcd_synthetic.json` records the parameters and completion last.
 
+  Over 60 lines only for documenting each argument.
+
   Args:
     out_dir: the workspace directory (created if missing).
     num_train: number of training images (0 to 220,025 or more).

@@ -47,6 +47,8 @@ def verify_split(shards_dir: str, split: str, workers: int | None = None,
   total counts of records, images and labels, that ids are unique across the
   split and that no excluded id made it into a shard.
 
+  Over 60 lines only for documenting each argument.
+
   Args:
     shards_dir: the shards directory.
     split: split name.

@@ -289,6 +289,8 @@ def make_split(data_dir: str, split: str, out_dir: str,
   Idempotent and resumable: shards already written for the same inputs and
   options are kept; a rerun on finished output writes nothing.
 
+  Over 60 lines only for documenting each argument.
+
   Args:
     data_dir: Kaggle layout (`<split>/<id>.tif` + `train_labels.csv`) or a
       class-folder layout (`<split>/<0|1>/*`).

@@ -126,6 +126,8 @@ def cross_validation(loaded: Sequence[rundir.Run],
   except for the per-run entries (`recipe`); two recipes trained on the
   same folds are two experiments, each with its own out-of-fold AUC.
 
+  Over 60 lines only for documenting each argument.
+
   Args:
     loaded: runs read by hcd.rundir.read_run.
     names: display names, one per run (default: directory names).

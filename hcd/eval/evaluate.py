@@ -65,6 +65,8 @@ def evaluate(model_paths: Sequence[str], source: inputs.Source, out_dir: str,
              ) -> dict:
   """Evaluates one model (or the average of several) on labelled data.
 
+  Over 60 lines only for documenting each argument.
+
   Args:
     model_paths: .keras files (see rundir.resolve_model_paths); several are
       ensembled by averaging.

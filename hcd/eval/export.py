@@ -50,6 +50,8 @@ def export_model(model_path: str, out_dir: str,
                  saved_model: bool = True) -> dict:
   """Exports a .keras model as a safe-mode .keras and a SavedModel.
 
+  Over 60 lines only for documenting each argument.
+
   Args:
     model_path: the source .keras (e.g. a run's best.keras).
     out_dir: output directory (created; existing exports are replaced).

@@ -265,6 +265,8 @@ def predict_submission(model_paths: Sequence[str], source, out: str,
                        jit_compile: bool = False) -> dict:
   """Predicts a source and writes a validated Kaggle submission.
 
+  Over 60 lines only for documenting each argument.
+
   Args:
     model_paths: .keras files; several are ensembled by averaging.
     source: hcd.eval.inputs.Source (its `skipped` images are listed in

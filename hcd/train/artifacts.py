@@ -122,6 +122,8 @@ def finish_run(config, trainer, plan, run: rundir.RunDir, chief: bool,
                num_params: int, write_dir: str) -> dict[str, Any]:
   """Final artifacts: model.keras, predictions, metrics.json, plots.
 
+  Over 60 lines only for documenting each argument.
+
   Args:
     config: the run's TrainConfig.
     trainer: its hcd.train.steps.Trainer, trained.

@@ -35,6 +35,8 @@ def fit_to_budget(config: TrainConfig, trainer, history: list,
   average their figures, so every worker plans the same length. The
   cosine's end moves to the new last step; its value now stays.
 
+  Over 60 lines only for documenting each argument.
+
   Args:
     config: the run's config.
     trainer: the steps.Trainer (total_steps and the schedule are set).

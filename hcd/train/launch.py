@@ -69,6 +69,8 @@ def run_local(num_workers: int, command: Sequence[str],
   All workers listen on 127.0.0.1. When any worker fails, the others are
   terminated, since a collective op would otherwise wait for it forever.
 
+  Over 60 lines only for documenting each argument.
+
   Args:
     num_workers: number of worker processes.
     command: the command each worker runs (e.g. ["hcd_train", ...]).

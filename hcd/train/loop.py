@@ -173,6 +173,9 @@ def _prepare(config: TrainConfig, strategy,
 
   Every check (config, model, output directory, shards, resumability)
   comes before the first write.
+
+  Over 60 lines: every check before the first write, in the order
+  they run, reads best in one place.
   """
   from hcd import models  # pylint: disable=g-import-not-at-top
   config.validate()
