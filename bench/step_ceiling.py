@@ -136,7 +136,7 @@ def main(argv):
   del argv
   config = train_flags.config_from_flags(train_flags.FLAGS)
   batch = config.batch_size
-  model = models.build_model(config.model, **config.model_overrides)
+  model = models.build_model(config.model, **config.model_kwargs)
   macs = forward_macs(model)
   train_flop = 3 * 2 * macs  # Forward + input and weight gradients.
   sec = step_seconds(model, batch, _STEPS.value, _REPEATS.value)

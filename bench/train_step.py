@@ -103,7 +103,7 @@ def _bce(config):
 
 def bare_step_fn(config, jit, lr):
   keras.utils.set_random_seed(config.seed)
-  model = models.build_model(config.model, **config.model_overrides)
+  model = models.build_model(config.model, **config.model_kwargs)
   opt = train_steps.make_optimizer(config, lr, 100)
   opt.build(model.trainable_variables)
   step = tf.Variable(0, dtype=tf.int64)
@@ -160,7 +160,7 @@ def fit_step_fn(config, jit, lr, steps):
                             augment.build_augmenter(seed=config.seed,
                                                     **_augment_kwargs(config)),
                             models.build_model(config.model,
-                                               **config.model_overrides)])
+                                               **config.model_kwargs)])
   opt = train_steps.make_optimizer(config, lr, 100)
   if config.ema_decay:  # Keras' own EMA (of the trainable weights).
     # Set before the optimizer is built (compile builds it). A from_config
