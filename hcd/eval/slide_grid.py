@@ -33,29 +33,6 @@ MIN_SATURATION = 20
 BLOCK_TARGET_PX = 768
 
 
-def otsu_threshold(values: np.ndarray) -> int:
-  """Otsu's threshold of uint8 values (maximises between-class variance).
-
-  Args:
-    values: uint8 array.
-
-  Returns:
-    t such that `values > t` is the upper class (0 for constant input).
-  """
-  hist = np.bincount(values.ravel(), minlength=256).astype(np.float64)
-  total = hist.sum()
-  if total == 0:
-    return 0
-  levels = np.arange(256, dtype=np.float64)
-  w0 = np.cumsum(hist)
-  m0 = np.cumsum(hist * levels)
-  w1 = total - w0
-  with np.errstate(divide="ignore", invalid="ignore"):
-    between = (m0[-1] * w0 - total * m0) ** 2 / (w0 * w1)
-  between[~np.isfinite(between)] = -1
-  return int(np.argmax(between))
-
-
 def tissue_mask(view: np.ndarray) -> np.ndarray:
   """Tissue pixels of a low-resolution RGB view.
 
@@ -66,8 +43,11 @@ def tissue_mask(view: np.ndarray) -> np.ndarray:
     bool [h, w]: saturation above max(Otsu's threshold, MIN_SATURATION).
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
+  from skimage.filters import threshold_otsu  # pylint: disable=g-import-not-at-top
   sat = np.asarray(Image.fromarray(view).convert("HSV"))[..., 1]
-  return sat > max(otsu_threshold(sat), MIN_SATURATION)
+  # A constant view has one class: its value is the threshold, so nothing
+  # is above it (and MIN_SATURATION keeps a blank slide blank anyway).
+  return sat > max(float(threshold_otsu(sat)), MIN_SATURATION)
 
 
 @dataclasses.dataclass
