@@ -232,7 +232,7 @@ def predict(models: Sequence, dataset, tta: int = 1,
     except tf.errors.OpError as e:
       raise RuntimeError(
           f"input pipeline failed after {len(ids)} images: "
-          f"{_cause(e.message)} (a file that changed or vanished after the "
+          f"{pipeline_error_cause(e.message)} (a file that changed or vanished after the "
           f"up-front check? rerun; --skip_unreadable leaves out files that "
           f"cannot be decoded)") from None
   if not probs:
@@ -240,15 +240,20 @@ def predict(models: Sequence, dataset, tta: int = 1,
   return Predictions(ids, np.concatenate(probs), np.concatenate(labels))
 
 
-def _cause(message: str) -> str:
-  """The decoder's one-line error inside a tf.data error, else its first line.
+def pipeline_error_cause(message: str, error: str = "ImageError") -> str:
+  """A reader's one-line error inside a tf.data error, else its first line.
 
-  `tf.numpy_function` wraps a Python exception as "...: ImageError: <path>:
-  <fault>" followed by a traceback; the ImageError line names the file.
+  `tf.numpy_function` wraps a Python exception as "...: <error>: <path>:
+  <fault>" followed by a traceback; that line names the file.
+
+  Args:
+    message: the tf.errors.OpError message.
+    error: the exception's class name (ImageError for hcd's decoder,
+      OpenSlideError for slide reads).
   """
   for line in message.splitlines():
-    if "ImageError: " in line:
-      return line.split("ImageError: ", 1)[1]
+    if f"{error}: " in line:
+      return line.split(f"{error}: ", 1)[1]
   return message.strip().splitlines()[0] if message.strip() else message
 
 

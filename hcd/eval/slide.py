@@ -33,6 +33,7 @@ import numpy as np
 
 from hcd import fileio
 from hcd import progress as progress_lib
+from hcd import rundir
 from hcd.eval import predict
 from hcd.eval import slide_grid
 from hcd.eval import slide_outputs as outputs
@@ -306,16 +307,10 @@ def predict_chunks(plan: SlidePlan, parts_dir: str, todo: Sequence[int],
         current += 1
       pending = [got]
   except tf.errors.OpError as e:
+    cause = predict.pipeline_error_cause(e.message, "OpenSlideError")
     raise SlideError(f"{plan.path}: cannot read a region of the slide "
-                     f"({_cause(e.message)}); the file may be truncated or "
-                     f"corrupt: copy it again") from None
-
-
-def _cause(message: str) -> str:
-  """OpenSlide's own words inside a tf.data error, else its first line."""
-  lines = message.strip().splitlines() or [message]
-  return next((l.split("OpenSlideError: ", 1)[1] for l in lines
-               if "OpenSlideError: " in l), lines[0])
+                     f"({cause}); the file may be truncated or corrupt: "
+                     f"copy it again") from None
 
 
 def finish_slide(plan: SlidePlan, probs: np.ndarray, slide_dir: str,
@@ -352,13 +347,8 @@ def finish_slide(plan: SlidePlan, probs: np.ndarray, slide_dir: str,
       level=geom.level, level_downsample=geom.level_downsample,
       level0_dimensions=list(plan.slide.dimensions),
       heatmap_shape=[g.rows, g.cols], **extra)
-  _write_json(os.path.join(slide_dir, "summary.json"), summary)
+  rundir.write_json(os.path.join(slide_dir, "summary.json"), summary)
   return summary
-
-
-def _write_json(path: str, obj) -> None:
-  """JSON, atomically (NaN-free: summaries hold finite numbers or null)."""
-  fileio.atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 def process_slide(path: str, out_dir: str, predict_fn: Callable,
@@ -504,7 +494,7 @@ def write_metrics(out_dir: str, rows: Sequence[dict],
                   labels: dict[str, int]) -> dict:
   """Writes slide_metrics.json (slide-level ROC-AUC); returns it."""
   metrics = outputs.slide_auc(rows, labels)
-  _write_json(os.path.join(out_dir, outputs.METRICS_JSON), metrics)
+  rundir.write_json(os.path.join(out_dir, outputs.METRICS_JSON), metrics)
   return metrics
 
 
