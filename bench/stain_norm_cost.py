@@ -5,12 +5,11 @@
       [--batch_size=128] [--steps=10] [--repeats=5]
 
 Builds the same model (default: pcam_cpu.flags' ResNet, 48/96/192 channels,
-2 blocks per stage, input resized to 64 px) with and without
-`stain_norm="reinhard"` (hcd.models.stain) and times one forward + backward
-+ Adam step on a constant uint8 batch for each, the two interleaved repeat
-by repeat so that load from other processes hits both alike; XLA on, as
-hcd_train uses on CPU. Prints the median ms per step of each and their
-ratio, then one JSON line.
+2 blocks per stage, input resized to 64 px) without and with each
+`stain_norm` method (hcd.models.stain) and times one forward + backward +
+Adam step on a constant uint8 batch for each, interleaved repeat by repeat
+so that load from other processes hits all alike; XLA on. Prints the median
+ms per step of each and its ratio to "none", then one JSON line.
 """
 
 import json
@@ -23,6 +22,7 @@ import numpy as np
 
 import hcd  # pylint: disable=unused-import  (oneDNN on before TensorFlow)
 from hcd import models
+from hcd.train import config
 
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Images per step.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Steps per timed repeat.")
@@ -53,17 +53,13 @@ def _step_fn(model):
 
 def main(argv):
   del argv
-  import ast  # pylint: disable=g-import-not-at-top
-  overrides = {}
-  for item in _OVERRIDES.value:
-    key, _, raw = item.partition("=")
-    overrides[key] = ast.literal_eval(raw)
+  overrides = config.parse_model_overrides(_OVERRIDES.value)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (_BATCH.value, 96, 96, 3), dtype=np.uint8)
   labels = rng.integers(0, 2, (_BATCH.value, 1)).astype(np.float32)
   steps = {name: _step_fn(models.build_model("resnet", stain_norm=name,
                                               **overrides))
-           for name in ("none", "reinhard")}
+           for name in models.STAIN_NORMS}
   for fn in steps.values():  # compile
     fn(images, labels).numpy()
   times = {name: [] for name in steps}
@@ -78,8 +74,9 @@ def main(argv):
   for name, ms in med.items():
     print(f"stain_norm={name:9s} {ms:8.1f} ms/step (median of "
           f"{_REPEATS.value} x {_STEPS.value} steps, batch {_BATCH.value})")
-  ratio = med["reinhard"] / med["none"]
-  print(f"reinhard / none: {ratio:.3f}")
+  ratio = {name: ms / med["none"] for name, ms in med.items()}
+  for name in med:
+    print(f"{name} / none: {ratio[name]:.3f}")
   print(json.dumps({"ms_per_step": med, "ratio": ratio,
                     "overrides": overrides, "batch_size": _BATCH.value}))
 

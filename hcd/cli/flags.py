@@ -16,7 +16,6 @@ TrainConfig that hcd.train.loop takes.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import datetime
 import sys
@@ -26,6 +25,7 @@ from absl import flags
 
 from hcd.train.config import ConfigError
 from hcd.train.config import TrainConfig
+from hcd.train.config import parse_model_overrides
 
 FLAGS = flags.FLAGS
 _OVERRIDES = "model_overrides"
@@ -63,19 +63,6 @@ def _define_all() -> None:
 _define_all()
 
 
-def _parse_overrides(items) -> dict:
-  out = {}
-  for item in items:
-    key, sep, raw = item.partition("=")
-    if not sep or not key:
-      raise ConfigError(f"--model_override={item!r}: expected key=value")
-    try:
-      out[key] = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-      out[key] = raw  # A bare word is a string, e.g. weights=imagenet.
-  return out
-
-
 def config_from_flags(flag_values=FLAGS) -> TrainConfig:
   """Builds the TrainConfig of hcd_train from parsed flags.
 
@@ -84,7 +71,7 @@ def config_from_flags(flag_values=FLAGS) -> TrainConfig:
   """
   values = {f.name: flag_values[f.name].value
             for f in dataclasses.fields(TrainConfig) if f.name != _OVERRIDES}
-  config = TrainConfig(**values, model_overrides=_parse_overrides(
+  config = TrainConfig(**values, model_overrides=parse_model_overrides(
       flag_values[_OVERRIDE_FLAG].value))
   config.validate()
   return config

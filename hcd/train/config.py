@@ -14,6 +14,7 @@ defined here too; the modules that act on them import these tuples.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import math
@@ -33,6 +34,24 @@ PRECISIONS = ("none", "bf16", "fp16", "auto")
 
 class ConfigError(ValueError):
   """An invalid training setting; the message names it and what is allowed."""
+
+
+def parse_model_overrides(items) -> dict:
+  """`--model_override` values ("key=value", Python literals) as a dict.
+
+  Raises:
+    ConfigError: an item without "key=".
+  """
+  out = {}
+  for item in items:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+      raise ConfigError(f"--model_override={item!r}: expected key=value")
+    try:
+      out[key] = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      out[key] = raw  # A bare word is a string, e.g. weights=imagenet.
+  return out
 
 
 def _check(cond, msg: str) -> None:
@@ -210,10 +229,11 @@ class TrainConfig:
       0.0, "H&E stain jitter sigma (0: off, ~0.05 'HED-light'); helps on "
       "slides from other labs.", group="augmentation")
   stain_norm: str = setting(
-      "none", "Stain normalisation inside the model: 'reinhard' maps every "
-      "input's L*a*b* mean and deviation to one reference before the first "
-      "layer, so slides in other labs' stains look alike to the model (and "
-      "the exported model carries it); 'none' is off.",
+      "none", "Stain normalisation inside the model, so slides in other "
+      "labs' stains look alike to it (and the exported model carries it): "
+      "'reinhard' maps every input's L*a*b* mean and deviation to one "
+      "reference, 'macenko' its H&E stain vectors and concentrations; "
+      "'none' is off.",
       choices=_stain_norms, group="augmentation")
   mix: str = setting(
       "none", "Batch mixing: mixup (images and labels blended with a "
