@@ -73,10 +73,11 @@ def test_compiles_with_xla():
                              atol=1e-5)
 
 
-def test_model_option_saves_and_reloads(tmp_path):
+@pytest.mark.parametrize("method", ["reinhard", "macenko"])
+def test_model_option_saves_and_reloads(tmp_path, method):
   plain = models.build_model("tiny")
-  model = models.build_model("tiny", stain_norm="reinhard")
-  assert model.get_layer("stain_norm").method == "reinhard"
+  model = models.build_model("tiny", stain_norm=method)
+  assert model.get_layer("stain_norm").method == method
   # A layer with no weights: the parameter count is unchanged.
   assert models.count_params(model) == models.count_params(plain)
   x = _images()
@@ -85,6 +86,8 @@ def test_model_option_saves_and_reloads(tmp_path):
   loaded = keras.models.load_model(path)
   np.testing.assert_allclose(loaded.predict(x, verbose=0),
                              model.predict(x, verbose=0), atol=1e-6)
+  if method != "reinhard":
+    return
   # Inside the model the input is normalised: a Reinhard shift of the input
   # barely moves the output, while the plain model moves.
   shifted = np.clip(np.round(stain.lab_to_rgb(
@@ -111,7 +114,7 @@ def test_train_config_stain_norm_reaches_the_saved_model(tmp_path):
   from hcd.train.config import ConfigError  # pylint: disable=g-import-not-at-top
   from hcd.train.config import TrainConfig  # pylint: disable=g-import-not-at-top
   with pytest.raises(ConfigError, match="reinhard"):
-    TrainConfig(model="tiny", stain_norm="macenko").validate()
+    TrainConfig(model="tiny", stain_norm="vahadane").validate()
   plain = TrainConfig(model="tiny", model_overrides={"width": 4})
   assert plain.model_kwargs == {"width": 4}
   shards, _ = test_pipeline.write(tmp_path / "data", n=64, block_size=32)
@@ -125,3 +128,63 @@ def test_train_config_stain_norm_reaches_the_saved_model(tmp_path):
                           strategy=tf.distribute.OneDeviceStrategy("/cpu:0"))
   model = predict.load_model(rundir.model_file(str(tmp_path / "run")))
   assert model.get_layer("stain_norm").method == "reinhard"
+
+
+# Macenko: images made of exactly two stains, so the estimate is defined.
+_HE_A = np.array([[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]])
+_HE_B = np.array([[0.45, 0.30], [0.75, 0.90], [0.48, 0.31]])
+
+
+def _two_stain_images(he, scale=(1.0, 1.0), n=3, seed=0):
+  """Float RGB images whose optical density is he @ concentrations.
+
+  Every pixel is dark enough to count as tissue for both stain matrices,
+  and each image holds nearly pure H and pure E pixels (defined extremes).
+  """
+  rng = np.random.default_rng(seed)
+  c = rng.gamma(2.0, 0.3, size=(n, 96 * 96, 2)) + 1.0
+  c[:, :300, 1] = 0.05
+  c[:, 300:600, 0] = 0.05
+  od = (c * scale) @ np.asarray(he).T
+  rgb = (240.0 * np.exp(-od) - 1.0) / 255.0
+  return rgb.reshape(n, 96, 96, 3).astype(np.float32)
+
+
+def test_macenko_matches_torchstain_per_image():
+  import torchstain  # pylint: disable=g-import-not-at-top
+  images = np.round(_two_stain_images(_HE_A, n=2) * 255).astype(np.uint8)
+  ours = stain.macenko_normalize(images / 255.0).numpy() * 255
+  for img, mine in zip(images, ours):
+    ref = torchstain.normalizers.MacenkoNormalizer(backend="numpy")
+    ref.HERef = np.array(stain.REFERENCE_HE) / np.linalg.norm(
+        stain.REFERENCE_HE, axis=0)
+    ref.maxCRef = np.array(stain.REFERENCE_MAX_C)
+    theirs, _, _ = ref.normalize(img, Io=240, alpha=1, beta=0.15,
+                                 stains=False)
+    # torchstain truncates to uint8; ours stays float.
+    d = mine - theirs.astype(np.float32)
+    assert np.abs(img.astype(np.float32) - mine).mean() > 5
+    assert d.min() >= -1e-2 and d.max() <= 1.0 + 1e-2
+
+
+def test_macenko_undoes_a_change_of_stain_vectors():
+  """Re-mixed with other stain vectors and concentrations: the same output."""
+  a = _two_stain_images(_HE_A)
+  b = _two_stain_images(_HE_B, scale=(1.3, 0.7))
+  na = stain.macenko_normalize(a).numpy()
+  nb = stain.macenko_normalize(b).numpy()
+  assert np.abs(a - b).mean() > 0.02
+  np.testing.assert_allclose(na, nb, atol=2e-3)
+  # And the output is in the reference stain, unlike either input.
+  assert np.abs(na - a).mean() > 0.01
+
+
+def test_macenko_leaves_blank_images_and_compiles_with_xla():
+  blank = np.full((1, 96, 96, 3), 0.97, np.float32)
+  dark = np.zeros((1, 96, 96, 3), np.float32)
+  x = np.concatenate([blank, dark, _two_stain_images(_HE_A, n=1)])
+  eager = stain.macenko_normalize(x).numpy()
+  np.testing.assert_array_equal(eager[:1], blank)
+  assert np.isfinite(eager).all() and eager.min() >= 0 and eager.max() <= 1
+  compiled = tf.function(stain.macenko_normalize, jit_compile=True)(x)
+  np.testing.assert_allclose(compiled.numpy(), eager, atol=1e-4)

@@ -85,7 +85,7 @@ MODELS: dict[str, ModelSpec] = {
 
 # In-model stain normalisation methods (hcd.models.stain; here so that a
 # flag can be checked without importing TensorFlow).
-STAIN_NORMS = ("none", "reinhard")
+STAIN_NORMS = ("none", "reinhard", "macenko")
 
 
 def model_names() -> list[str]:
