@@ -82,6 +82,7 @@ def main():
   from hcd import models  # pylint: disable=g-import-not-at-top
   from hcd.data import decode  # pylint: disable=g-import-not-at-top
   from hcd.data import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
+  from hcd.data import pipeline  # pylint: disable=g-import-not-at-top
   from hcd.data import synthetic  # pylint: disable=g-import-not-at-top
   from hcd.data import writer  # pylint: disable=g-import-not-at-top
   from hcd.eval import inputs  # pylint: disable=g-import-not-at-top
@@ -105,7 +106,7 @@ def main():
   sh = lambda: _drain(inputs.shards_source(shard_dir, "test", bs).dataset)
   res["input"]["shards"] = _median_rate(sh, n, reps)
   layouts = inputs.check_images(records, progress=False).layouts
-  dec = lambda: _drain(inputs.records_dataset(records, bs, layouts))
+  dec = lambda: _drain(pipeline.folder_dataset(records, bs, layouts))
   res["input"]["tiff_decode"] = _median_rate(dec, n, reps)
   chk = lambda: inputs.check_images(records, progress=False)
   res["input"]["tiff_check"] = _median_rate(chk, n, reps)
@@ -139,8 +140,8 @@ def main():
             src = inputs.shards_source(sub_shards, "test", bs)
           else:
             checked = inputs.check_images(sub, progress=False)
-            src = inputs.Source(inputs.records_dataset(sub, bs,
-                                                       checked.layouts),
+            src = inputs.Source(pipeline.folder_dataset(sub, bs,
+                                                        checked.layouts),
                                 len(sub), "tiff")
           predict.predict([model], src.dataset, progress=False,
                           predict_fn=fn)

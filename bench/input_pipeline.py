@@ -78,8 +78,8 @@ def hcd_consumer(plan, batch_size, cache):
     for _ in tf.range(n):
       b = next(it)
       # Touch every batch, as a train step would consume it.
-      total += tf.reduce_sum(b["label"]) + tf.cast(b["image"][0, 0, 0, 0],
-                                                  tf.float32)
+      total += tf.reduce_sum(tf.cast(b["label"], tf.float32) * b["weight"]) + (
+          tf.cast(b["image"][0, 0, 0, 0], tf.float32))
     return total
 
   return take

@@ -91,10 +91,11 @@ def test_plain_strips_are_sliced_in_the_graph(tmp_path, monkeypatch):
   tf = pytest.importorskip("tensorflow")
   with pytest.raises(tf.errors.OpError, match="decoder disabled"):
     inputs.take_arrays(src)
+  from hcd.data import pipeline  # pylint: disable=g-import-not-at-top
   records = [r for r in inputs.folder_records(str(tmp_path), "test")
              if r.path in checked.layouts]
   got, _, _ = inputs.take_arrays(inputs.Source(
-      inputs.records_dataset(records, 4, checked.layouts), len(records), ""))
+      pipeline.folder_dataset(records, 4, checked.layouts), len(records), ""))
   np.testing.assert_array_equal(
       got, [cases[os.path.basename(r.path)][1] for r in records])
 

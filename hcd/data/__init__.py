@@ -1,4 +1,4 @@
-"""Data layer: sources, decoding, the tf.Example schema, shards, quality, pipeline."""
+"""Data layer: sources, decoding, the tf.Example schema, shards, quality, batches, pipeline."""
 
 # How a training subset is balanced (hcd.data.pipeline); the choices of
 # hcd_train --balance.

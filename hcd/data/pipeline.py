@@ -1,37 +1,59 @@
-"""The tf.data input pipeline, from a subset plan to uint8 batches.
+"""The tf.data input pipeline: one builder for every batch a model sees.
 
-Everything here is a pure function of its arguments (no flags, no globals).
-The order of operations is fixed:
+Training, validation during training, evaluation and prediction batches
+are all made here, in the one structure of hcd/data/batches.py (image
+uint8, label int64 with -1 for unknown, weight float32, optional id).
+Everything is a pure function of its arguments (no flags, no globals).
+Two sources of blocks, one batching stage:
 
-  subset plan (hcd/data/subsets.py) -> shard files -> (per-worker shard)
-    -> file shuffle -> parallel interleave of TFRecord readers
-    (hcd/data/shard_reader.py) -> parse blocks (<=256 images)
+  shards: subset plan (hcd/data/subsets.py) -> shard files -> (per-worker
+    shard) -> [file shuffle, repeat] -> parallel interleave of TFRecord
+    readers (hcd/data/shard_reader.py) -> parse blocks (<=256 images)
     -> select by id: hash split (or group split) + class balance, per block
-    -> [cache] -> repeat -> block shuffle -> mix images -> batch -> prefetch
+    -> [cache -> repeat]
+  folder: image files -> read -> decode a block at a time in the graph
+    (hcd/data/folder_reader.py)
+  then `batch_blocks`: [block shuffle -> mix images] -> batch (drop, keep or
+    pad the remainder) -> [pad to a number of batches] -> prefetch -> options
 
-Why blocks all the way down: one-image records cap 2 cores at ~35k records/s
-and per-element tf.data ops (unbatch, shuffle, batch) cost about as much
-again, so selection, shuffling and batching all work on whole tensors. The
-image-level shuffle is "block shuffle + mix": blocks are shuffled in a
-buffer, `rebatch` concatenates several of them into a chunk, the chunk is
-permuted with a stateless seed and re-sliced into batches. Shards already
-store images in id-hash order, so a block is itself a random sample.
+  train_dataset   training: shards, shuffled, repeated, static batches
+  eval_dataset    validation (static batches padded with weight 0) and
+                  evaluation/prediction of shards (pad=False, with ids)
+  folder_dataset  evaluation/prediction of an image folder
 
-Batches are uint8 dicts {"image": [B,96,96,3], "label": float32 [B],
-"weight": float32 [B]} with static shapes; the cast, /255 and augmentation
-run on the accelerator inside the train step (4x fewer bytes to the device).
+Why blocks all the way down: one-image records cap 2 cores at ~35k
+records/s and per-element tf.data ops (unbatch, shuffle, batch) cost about
+as much again, so selection, shuffling and batching all work on whole
+tensors. The image-level shuffle is "block shuffle + mix": blocks are
+shuffled in a buffer, `rebatch` concatenates several of them into a chunk,
+the chunk is permuted with a stateless seed and re-sliced into batches.
+Shards already store images in id-hash order, so a block is itself a random
+sample.
+
+Pixels stay uint8; the cast, /255 and augmentation run on the accelerator
+inside the train step (4x fewer bytes to the device), which also casts the
+labels to float32.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Sequence
 
 import tensorflow as tf
 
+from hcd.data import batches
 from hcd.data import features
+from hcd.data import folder_reader
+from hcd.data import sources
 from hcd.data import subsets
 from hcd.data.shard_reader import read_blocks
 from hcd.data.subsets import SubsetPlan
+
+# Batches buffered ahead of the model when autotuning is off.
+FIXED_PREFETCH = 2
+REMAINDERS = ("drop", "keep", "pad")
 
 
 def _pipeline_index(input_context) -> tuple[int, int]:
@@ -44,8 +66,8 @@ def subset_blocks(plan: SubsetPlan, *, with_ids: bool = False,
                   cycle_length: int = 4):
   """Every image of `plan` once, in shard order, as blocks (unbatched size).
 
-  The one reader of a subset that validation (`eval_dataset`), evaluation
-  and prediction (hcd.eval.inputs) share; they batch it their own way.
+  The reader of a subset behind `eval_dataset`, which serves validation,
+  evaluation and prediction alike.
 
   Args:
     plan: the subset (a whole split: subsets.whole_split).
@@ -54,8 +76,7 @@ def subset_blocks(plan: SubsetPlan, *, with_ids: bool = False,
       on it, deterministically).
 
   Returns:
-    dataset of blocks {"image", "label", "weight"(, "id")}; see
-    `select_blocks`.
+    dataset of blocks; see `select_blocks`.
   """
   records = read_blocks(plan.files, shuffle=False, seed=0, repeat=False,
                         cycle_length=cycle_length)
@@ -72,8 +93,9 @@ def select_blocks(records, plan: SubsetPlan, with_ids: bool = False):
       does not, and strings cannot go to an accelerator).
 
   Returns:
-    dataset of blocks {"image" uint8 [n,96,96,3], "label" float32 [n],
-    "weight" float32 [n] (, "id" string [n])}, n varying (may be 0).
+    dataset of blocks in the hcd.data.batches structure: "image" uint8
+    [n,96,96,3], "label" int64 [n], "weight" float32 [n] (the plan's class
+    weight) (, "id" string [n]); n varies (may be 0).
   """
   table = (subsets.group_table(plan.split_spec.groups)
            if plan.role != "all" else None)
@@ -84,20 +106,35 @@ def select_blocks(records, plan: SubsetPlan, with_ids: bool = False):
 
   def select(serialized):
     block = features.parse_block(serialized)
-    labels = block["label"]
-    kept = {"image": block["image"], "label": labels}
+    kept = {"image": block["image"], "label": block["label"]}
     if with_ids:
       kept["id"] = block["id"]
     if not keep_all:
-      mask = subsets.select_mask(block["id"], labels, plan, table)
+      mask = subsets.select_mask(block["id"], block["label"], plan, table)
       kept = {k: tf.boolean_mask(v, mask) for k, v in kept.items()}
     labels = kept["label"]
-    kept["label"] = tf.cast(labels, tf.float32)
-    kept["weight"] = tf.gather(weights, tf.clip_by_value(labels, 0, 1))
-    return kept
+    # Unknown labels (-1, a test split) are clipped to class 0's weight,
+    # which is 1: a whole split is never reweighted.
+    return batches.make(
+        kept["image"], labels, ids=kept.get("id"),
+        weight=tf.gather(weights, tf.clip_by_value(labels, 0, 1)))
 
   return records.map(select, num_parallel_calls=tf.data.AUTOTUNE,
                      deterministic=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shuffle:
+  """The image-level shuffle of a training stream ("block shuffle + mix").
+
+  Attributes:
+    seed: seed of the block shuffle; the mix permutations use seed + 1.
+    buffer_blocks: blocks held in the shuffle buffer.
+    mix_size: images permuted together before batching.
+  """
+  seed: int
+  buffer_blocks: int = 16
+  mix_size: int = 1024
 
 
 def _mix(chunk, seed):
@@ -106,15 +143,82 @@ def _mix(chunk, seed):
   return {k: tf.gather(v, order) for k, v in chunk.items()}
 
 
-def _options(threads: int | None = None) -> tf.data.Options:
+def _options(autotune: bool, threads: int | None) -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = True
-  # Sharding is done by hand below (per file or per element).
+  # Sharding is done by hand (per file or per element), never by tf.data.
   options.experimental_distribute.auto_shard_policy = (
       tf.data.experimental.AutoShardPolicy.OFF)
+  # Without autotuning, deleting a finished iterator sometimes blocked for
+  # 10-30 s (TF 2.17, measured on 57k TIFFs: the autotuner thread is slow
+  # to stop); evaluation and prediction, whose bottleneck is the model,
+  # run with fixed parallelism instead.
+  options.autotune.enabled = autotune
   if threads:
     options.threading.private_threadpool_size = threads
   return options
+
+
+def _pad_batch(batch, batch_size: int):
+  """Pads a final partial batch with weight-0 images to a static size."""
+  n = tf.shape(batch["label"])[0]
+  out = {}
+  for k, v in batch.items():
+    pad = [[0, batch_size - n]] + [[0, 0]] * (len(v.shape) - 1)
+    out[k] = tf.ensure_shape(tf.pad(v, pad), [batch_size] + v.shape[1:])
+  return out
+
+
+def batch_blocks(blocks, batch_size: int, *, remainder: str,
+                 shuffle: Shuffle | None = None,
+                 num_batches: int | None = None, autotune: bool = True,
+                 threads: int | None = None):
+  """The one batching stage: blocks of any size to batches, prefetched.
+
+  Args:
+    blocks: dataset of blocks in the hcd.data.batches structure, of any
+      size (0 included).
+    batch_size: images per batch.
+    remainder: what becomes of a last partial batch: "drop" it (static
+      shapes for an infinite stream, which has none), "keep" it (a smaller
+      last batch) or "pad" it with weight-0 images (static shapes).
+    shuffle: shuffle images across blocks (training); None keeps the
+      block order.
+    num_batches: emit exactly this many batches, adding whole padding
+      batches after the data (only with remainder="pad"); None: as many
+      as the data fills.
+    autotune: tf.data autotuning and an AUTOTUNE prefetch; False: fixed
+      parallelism and a FIXED_PREFETCH-batch prefetch (see `_options`).
+    threads: private tf.data thread pool size (None: TensorFlow's default).
+
+  Returns:
+    tf.data.Dataset of batches (static batch dimension unless "keep").
+
+  Raises:
+    ValueError: an unknown remainder, or num_batches without padding.
+  """
+  if remainder not in REMAINDERS:
+    raise ValueError(f"remainder must be one of {REMAINDERS}, got "
+                     f"{remainder!r}")
+  if num_batches is not None and remainder != "pad":
+    raise ValueError("num_batches needs remainder='pad'")
+  if shuffle is not None:
+    blocks = blocks.shuffle(shuffle.buffer_blocks, seed=shuffle.seed,
+                            reshuffle_each_iteration=True)
+    chunks = blocks.rebatch(max(shuffle.mix_size, batch_size),
+                            drop_remainder=False)
+    seeds = tf.data.Dataset.random(seed=shuffle.seed + 1).batch(2)
+    blocks = tf.data.Dataset.zip(chunks, seeds).map(
+        _mix, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  out = blocks.rebatch(batch_size, drop_remainder=remainder == "drop")
+  if remainder == "pad":
+    out = out.map(lambda b: _pad_batch(b, batch_size))
+  if num_batches is not None:
+    padding = tf.data.Dataset.from_tensors(batches.padding(
+        batch_size, with_ids=batches.ID in out.element_spec)).repeat()
+    out = out.concatenate(padding).take(num_batches)
+  out = out.prefetch(tf.data.AUTOTUNE if autotune else FIXED_PREFETCH)
+  return out.with_options(_options(autotune, threads))
 
 
 def train_dataset(plan: SubsetPlan, batch_size: int, *, seed: int,
@@ -143,8 +247,8 @@ def train_dataset(plan: SubsetPlan, batch_size: int, *, seed: int,
     threads: private tf.data thread pool size (None: TensorFlow's default).
 
   Returns:
-    tf.data.Dataset of {"image" uint8 [B,96,96,3], "label" float32 [B],
-    "weight" float32 [B]} with a static batch dimension.
+    tf.data.Dataset of hcd.data.batches batches without ids, with a static
+    batch dimension.
   """
   num, index = _pipeline_index(input_context)
   seed = int(seed) + 7919 * index
@@ -159,33 +263,9 @@ def train_dataset(plan: SubsetPlan, batch_size: int, *, seed: int,
   blocks = select_blocks(records, plan)
   if cache:
     blocks = blocks.cache().repeat()
-  blocks = blocks.shuffle(shuffle_blocks, seed=seed + 1,
-                          reshuffle_each_iteration=True)
-  chunks = blocks.rebatch(max(mix_size, batch_size), drop_remainder=False)
-  seeds = tf.data.Dataset.random(seed=seed + 2).batch(2)
-  chunks = tf.data.Dataset.zip(chunks, seeds).map(
-      _mix, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  batches = chunks.rebatch(batch_size, drop_remainder=True)
-  return batches.prefetch(tf.data.AUTOTUNE).with_options(_options(threads))
-
-
-def _pad_batch(batch, batch_size: int):
-  """Pads a final partial batch with weight-0 images to a static size."""
-  n = tf.shape(batch["label"])[0]
-  out = {}
-  for k, v in batch.items():
-    pad = [[0, batch_size - n]] + [[0, 0]] * (len(v.shape) - 1)
-    out[k] = tf.ensure_shape(tf.pad(v, pad), [batch_size] + v.shape[1:])
-  return out
-
-
-def _zero_batch(batch_size: int, with_ids: bool):
-  z = {"image": tf.zeros((batch_size,) + features.IMAGE_SHAPE, tf.uint8),
-       "label": tf.zeros([batch_size], tf.float32),
-       "weight": tf.zeros([batch_size], tf.float32)}
-  if with_ids:
-    z["id"] = tf.fill([batch_size], "")
-  return z
+  return batch_blocks(blocks, batch_size, remainder="drop",
+                      shuffle=Shuffle(seed + 1, shuffle_blocks, mix_size),
+                      threads=threads)
 
 
 def eval_steps(plan: SubsetPlan, global_batch_size: int) -> int:
@@ -194,41 +274,72 @@ def eval_steps(plan: SubsetPlan, global_batch_size: int) -> int:
 
 
 def eval_dataset(plan: SubsetPlan, batch_size: int, *, steps: int | None = None,
-                 input_context=None, with_ids: bool = False,
-                 cycle_length: int = 4, threads: int | None = None):
-  """The validation stream: every image once, in shard order, unaugmented.
+                 input_context=None, with_ids: bool = False, pad: bool = True,
+                 cycle_length: int = 4, autotune: bool = True,
+                 threads: int | None = None):
+  """Every image of a subset once, in shard order, unaugmented.
 
-  Batches have a static size: the last one is padded with weight-0 images
-  (which every metric ignores), and under a strategy each pipeline emits
-  exactly `steps` batches per local replica so all replicas run the same
-  number of steps.
+  Validation during training uses static batches: the last one is padded
+  with weight-0 images (which every metric ignores), and under a strategy
+  each pipeline emits exactly `steps` batches per local replica so all
+  replicas run the same number of steps. Evaluation and prediction of
+  shards (hcd.eval.inputs) take `pad=False, with_ids=True,
+  autotune=False`: a smaller last batch, nothing to drop afterwards.
 
   Args:
-    plan: the validation subset (never rebalanced).
+    plan: the subset (validation: never rebalanced; a whole split:
+      subsets.whole_split).
     batch_size: batch size of this pipeline (per replica under a strategy).
     steps: global steps to emit; None emits every image once, then stops.
+      Needs `pad`.
     input_context: tf.distribute.InputContext; pipelines take every N-th
       image.
-    with_ids: include "id" strings (single-device prediction only).
-    cycle_length: shard files read concurrently.
+    with_ids: include "id" strings (single-device use only).
+    pad: pad the last batch to `batch_size` with weight-0 images.
+    cycle_length: shard files read concurrently (sets the order).
+    autotune: see `batch_blocks`.
     threads: private tf.data thread pool size.
 
   Returns:
-    tf.data.Dataset of {"image", "label", "weight"(, "id")} batches.
+    tf.data.Dataset of hcd.data.batches batches.
+
+  Raises:
+    ValueError: `steps` without `pad`.
   """
+  if steps is not None and not pad:
+    raise ValueError("eval_dataset: steps needs pad=True (the batches that "
+                     "fill the steps are padding)")
   num, index = _pipeline_index(input_context)
   blocks = subset_blocks(plan, with_ids=with_ids, cycle_length=cycle_length)
   if num > 1:
     # Per image, not per block: blocks vary in size after selection, and an
     # uneven split could need more steps on one worker than on another.
     blocks = blocks.unbatch().shard(num, index).batch(1024)
-  batches = blocks.rebatch(batch_size, drop_remainder=False).map(
-      lambda b: _pad_batch(b, batch_size))
+  num_batches = None
   if steps is not None:
     local_replicas = 1
     if input_context is not None:
       local_replicas = max(1, input_context.num_replicas_in_sync // num)
-    padding = tf.data.Dataset.from_tensors(
-        _zero_batch(batch_size, with_ids)).repeat()
-    batches = batches.concatenate(padding).take(steps * local_replicas)
-  return batches.prefetch(tf.data.AUTOTUNE).with_options(_options(threads))
+    num_batches = steps * local_replicas
+  return batch_blocks(blocks, batch_size, remainder="pad" if pad else "keep",
+                      num_batches=num_batches, autotune=autotune,
+                      threads=threads)
+
+
+def folder_dataset(records: Sequence[sources.Record], batch_size: int,
+                   layouts: dict | None = None):
+  """Batches of an image folder, decoded in tf.data, in record order.
+
+  Args:
+    records: the images (paths, ids, labels), all checked readable.
+    batch_size: images per batch (the last may be smaller).
+    layouts: plain-TIFF proofs of these records (see
+      folder_reader.folder_blocks).
+
+  Returns:
+    tf.data.Dataset of hcd.data.batches batches with ids (weight 1).
+  """
+  # Blocks of one batch each: decoding granularity is the batch size, as
+  # measured in BENCHMARKS.md, and rebatching them changes nothing.
+  blocks = folder_reader.folder_blocks(records, batch_size, layouts)
+  return batch_blocks(blocks, batch_size, remainder="keep", autotune=False)

@@ -1,7 +1,8 @@
 """After training: evaluation, prediction, submissions, reports, EDA, export.
 
-  inputs.py      tf.data input for prediction: shards, or image folders
-                 decoded in tf.data to the shard writer's pixels
+  inputs.py      evaluation and prediction input: shards, or image folders
+                 (checked here, decoded in tf.data to the shard writer's
+                 pixels), built by hcd.data.pipeline
   predict.py     batched prediction with dihedral TTA and run ensembles;
                  loading saved models (safe mode)
   submission.py  the Kaggle submission: id order, validation, atomic write

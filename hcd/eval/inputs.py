@@ -1,27 +1,29 @@
-"""tf.data input for evaluation and prediction: shards or image folders.
+"""Evaluation and prediction input: shards or image folders, as Sources.
 
-Both sources yield the same batches, dicts of
-  image  uint8 [B, 96, 96, 3]
-  id     string [B]
-  label  int64 [B]   (-1 where unknown, e.g. Kaggle test)
+Both sources yield the one batch structure of hcd.data.batches, with ids:
+  image   uint8 [B, 96, 96, 3]
+  label   int64 [B]    (-1 where unknown, e.g. Kaggle test)
+  weight  float32 [B]  (1: evaluation never pads or reweights)
+  id      string [B]
+and both are built by hcd.data.pipeline, the builder training uses too.
 
-Shards are read as blocks of up to 256 raw images (no decode), by the
-training pipeline's own subset reader (hcd.data.pipeline.subset_blocks: a
-whole split, or a run's validation subset, which is then exactly what
-validation saw). An image
-folder (Kaggle `test/`, a class-folder split, or a plain folder of TIFFs) is
-read file by file inside tf.data and decoded a batch at a time in the graph
-by `hcd.data.decode.tf_decode_images`, so no sharding step is needed to
-predict, and the pixels are exactly those the shard writer stores for the
-same files.
+Shards are read as blocks of up to 256 raw images (no decode) by
+`pipeline.eval_dataset`, the reader of validation during training (a whole
+split, or a run's validation subset, which is then exactly what validation
+saw). An image folder (Kaggle `test/`, a class-folder split, or a plain
+folder of TIFFs) is read file by file inside tf.data and decoded a batch at
+a time in the graph (`pipeline.folder_dataset`, hcd/data/folder_reader.py),
+so no sharding step is needed to predict, and the pixels are exactly those
+the shard writer stores for the same files.
 
-Every folder image is first checked with the decoder of record (imagecodecs,
-`check_images`, in a thread pool): a file it refuses is refused by name, or
-skipped and listed when the caller allows it, before tf.data starts. The
-check also records, per file, the proof that its TIFF layout is one plain
-strip of pixels (`decode.TiffLayoutCache`); tf.data then slices those pixels
-from the file instead of decoding it (re-checking the proof on the bytes it
-reads), and runs imagecodecs through `tf.numpy_function` for the rest.
+Every folder image is first checked here with the decoder of record
+(imagecodecs, `check_images`, in a thread pool): a file it refuses is
+refused by name, or skipped and listed when the caller allows it, before
+tf.data starts. The check also records, per file, the proof that its TIFF
+layout is one plain strip of pixels (`decode.TiffLayoutCache`); tf.data
+then slices those pixels from the file instead of decoding it (re-checking
+the proof on the bytes it reads), and runs imagecodecs through
+`tf.numpy_function` for the rest.
 """
 
 from __future__ import annotations
@@ -40,26 +42,6 @@ from hcd.data import features
 from hcd.data import sources
 
 CHECK_CHUNK = 256
-# Batches buffered ahead of the model.
-PREFETCH = 2
-
-
-def _parallelism() -> int:
-  return max(2, os.cpu_count() or 2)
-
-
-def _fixed_options():
-  """tf.data options with autotuning off (fixed parallelism instead).
-
-  With AUTOTUNE, deleting a finished iterator sometimes blocked for 10-30 s
-  (TF 2.17, measured on 57k TIFFs: the autotuner thread is slow to stop);
-  decoding or parsing on every core with a 2-batch prefetch is as fast
-  here, since the model, not the input, is the bottleneck.
-  """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  options = tf.data.Options()
-  options.autotune.enabled = False
-  return options
 
 
 class InputError(ValueError):
@@ -71,7 +53,7 @@ class Source:
   """A batched dataset and what it holds.
 
   Attributes:
-    dataset: tf.data.Dataset of {"image", "id", "label"} batches.
+    dataset: tf.data.Dataset of hcd.data.batches batches, with ids.
     num_examples: images the dataset yields.
     description: one line for logs and metrics.json.
     skipped: images left out as unreadable (sources.Problem), when allowed.
@@ -231,54 +213,6 @@ def check_images(records: Sequence[sources.Record], workers: int | None = None,
   return checked
 
 
-def records_dataset(records: Sequence[sources.Record], batch_size: int,
-                    layouts: dict | None = None):
-  """Batches of images read and decoded inside tf.data.
-
-  Args:
-    records: the images (paths, ids, labels).
-    batch_size: images per batch.
-    layouts: `Checked.layouts` of these records: files with a proof are
-      sliced in the graph, the others (or all, when None) decoded by
-      imagecodecs. Both give `decode.read_image`'s pixels.
-
-  Returns:
-    tf.data.Dataset of {"image", "id", "label"} batches, in record order.
-  """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  # The distinct proofs (Kaggle files share a few) go into the graph once;
-  # each record carries the index of its own, or -1.
-  index: dict = {}
-  layout_of = [-1] * len(records)
-  for k, r in enumerate(records):
-    proof = (layouts or {}).get(r.path)
-    if proof is not None:
-      layout_of[k] = index.setdefault(proof, len(index))
-  table = {
-      "path": np.array([r.path for r in records], dtype=object),
-      "id": np.array([r.id for r in records], dtype=object),
-      "label": np.array([r.label for r in records], dtype=np.int64),
-      "layout": np.array(layout_of, dtype=np.int32),
-  }
-  proofs = list(index)
-
-  def read(row):
-    return dict(row, contents=tf.io.read_file(row["path"]))
-
-  def decode_batch(batch):
-    images = decode.tf_decode_images(batch["contents"], batch["path"],
-                                     batch["layout"], proofs)
-    return {"image": images, "id": batch["id"], "label": batch["label"]}
-
-  # Files are read one by one, but decoded a batch at a time: a few
-  # vectorised ops per batch instead of a dozen per file.
-  ds = tf.data.Dataset.from_tensor_slices(table)
-  ds = ds.map(read, num_parallel_calls=_parallelism())
-  ds = ds.batch(batch_size).map(decode_batch, num_parallel_calls=2)
-  ds = ds.prefetch(PREFETCH)
-  return ds.with_options(_fixed_options())
-
-
 def folder_source(data_dir: str, split: str, batch_size: int,
                   labels_csv: str | None = None,
                   skip_unreadable: bool = False, check: bool = True,
@@ -322,7 +256,8 @@ def folder_source(data_dir: str, split: str, batch_size: int,
   where = os.path.join(data_dir, split) if os.path.isdir(
       os.path.join(data_dir, split)) else data_dir
   sliced = sum(r.path in checked.layouts for r in records)
-  return Source(records_dataset(records, batch_size, checked.layouts),
+  from hcd.data import pipeline  # pylint: disable=g-import-not-at-top
+  return Source(pipeline.folder_dataset(records, batch_size, checked.layouts),
                 len(records),
                 f"folder {where} ({len(records)} images, imagecodecs: "
                 f"{sliced} plain TIFFs sliced in tf.data, "
@@ -366,8 +301,8 @@ def plan_source(plan, batch_size: int, cycle_length: int = 4,
                 description: str | None = None) -> Source:
   """Batches of a subset of shards: a whole split, or a run's validation part.
 
-  Read by the training pipeline's own reader (pipeline.subset_blocks), so
-  evaluation sees exactly the images, labels and order validation saw.
+  Read by the reader of validation during training (pipeline.eval_dataset),
+  so evaluation sees exactly the images, labels and order validation saw.
 
   Args:
     plan: hcd.data.subsets.SubsetPlan (selection by id hash, never
@@ -379,14 +314,11 @@ def plan_source(plan, batch_size: int, cycle_length: int = 4,
   Returns:
     A Source with ids and int64 labels (-1 where unknown), in shard order.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from hcd.data import pipeline  # pylint: disable=g-import-not-at-top
-  blocks = pipeline.subset_blocks(plan, with_ids=True,
-                                  cycle_length=cycle_length)
-  blocks = blocks.map(lambda b: {"image": b["image"], "id": b["id"],
-                                 "label": tf.cast(b["label"], tf.int64)})
-  ds = blocks.rebatch(batch_size).prefetch(PREFETCH).with_options(
-      _fixed_options())
+  # Unpadded (nothing for the caller to drop) and with fixed parallelism
+  # (see pipeline._options).
+  ds = pipeline.eval_dataset(plan, batch_size, with_ids=True, pad=False,
+                             cycle_length=cycle_length, autotune=False)
   return Source(ds, plan.num_examples, description or (
       f"shards {plan.shards_dir} split {plan.split} ({plan.role} subset, "
       f"{plan.num_examples} images)"), files=list(plan.files))

@@ -197,8 +197,8 @@ def predict(models: Sequence, dataset, tta: int = 1,
 
   Args:
     models: keras models (their probabilities are averaged).
-    dataset: tf.data.Dataset of {"image", "id", "label"} batches
-      (hcd.eval.inputs).
+    dataset: tf.data.Dataset of hcd.data.batches batches with ids
+      (hcd.eval.inputs), unpadded.
     tta: test-time views per model (1, 2, 4 or 8).
     num_examples: images expected, for the progress bar.
     progress: show a tqdm bar.

@@ -258,9 +258,12 @@ class Trainer:
         tf.constant(self.config.seed + 7, tf.int64),
         step * ctx.num_replicas_in_sync +
         tf.cast(ctx.replica_id_in_sync_group, tf.int64)])
+    # Batches carry int64 labels (hcd.data.batches); the loss and metrics
+    # take float32, exact for 0 and 1.
     per_example, probs, labels, grads, new_ntv = self.forward_backward(
-        tv, ntv, aug_state, mix_seed, batch["image"], batch["label"],
-        batch["weight"], self._loss_scale())
+        tv, ntv, aug_state, mix_seed, batch["image"],
+        tf.cast(batch["label"], tf.float32), batch["weight"],
+        self._loss_scale())
     self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
     if self._stat_index:
       stats = ctx.all_reduce(tf.distribute.ReduceOp.MEAN,
@@ -289,7 +292,8 @@ class Trainer:
   def _eval_replica(self, batch):
     tv, ntv = self._eval_values()
     probs = self.forward(tv, ntv, batch["image"])
-    return probs[:, 0], batch["label"], batch["weight"]
+    return (probs[:, 0], tf.cast(batch["label"], tf.float32),
+            batch["weight"])
 
   @tf.function
   def train_loop(self, iterator, num_steps):
