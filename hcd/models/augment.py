@@ -328,8 +328,8 @@ def mixup(images, labels, seed, alpha: float = 0.2):
   images = tf.convert_to_tensor(images)
   labels = tf.cast(labels, tf.float32)
   other, other_labels = tf.reverse(images, [0]), tf.reverse(labels, [0])
-  # The first of two split seeds, as when cutmix drew its box from the
-  # second: a mixup run's draws stay those of earlier runs.
+  # The first of two split seeds (the second drew CutMix's box before
+  # CutMix was removed), so a seed gives the same mixup draws as before.
   s_lam, _ = _split_seed(seed, 2)
   lam = _beta(s_lam, tf.shape(images)[0], alpha)
   w = lam[:, None, None, None]

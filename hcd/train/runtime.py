@@ -3,11 +3,12 @@
 The only module that calls `tf.config` or picks a strategy, so that every
 device decision of a run is made (and logged) in one place.
 
-What works with Keras 3.15 / TF 2.17.1, measured here: a custom loop whose
-per-replica forward/backward is `tf.function(jit_compile=True)` and whose
-gradient all-reduce and apply run outside XLA, through `strategy.run`. What
-fails: `fit(jit_compile=True)` with 2 MirroredStrategy replicas ("Trying to
-access resource .../replica_1/... from device ...:0") and `fit` under
+What works, measured here with Keras 3.15 on TF 2.17.1 (the failures below
+were not re-checked on the pinned TF 2.21): a custom loop whose per-replica
+forward/backward is `tf.function(jit_compile=True)` and whose gradient
+all-reduce and apply run outside XLA, through `strategy.run`. What fails:
+`fit(jit_compile=True)` with 2 MirroredStrategy replicas ("Trying to access
+resource .../replica_1/... from device ...:0") and `fit` under
 MultiWorkerMirroredStrategy ("PerReplica ... unsupported type",
 tensorflow#72388, keras#20585). See hcd/train/steps.py.
 """
