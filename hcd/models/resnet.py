@@ -64,8 +64,8 @@ def resnet(widths: Sequence[int] = (64, 128, 256), stem_widths: Sequence[int]
     dropout: dropout rate before the classifier.
     size: resize the input to this many px inside the model (0: keep 96;
       see common.input_view). pcam_cpu.flags trains at 64 px.
-    stain_norm: "reinhard" maps every input to one reference stain inside
-      the model (hcd.models.stain); "none" (default) does not.
+    stain_norm: "reinhard" or "macenko" maps every input to one reference
+      stain inside the model (hcd.models.stain); "none" (default) does not.
 
   Returns:
     keras.Model: uint8 [B, 96, 96, 3] -> float32 probability [B, 1].
